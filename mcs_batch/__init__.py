@@ -1,0 +1,1 @@
+"""mcs-batch: text-driven medical image segmentation over whole archives, on Ray."""

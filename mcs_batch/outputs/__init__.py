@@ -1,0 +1,1 @@
+"""Output writers: Parquet catalog, NIfTI masks, QC overlays."""

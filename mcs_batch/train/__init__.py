@@ -1,0 +1,1 @@
+"""Training: DHN-NCE fine-tuning of BiomedCLIP and weakly supervised nnU-Net."""
