@@ -65,7 +65,5 @@ class Volume:
 
 def corners_world(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:
     """World coordinates (RAS mm) of the 8 corner voxel centres: float64 [8, 3]."""
-    idx = np.array(
-        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
-    )
+    idx = np.array([[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)])
     return (affine @ idx.T).T[:, :3]

@@ -1,0 +1,192 @@
+"""Discovery: list the objects under input URIs and identify each one by its content.
+
+Formats are recognised by their bytes (the DICM preamble or a parseable DICOM dataset, the NIfTI
+header, PNG/JPEG magic), never by file extension. Only header bytes are read: on object storage a
+ranged read of HEADER_BLOCK bytes (more only when a header is larger).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import gzip
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import BinaryIO
+
+import fsspec
+
+from mcs_batch.errors import CaseError, ConfigError, ErrorCode
+from mcs_batch.io.dicom_header import DicomHeader, read_dicom_header
+from mcs_batch.io.images import image_record, sniff_image
+from mcs_batch.io.nifti import nifti_record, sniff_nifti
+from mcs_batch.io.storage import StorageOptions, filesystem_for, relative_key, to_uri
+from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record
+
+HEADER_BLOCK = 32 * 1024  # bytes per ranged read while parsing headers
+GZIP_MAGIC = b"\x1f\x8b"
+# Names that promise an image: when such a file cannot be identified it is a failure, not a skip.
+IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg")
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """One object in storage. `rel` is its key relative to the input root it was found under."""
+
+    uri: str
+    rel: str
+    size: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _matches(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    if include and not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in include):
+        return False
+    return not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in exclude)
+
+
+def list_objects(
+    inputs: Sequence[str],
+    *,
+    storage: StorageOptions | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[ObjectRef]:
+    """Every object under the input URIs (files or prefixes), sorted by URI.
+
+    Raises ConfigError when an input does not exist or cannot be listed (unreachable bucket,
+    missing credentials): that is a job-level problem, not a case-level one.
+    """
+    refs: dict[str, ObjectRef] = {}
+    for uri in inputs:
+        fs, root = filesystem_for(uri, storage)
+        try:
+            if fs.isfile(root):
+                info = fs.info(root)
+                found = {root: info}
+                root_dir = root.rsplit("/", 1)[0]
+            else:
+                found = fs.find(root, detail=True)
+                root_dir = root
+                if not found and not fs.exists(root):
+                    raise ConfigError(f"{uri}: input does not exist")
+        except ConfigError:
+            raise
+        except FileNotFoundError as e:
+            raise ConfigError(f"{uri}: input does not exist") from e
+        except Exception as e:  # botocore / aiohttp errors: unreachable endpoint, denied, ...
+            raise ConfigError(f"{uri}: cannot list input ({type(e).__name__}: {e})") from e
+        for path, info in found.items():
+            if info.get("type", "file") != "file":
+                continue
+            rel = relative_key(path, root_dir)
+            if not _matches(rel, include, exclude):
+                continue
+            full = to_uri(fs, path)
+            refs[full] = ObjectRef(uri=full, rel=rel, size=int(info.get("size") or 0))
+    return [refs[k] for k in sorted(refs)]
+
+
+class _CountingReader:
+    """A read-only file wrapper that counts the bytes handed to the parser."""
+
+    def __init__(self, f: BinaryIO):
+        self._f = f
+        self.bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n)
+        self.bytes += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+
+def _fetched_bytes(f, counted: int) -> int:
+    cache = getattr(f, "cache", None)
+    requested = getattr(cache, "total_requested_bytes", None)
+    return int(requested) if requested else counted
+
+
+@dataclass
+class Probe:
+    """What one object turned out to be: a DICOM header (to group into series) or a finished record."""
+
+    ref: ObjectRef
+    header: DicomHeader | None = None
+    record: CaseRecord | None = None
+
+
+def probe_object(ref: ObjectRef, *, fs: fsspec.AbstractFileSystem) -> Probe:
+    """Identify one object by its content and read its header. Never raises for bad content."""
+    path = fs._strip_protocol(ref.uri)
+    try:
+        with fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead") as raw:
+            f = _CountingReader(raw)
+            head = f.read(352)  # enough for the DICM preamble, a NIfTI-1 header, image magic
+            f.seek(0)
+            try:
+                probe = _identify(ref, f, head)
+            finally:
+                nbytes = _fetched_bytes(raw, f.bytes)
+    except FileNotFoundError:
+        return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: object disappeared", 0))
+    except OSError as e:
+        return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: cannot read ({e})", 0))
+    except CaseError as e:
+        probe = Probe(ref, record=_failure(ref, e.code, e.message, 0))
+        nbytes = 0
+    if probe.header is not None:
+        probe.header.bytes_read = nbytes
+    elif probe.record is not None:
+        probe.record.bytes_read = nbytes
+    return probe
+
+
+def _failure(ref: ObjectRef, code: ErrorCode, message: str, nbytes: int) -> CaseRecord:
+    promised = ref.rel.lower().endswith(IMAGE_SUFFIXES)
+    status = Status.FAILED if (promised or code != ErrorCode.NOT_DICOM) else Status.SKIPPED
+    if ref.size == 0:
+        code, message, status = ErrorCode.TRUNCATED, f"{ref.uri}: empty object", Status.FAILED
+    return failed_record(
+        f"file:{ref.rel}", CaseKind.UNKNOWN, ref.uri, ref.rel, code, message, status=status, bytes_read=nbytes
+    )
+
+
+def _identify(ref: ObjectRef, f: _CountingReader, head: bytes) -> Probe:
+    if head.startswith(GZIP_MAGIC):
+        try:
+            with gzip.GzipFile(fileobj=f) as gz:
+                inner = gz.read(348)
+        except (OSError, EOFError) as e:
+            return Probe(ref, record=_failure(ref, ErrorCode.TRUNCATED, f"{ref.uri}: corrupt gzip stream ({e})", 0))
+        f.seek(0)
+        if sniff_nifti(inner) is None:
+            msg = f"{ref.uri}: gzip-compressed object that is not NIfTI"
+            return Probe(ref, record=_failure(ref, ErrorCode.UNSUPPORTED_FORMAT, msg, 0))
+        return Probe(ref, record=nifti_record(f, uri=ref.uri, rel=ref.rel, gzipped=True))
+    if sniff_nifti(head):
+        return Probe(ref, record=nifti_record(f, uri=ref.uri, rel=ref.rel, gzipped=False))
+    if sniff_image(head):
+        return Probe(ref, record=image_record(f, uri=ref.uri, rel=ref.rel))
+    header = read_dicom_header(f, uri=ref.uri, rel=ref.rel, size=ref.size)
+    return Probe(ref, header=header)
+
+
+def group_key(probe: Probe) -> str:
+    """Objects with the same key are assembled together: DICOM by series, everything else alone."""
+    if probe.header is not None and probe.header.series_uid:
+        return "series:" + probe.header.series_uid
+    return "object:" + probe.ref.rel

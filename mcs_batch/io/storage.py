@@ -1,0 +1,90 @@
+"""Object storage access through fsspec: local paths, file://, s3:// and any other fsspec scheme.
+
+The library never reads credentials from the environment itself: the CLI builds `StorageOptions`
+(from flags / config), and where none are given s3fs falls back to the standard AWS chain
+(environment, profile, instance role) on its own.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+
+import fsspec
+from fsspec.core import url_to_fs
+
+from mcs_batch.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Options for object stores. Secrets are never printed (see __repr__)."""
+
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO / moto
+    key: str | None = None
+    secret: str | None = None
+    token: str | None = None
+    profile: str | None = None
+    anon: bool = False
+    extra: dict = field(default_factory=dict)  # passed to fsspec as-is (non-S3 schemes)
+
+    def __repr__(self) -> str:
+        return (
+            f"StorageOptions(endpoint_url={self.endpoint_url!r}, key={'***' if self.key else None}, "
+            f"secret={'***' if self.secret else None}, profile={self.profile!r}, anon={self.anon})"
+        )
+
+    def fsspec_kwargs(self, protocol: str) -> dict:
+        """Keyword arguments for `fsspec.filesystem(protocol, ...)`."""
+        if protocol in ("s3", "s3a"):
+            kw: dict = {"anon": self.anon}
+            if self.key or self.secret:
+                kw.update(key=self.key, secret=self.secret)
+            if self.token:
+                kw["token"] = self.token
+            if self.profile:
+                kw["profile"] = self.profile
+            if self.endpoint_url:
+                # Do not pass region_name with custom endpoints (moto/MinIO reject bucket creation).
+                kw["client_kwargs"] = {"endpoint_url": self.endpoint_url}
+            kw.update(self.extra)
+            return kw
+        return dict(self.extra)
+
+
+def protocol_of(uri: str) -> str:
+    """'s3' for s3://..., 'file' for plain paths and file://..."""
+    if "://" not in uri:
+        return "file"
+    return uri.split("://", 1)[0].lower()
+
+
+def filesystem_for(uri: str, options: StorageOptions | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem for `uri` and the path inside it (no protocol)."""
+    options = options or StorageOptions()
+    protocol = protocol_of(uri)
+    try:
+        fs, path = url_to_fs(uri, **options.fsspec_kwargs(protocol))
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"{uri}: no filesystem for scheme {protocol!r} ({e})") from e
+    return fs, path
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A full URI for a path on `fs`: 'file:///abs/path' or 's3://bucket/key'."""
+    return fs.unstrip_protocol(path)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI / path parts with '/', keeping the scheme."""
+    return posixpath.join(base.rstrip("/"), *[p.strip("/") for p in parts])
+
+
+def relative_key(path: str, root: str) -> str:
+    """`path` relative to `root` (both without protocol), '/'-separated."""
+    root = root.rstrip("/")
+    if path == root:
+        return posixpath.basename(path)
+    if path.startswith(root + "/"):
+        return path[len(root) + 1 :]
+    return path.lstrip("/")

@@ -1,0 +1,172 @@
+"""`scan`: discovery and header validation of an archive on Ray Data, written as a Parquet manifest.
+
+    list objects (driver) -> probe headers (parallel tasks) -> group by series (shuffle)
+    -> assemble cases (parallel) -> manifest/*.parquet
+
+Every listed object ends in exactly one manifest row's source_uris, with status ok, skipped or
+failed. Nothing here reads pixel data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+
+from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.io.dicom_header import DicomHeader
+from mcs_batch.io.discover import ObjectRef, Probe, group_key, list_objects, probe_object
+from mcs_batch.io.series import cases_from_headers
+from mcs_batch.io.storage import StorageOptions, filesystem_for, join
+from mcs_batch.outputs.schema import MANIFEST_SCHEMA, manifest_table
+from mcs_batch.records import CaseKind, Status, failed_record
+
+PROBE_BATCH = 64  # objects per probe task
+
+
+def _probe_batch(batch: dict, *, storage: StorageOptions | None) -> dict:
+    """Ray task: identify and parse the headers of a batch of objects."""
+    keys, payloads = [], []
+    fs = None
+    for uri, rel, size in zip(batch["uri"], batch["rel"], batch["size"], strict=True):
+        ref = ObjectRef(uri=str(uri), rel=str(rel), size=int(size))
+        if fs is None:
+            fs, _ = filesystem_for(ref.uri, storage)
+        try:
+            probe = probe_object(ref, fs=fs)
+        except Exception as e:  # a bug must not take the batch down: record it against the object
+            probe = Probe(ref, record=failed_record(
+                f"file:{ref.rel}", CaseKind.UNKNOWN, ref.uri, ref.rel, ErrorCode.INTERNAL_ERROR,
+                f"{ref.uri}: {type(e).__name__}: {e}",
+            ))  # fmt: skip
+        keys.append(group_key(probe))
+        if probe.header is not None:
+            payloads.append(json.dumps({"header": probe.header.to_dict()}))
+        else:
+            payloads.append(json.dumps({"record": probe.record.to_row()}))
+    return {"group": keys, "payload": payloads}
+
+
+def _assemble_group(batch: pa.Table) -> pa.Table:
+    """Ray task: all probes of one group (one DICOM series, or one object) -> case rows."""
+    headers: list[DicomHeader] = []
+    rows: list[dict] = []
+    for payload in batch.column("payload").to_pylist():
+        item = json.loads(payload)
+        if "header" in item:
+            headers.append(DicomHeader.from_dict(item["header"]))
+        else:
+            rows.append(item["record"])
+    if headers:
+        try:
+            rows.extend(r.to_row() for r in cases_from_headers(headers))
+        except Exception as e:  # never lose the objects of a series to a bug: one failure row each
+            error = e.code if isinstance(e, CaseError) else ErrorCode.INTERNAL_ERROR
+            for h in headers:
+                rows.append(failed_record(
+                    f"file:{h.rel}", CaseKind.DICOM_SERIES, h.uri, h.rel, error, f"{h.uri}: {type(e).__name__}: {e}",
+                ).to_row())  # fmt: skip
+    return manifest_table(rows)
+
+
+@dataclass
+class ScanSummary:
+    objects: int
+    cases: int
+    by_status: dict[str, int]
+    by_kind: dict[str, int]
+    by_modality: dict[str, int]
+    by_error: dict[str, int]
+    bytes_read: int
+    seconds: float
+    manifest_uri: str
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+    def lines(self) -> list[str]:
+        def fmt(counts: dict) -> str:
+            return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))) or "-"
+
+        rate = self.objects / self.seconds if self.seconds else 0.0
+        return [
+            f"scanned {self.objects} objects into {self.cases} cases in {self.seconds:.1f} s ({rate:.0f} objects/s, "
+            f"{self.bytes_read / max(self.objects, 1) / 1024:.1f} KiB read per object)",
+            f"  status:   {fmt(self.by_status)}",
+            f"  kind:     {fmt(self.by_kind)}",
+            f"  modality: {fmt(self.by_modality)}",
+            f"  errors:   {fmt(self.by_error)}",
+            f"  manifest: {self.manifest_uri}",
+        ]
+
+
+def arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem over the same fsspec filesystem (so S3 options apply identically)."""
+    fs, path = filesystem_for(uri, storage)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def read_manifest(out: str, *, storage: StorageOptions | None = None) -> pa.Table:
+    """The manifest written by `scan` under OUT, as one table sorted by case_id."""
+    fs, path = arrow_filesystem(join(out, "manifest"), storage)
+    table = pads.dataset(path, filesystem=fs, format="parquet", schema=MANIFEST_SCHEMA).to_table()
+    return table.sort_by("case_id")
+
+
+def scan(
+    inputs: Sequence[str],
+    out: str,
+    *,
+    storage: StorageOptions | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    progress=print,
+) -> ScanSummary:
+    """Scan the inputs on the current Ray cluster (ray.init() must have been called) into OUT/manifest/."""
+    import ray
+
+    start = time.perf_counter()
+    refs = list_objects(inputs, storage=storage, include=include, exclude=exclude)
+    progress(f"listed {len(refs)} objects under {len(inputs)} input(s)")
+    manifest_uri = join(out, "manifest")
+    out_fs, out_path = filesystem_for(manifest_uri, storage)
+    if out_fs.exists(out_path):
+        out_fs.rm(out_path, recursive=True)  # a scan replaces the previous manifest as a whole
+    out_fs.makedirs(out_path, exist_ok=True)
+    if refs:
+        blocks = max(1, min(len(refs) // PROBE_BATCH + 1, 200))
+        ds = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=blocks)
+        probes = ds.map_batches(_probe_batch, fn_kwargs={"storage": storage}, batch_size=PROBE_BATCH, num_cpus=0.5)
+        cases = probes.groupby("group").map_groups(_assemble_group, batch_format="pyarrow", num_cpus=0.5)
+        arrow_fs, path = arrow_filesystem(manifest_uri, storage)
+        cases.write_parquet(path, filesystem=arrow_fs)
+    table = read_manifest(out, storage=storage) if refs else manifest_table([])
+    summary = summarize(table, objects=len(refs), seconds=time.perf_counter() - start, manifest_uri=manifest_uri)
+    accounted = sum(len(u) for u in table.column("source_uris").to_pylist())
+    if accounted != len(refs):  # an invariant: a mismatch is a bug, and it must be loud
+        raise RuntimeError(f"scan accounted for {accounted} objects, listed {len(refs)}")
+    with out_fs.open(join(out_path.rsplit("/", 1)[0], "scan.json"), "w") as f:
+        json.dump(summary.to_dict(), f, indent=2)
+    return summary
+
+
+def summarize(table: pa.Table, *, objects: int, seconds: float, manifest_uri: str) -> ScanSummary:
+    rows = table.select(["status", "kind", "modality", "error_code", "bytes_read"]).to_pylist()
+    return ScanSummary(
+        objects=objects,
+        cases=table.num_rows,
+        by_status=dict(Counter(r["status"] for r in rows)),
+        by_kind=dict(Counter(r["kind"] for r in rows)),
+        by_modality=dict(Counter(r["modality"] or "-" for r in rows if r["status"] == Status.OK)),
+        by_error=dict(Counter(r["error_code"] for r in rows if r["error_code"])),
+        bytes_read=sum(r["bytes_read"] or 0 for r in rows),
+        seconds=seconds,
+        manifest_uri=manifest_uri,
+    )
