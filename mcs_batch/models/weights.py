@@ -217,7 +217,7 @@ def _local_path(uri: str) -> Path:
 def cache_key(uri: str) -> str:
     """The cache entry name for a URI: readable prefix + 16 hex digits of sha256(uri)."""
     scheme = "tiny" if uri in TINY_URIS else "hf-hub" if uri.startswith(HF_HUB_PREFIX) else _scheme(uri)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1].split(":")[-1])[:40]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", uri.rstrip("/").rsplit("/", 1)[-1].split(":")[-1])[:64]
     return f"{scheme or 'local'}-{name.strip('-.') or 'x'}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
 
 
@@ -282,8 +282,9 @@ def _fetch_hf_hub(uri: str, cache_dir: Path) -> Path:
         try:
             snapshot_download(repo_id, revision=revision or None, local_dir=tmp)
         except Exception as e:
+            cause = (str(e).strip().splitlines() or [""])[0]
             raise WeightsError(
-                f"{uri}: could not download from the Hugging Face Hub ({type(e).__name__}: {e}). "
+                f"{uri}: could not download from the Hugging Face Hub ({type(e).__name__}: {cause}). "
                 "Without network access, copy the files to local disk or object storage and give that "
                 "path or s3:// URI instead"
             ) from e
@@ -353,11 +354,13 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WeightsError(
-                f"{path}: refused to load: the pickle holds objects other than tensors and plain "
-                f"containers ({first_line}). Only state dicts (or .safetensors) are loaded"
-            ) from e
+            detail = _unpickler_detail(str(e))
+            if "Unsupported global" in detail:
+                raise WeightsError(
+                    f"{path}: refused to load: the pickle holds objects other than tensors and plain "
+                    f"containers ({detail}). Only state dicts (or .safetensors) are loaded"
+                ) from e
+            raise WeightsError(f"{path}: not a readable torch weights file ({detail})") from e
         except Exception as e:
             raise WeightsError(f"{path}: not a readable torch weights file ({type(e).__name__}: {e})") from e
     if isinstance(state, Mapping) and isinstance(state.get("state_dict"), Mapping):
@@ -368,3 +371,14 @@ def load_state_dict(path: str | os.PathLike) -> dict:
         if not isinstance(value, torch.Tensor):
             raise WeightsError(f"{path}: entry {name!r} is a {type(value).__name__}, not a tensor")
     return dict(state)
+
+
+def _unpickler_detail(message: str) -> str:
+    """The useful part of torch's weights_only error ("Unsupported global: GLOBAL os.system ...")."""
+    _, found, rest = message.partition("WeightsUnpickler error:")
+    text = rest if found else message
+    for line in text.splitlines():
+        if line.strip():
+            line = line.strip()
+            return line.split(" was not an allowed global")[0] if "Unsupported global" in line else line
+    return "unpickling failed"
