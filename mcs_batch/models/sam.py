@@ -9,8 +9,6 @@ mask-decoder call with all its boxes. The modules themselves are segment_anythin
 
 from __future__ import annotations
 
-import importlib.util
-import pickle
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -23,6 +21,7 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from mcs_batch.errors import ConfigError
+from mcs_batch.models.weights import load_state_dict
 from mcs_batch.stages.prompts import largest_components
 
 
@@ -162,29 +161,6 @@ def write_random_sam(path: Path | str, variant: SamVariant | str, *, seed: int) 
     return path
 
 
-def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    """Tensors only: weights_only unpickling refuses code and custom objects."""
-    if importlib.util.find_spec("mcs_batch.models.weights") is not None:
-        from mcs_batch.models import weights
-
-        if hasattr(weights, "load_state_dict"):
-            return weights.load_state_dict(path)
-    if not path.is_file():
-        raise ConfigError(f"SAM checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ConfigError(
-            f"SAM checkpoint {path}: not a plain state dict of tensors (loaded with weights_only=True): {e}"
-        ) from e
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(
-            f"SAM checkpoint {path}: expected a state dict (parameter name -> tensor) like "
-            f"sam_vit_b_01ec64.pth, found {type(state).__name__}"
-        )
-    return state
-
-
 def _examples(names: Sequence[str], n: int = 3) -> str:
     return ", ".join(sorted(names)[:n]) + (", ..." if len(names) > n else "")
 
@@ -211,14 +187,15 @@ def load_sam(variant: SamVariant | str, checkpoint: Path | str | None, *, device
     """SAM of `variant` with the weights of `checkpoint` (a torch.save'd state dict such as
     sam_vit_b_01ec64.pth), in eval mode on `device`. checkpoint None: random weights (tests only).
 
-    Raises ConfigError naming the file when it is missing, holds anything but tensors, or does not
-    match the variant's parameters exactly (missing, unexpected or mis-shaped keys).
+    Raises ConfigError naming the file when it is missing, holds anything but tensors (WeightsError,
+    from mcs_batch.models.weights.load_state_dict), or does not match the variant's parameters
+    exactly (missing, unexpected or mis-shaped keys).
     """
     variant = _variant(variant)
     model = SAM_BUILDERS[variant]()
     if checkpoint is not None:
         path = Path(checkpoint)
-        state = _read_state_dict(path)
+        state = load_state_dict(path)  # tensors only: refuses pickled code and custom objects
         _check_keys(model, state, path, variant)
         model.load_state_dict(state, strict=True)
     return model.to(device).eval()
