@@ -33,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 HF_HUB_PREFIX = "hf-hub:"
 TINY_URIS = {"tiny": "tiny", "tiny:tiny": "tiny", "tiny:base": "base"}
 _CHUNK = 1 << 20
+_MANIFEST = ".mcs_batch_download.json"  # in each cache entry: uri, pid, time, kind
 
 
 class WeightsError(ConfigError):
@@ -221,28 +223,37 @@ def cache_key(uri: str) -> str:
     return f"{scheme or 'local'}-{name.strip('-.') or 'x'}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
 
 
-def _materialise(uri: str, cache_dir: Path, download) -> Path:
-    """The cache entry for `uri`, calling download(tmp_dir) once per node under a file lock."""
+def _materialise(uri: str, cache_dir: Path, download) -> tuple[Path, dict]:
+    """(cache entry, its manifest) for `uri`; download(tmp_dir) runs once per node, under a file lock.
+
+    download may return a dict of facts to keep in the entry's manifest (e.g. {"file": name}).
+    """
     from filelock import FileLock
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(uri)
     entry = cache_dir / key
     if entry.exists():
-        return entry
+        return entry, _read_manifest(entry)
     with FileLock(str(cache_dir / f"{key}.lock")):
         if entry.exists():  # another process finished while we waited
-            return entry
+            return entry, _read_manifest(entry)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=cache_dir))
         try:
             logger.info("%s: downloading into %s", uri, entry)
-            download(tmp)
-            manifest = {"uri": uri, "pid": os.getpid()}
-            (tmp / ".mcs_batch_download.json").write_text(json.dumps(manifest) + "\n")
+            manifest = {"uri": uri, "pid": os.getpid(), "downloaded_at": time.time(), **(download(tmp) or {})}
+            (tmp / _MANIFEST).write_text(json.dumps(manifest) + "\n")
             os.replace(tmp, entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return entry
+    return entry, manifest
+
+
+def _read_manifest(entry: Path) -> dict:
+    try:
+        return json.loads((entry / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _evict(cache_dir: Path, uri: str) -> None:
@@ -267,7 +278,7 @@ def _fetch_tiny(uri: str, cache_dir: Path) -> Path:
         write_tiny_biomedclip(tmp, seed=0, size=size)
         point_text_tower_at(tmp, entry)  # the folder's final place, after os.replace
 
-    return _materialise(uri, cache_dir, write)
+    return _materialise(uri, cache_dir, write)[0]
 
 
 def _fetch_hf_hub(uri: str, cache_dir: Path) -> Path:
@@ -290,40 +301,42 @@ def _fetch_hf_hub(uri: str, cache_dir: Path) -> Path:
             ) from e
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
 
-    return _materialise(uri, cache_dir, download)
+    return _materialise(uri, cache_dir, download)[0]
 
 
 def _fetch_fsspec(uri: str, cache_dir: Path, storage_options: dict) -> Path:
-    import fsspec
+    """One object (-> cached file) or every object under a prefix (-> cached folder).
 
-    try:
-        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    except (ImportError, ValueError) as e:
-        raise WeightsError(f"{uri}: no filesystem for this URI ({e})") from e
-    path = path.rstrip("/")
-    try:
-        is_file = fs.isfile(path)
-        remote_files = [] if is_file else sorted(fs.find(path))
-    except Exception as e:
-        raise WeightsError(f"{uri}: cannot list ({type(e).__name__}: {e})") from e
-    if not is_file and not remote_files:
-        raise WeightsError(f"{uri}: no such object or prefix")
+    The remote store is only contacted when the entry is not in the cache yet.
+    """
 
-    def download(tmp: Path) -> None:
-        pairs = (
-            [(path, tmp / path.rsplit("/", 1)[-1])]
-            if is_file
-            else [(f, tmp / f[len(path) :].lstrip("/")) for f in remote_files]
-        )
+    def download(tmp: Path) -> dict:
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+        except (ImportError, ValueError) as e:
+            raise WeightsError(f"{uri}: no filesystem for this URI ({e})") from e
+        path = path.rstrip("/")
+        try:
+            is_file = fs.isfile(path)
+            remote_files = [] if is_file else sorted(fs.find(path))
+        except Exception as e:
+            raise WeightsError(f"{uri}: cannot list ({type(e).__name__}: {e})") from e
+        if not is_file and not remote_files:
+            raise WeightsError(f"{uri}: no such object or prefix")
+        name = path.rsplit("/", 1)[-1]
+        pairs = [(path, tmp / name)] if is_file else [(f, tmp / f[len(path) :].lstrip("/")) for f in remote_files]
         for remote, local in pairs:
             local.parent.mkdir(parents=True, exist_ok=True)
             try:
                 fs.get_file(remote, str(local))
             except Exception as e:
                 raise WeightsError(f"{uri}: download of {remote} failed ({type(e).__name__}: {e})") from e
+        return {"file": name} if is_file else {}
 
-    entry = _materialise(uri, cache_dir, download)
-    return entry / path.rsplit("/", 1)[-1] if is_file else entry
+    entry, manifest = _materialise(uri, cache_dir, download)
+    return entry / manifest["file"] if manifest.get("file") else entry
 
 
 # -- loading -----------------------------------------------------------------------------------------

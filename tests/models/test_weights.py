@@ -219,6 +219,17 @@ def test_s3_object_is_downloaded_once(s3_server, s3_bucket, tmp_path, caplog):
     assert record.files == {"model.bin": hashlib.sha256(data).hexdigest()}
 
 
+def test_cached_s3_weights_need_no_store(s3_server, s3_bucket, tmp_path):
+    bucket, fs = s3_bucket
+    fs.pipe(f"{bucket}/m/model.bin", b"abc")
+    uri = f"s3://{bucket}/m/model.bin"
+    record = fetch(uri, cache_dir=tmp_path, storage_options=s3_server)
+    unreachable = dict(s3_server, endpoint_url="http://127.0.0.1:9")  # nothing listens there
+    assert fetch(uri, cache_dir=tmp_path, storage_options=unreachable) == record
+    manifest = json.loads((tmp_path / cache_key(uri) / ".mcs_batch_download.json").read_text())
+    assert manifest["uri"] == uri and manifest["file"] == "model.bin" and manifest["pid"] == os.getpid()
+
+
 def test_s3_prefix_is_a_model_folder(s3_server, s3_bucket, tmp_path, tiny_biomedclip_folder, tiny_biomedclip):
     import torch
 
