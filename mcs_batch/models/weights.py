@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcs_batch.errors import ConfigError
+from mcs_batch.models.tiny import read_marker
 
 logger = logging.getLogger(__name__)
 
@@ -183,8 +184,6 @@ def fetch(
         local, cached = _local_path(uri), False
     else:
         local, cached = _fetch_fsspec(uri, cache_dir, dict(storage_options or {})), True
-
-    from mcs_batch.models.tiny import read_marker
 
     marker = read_marker(local) if local.is_dir() else None
     record = WeightsRecord(
