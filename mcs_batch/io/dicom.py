@@ -13,8 +13,10 @@ import fsspec
 import numpy as np
 import pydicom
 from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.io.storage import fetch_bytes
 from mcs_batch.io.volume import Volume
 from mcs_batch.records import CaseKind, CaseRecord
 
@@ -75,8 +77,8 @@ def decode_frames(ds: pydicom.Dataset, *, uri: str) -> np.ndarray:
         arr = arr[None]
     if photometric == "PALETTE COLOR":
         rgb = apply_color_lut(arr, ds)
-        lut_bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
-        return _to_uint8_rgb(rgb, 2**lut_bits - 1)
+        # Descriptors often claim 16 bits for 8-bit entries: scale by what the table holds.
+        return _to_uint8_rgb(rgb, 255 if int(rgb.max(initial=0)) <= 255 else 65535)
     if spp == 3:
         bits = int(ds.get("BitsStored", 8))
         return _to_uint8_rgb(arr, 2**bits - 1)
@@ -97,23 +99,18 @@ def decode_frames(ds: pydicom.Dataset, *, uri: str) -> np.ndarray:
 
 
 def read_dataset(data: bytes, *, uri: str) -> pydicom.Dataset:
+    """Parse a whole object; a missing Transfer Syntax UID is filled in from the encoding pydicom
+    detected while reading (objects without file meta are common in old archives)."""
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=True)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
     except Exception as e:
         raise CaseError(f"{uri}: cannot parse DICOM ({type(e).__name__}: {e})", code=ErrorCode.DECODE_ERROR) from e
-
-
-def _fetch(fs: fsspec.AbstractFileSystem | None, uri: str) -> bytes:
-    try:
-        if fs is None:
-            with fsspec.open(uri, "rb") as f:
-                return f.read()
-        with fs.open(fs._strip_protocol(uri), "rb") as f:
-            return f.read()
-    except FileNotFoundError as e:
-        raise CaseError(f"{uri}: object not found", code=ErrorCode.UNREADABLE) from e
-    except OSError as e:
-        raise CaseError(f"{uri}: cannot read object ({e})", code=ErrorCode.UNREADABLE) from e
+    if "TransferSyntaxUID" not in ds.file_meta and ds.is_little_endian is not None:
+        if ds.is_implicit_VR:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if ds.is_little_endian else ExplicitVRBigEndian
+    return ds
 
 
 def load_dicom_case(
@@ -150,11 +147,11 @@ def load_dicom_case(
     if record.kind == CaseKind.DICOM_SERIES:
         for uri, k in zip(record.source_uris, record.slice_index, strict=True):
             if k in k_range:
-                frames = decode_frames(read_dataset(_fetch(fs, uri), uri=uri), uri=uri)
+                frames = decode_frames(read_dataset(fetch_bytes(fs, uri), uri=uri), uri=uri)
                 put(frames[0], k)
     else:
         uri = record.source_uris[0]
-        frames = decode_frames(read_dataset(_fetch(fs, uri), uri=uri), uri=uri)
+        frames = decode_frames(read_dataset(fetch_bytes(fs, uri), uri=uri), uri=uri)
         ks = record.slice_index or list(range(frames.shape[0]))
         if len(ks) != frames.shape[0]:
             raise CaseError(f"{uri}: {frames.shape[0]} frames decoded, {len(ks)} expected", code=ErrorCode.DECODE_ERROR)

@@ -36,6 +36,7 @@ _NON_IMAGE_SOP_WORDS = (
     "Raw Data", "Spectroscopy", "Surface", "Parametric Map",
 )  # fmt: skip
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 @dataclass
@@ -248,7 +249,8 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
         temporal_position=_int(ds.get("TemporalPositionIdentifier")),
         instance_number=_int(ds.get("InstanceNumber")),
         frame_positions=frame_positions,
-        has_pixel_data=header_bytes < size,
+        # Deflated objects are read through zlib: the file position says nothing, trust the header.
+        has_pixel_data=("Rows" in ds) if syntax == DEFLATED else header_bytes < size,
         header_bytes=header_bytes,
     )
     _check_native_length(header)
@@ -260,6 +262,8 @@ def expected_native_bytes(header: DicomHeader) -> int | None:
     if not (header.rows and header.columns and header.bits_allocated):
         return None
     n = header.rows * header.columns * header.frames * header.samples_per_pixel
+    if header.photometric.upper() in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        n = n * 2 // 3  # chroma subsampled horizontally: 2 samples per pixel on average
     if header.bits_allocated == 1:
         return (n + 7) // 8
     return n * ((header.bits_allocated + 7) // 8)
@@ -269,7 +273,7 @@ def _check_native_length(header: DicomHeader) -> None:
     """Natively encoded pixel data must fit in the file: else the object is truncated."""
     if not header.has_pixel_data or header.transfer_syntax not in _NATIVE_SYNTAXES:
         return
-    if header.transfer_syntax == "1.2.840.10008.1.2.1.99":
+    if header.transfer_syntax == DEFLATED:
         return  # deflated: the stored length says nothing about the file length
     expected = expected_native_bytes(header)
     if expected is None:

@@ -7,7 +7,6 @@ A 4D file contributes its first volume (the record says so); 5D and more are ref
 from __future__ import annotations
 
 import gzip
-import io
 import struct
 from typing import BinaryIO
 
@@ -60,7 +59,8 @@ def nifti_record(fileobj: BinaryIO, *, uri: str, rel: str, gzipped: bool) -> Cas
             code=ErrorCode.UNSUPPORTED_FORMAT,
         )
     try:
-        header = _header_class(kind).from_fileobj(io.BytesIO(head))
+        header_class = _header_class(kind)
+        header = header_class(binaryblock=head[: header_class.sizeof_hdr])  # extensions are not needed
         shape = tuple(int(s) for s in header.get_data_shape())
         affine = np.asarray(header.get_best_affine(), float)
     except Exception as e:
@@ -107,8 +107,6 @@ def load_nifti(data: bytes, *, uri: str, record: CaseRecord, slices: slice | Non
         if len(img.shape) == 4:
             index = (*index, record.volume_index or 0)
         array = np.asarray(proxy[index], dtype=np.float32)
-    except CaseError:
-        raise
     except Exception as e:
         code = ErrorCode.TRUNCATED if "too short" in str(e) or "Expected" in str(e) else ErrorCode.DECODE_ERROR
         raise CaseError(f"{uri}: cannot read NIfTI data ({type(e).__name__}: {e})", code=code) from e

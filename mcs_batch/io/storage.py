@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import fsspec
 from fsspec.core import url_to_fs
 
-from mcs_batch.errors import ConfigError
+from mcs_batch.errors import CaseError, ConfigError, ErrorCode
 
 
 @dataclass(frozen=True)
@@ -88,3 +88,17 @@ def relative_key(path: str, root: str) -> str:
     if path.startswith(root + "/"):
         return path[len(root) + 1 :]
     return path.lstrip("/")
+
+
+def fetch_bytes(fs: fsspec.AbstractFileSystem | None, uri: str) -> bytes:
+    """The whole object at `uri` (on `fs` when given); CaseError(unreadable) when it cannot be read."""
+    try:
+        if fs is None:
+            with fsspec.open(uri, "rb") as f:
+                return f.read()
+        with fs.open(fs._strip_protocol(uri), "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise CaseError(f"{uri}: object not found", code=ErrorCode.UNREADABLE) from e
+    except OSError as e:
+        raise CaseError(f"{uri}: cannot read object ({e})", code=ErrorCode.UNREADABLE) from e
