@@ -117,7 +117,7 @@ def test_missing_slice_keeps_exact_geometry(tmp_path: Path):
     assert any("gap" in w for w in record.warnings)
     affine = record_affine(record)
     for k in range(8):  # every real slice sits where its file says
-        expected_lps = [*origin, 0, 0, 2.0 * k]
+        expected_lps = origin + np.array([0.0, 0.0, 2.0 * k])
         np.testing.assert_allclose(affine @ [0, 0, k, 1], [*(LPS_TO_RAS[:3, :3] @ expected_lps), 1], atol=1e-3)
     volume = load_case(record)
     assert volume.meta["filled_slices"] == 1
