@@ -255,6 +255,11 @@ class SamSegmenter:
 
     fp32 everywhere on CPU; on CUDA the image encoder may run under bf16 / fp16 autocast (the decoder
     stays fp32). Embed a batch once, then segment as many targets per image as needed.
+
+    Memory grows with the batch: segment_anything's global-attention blocks hold [heads, 4096, 4096]
+    attention matrices per image (vit_b fp32 on CPU: ~11 GiB peak for a batch of 4, ~2.5 GiB per
+    image); size batches to the machine. On this 2-core CPU batching gave about no speed-up (the
+    encoder is compute-bound); the gain is expected on GPUs.
     """
 
     def __init__(self, model: Sam, *, precision: Precision | str = Precision.FP32):
