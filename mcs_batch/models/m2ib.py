@@ -370,7 +370,11 @@ def m2ib_saliency(
     Returns saliency float32 [B, H, W] in [0, 1], tower input frame, on the images' device.
     """
     settings = settings or M2IBSettings()
-    mode = M2IBMode(mode)
+    try:
+        mode = M2IBMode(mode)
+    except ValueError as e:
+        choices = ", ".join(m.value for m in M2IBMode)
+        raise ConfigError(f"m2ib mode {mode!r}: expected one of {choices}") from e
     trunk, _ = _tower_parts(visual)
     _check_layer(trunk, settings.layer)
     _check_images(trunk, images)
