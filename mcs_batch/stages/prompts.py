@@ -133,9 +133,7 @@ def _kmeans_threshold(values: np.ndarray) -> float:
     return 0.5 * (low + high)
 
 
-def coarse_mask(
-    saliency: np.ndarray, *, method: CoarseMethod | str = "kmeans", threshold: float = 0.3
-) -> np.ndarray:
+def coarse_mask(saliency: np.ndarray, *, method: CoarseMethod | str = "kmeans", threshold: float = 0.3) -> np.ndarray:
     """Foreground of a saliency map: bool [H, W].
 
     saliency: float [H, W] in [0, 1], image frame. method: "kmeans" (2 clusters on the pixel values,
@@ -187,9 +185,7 @@ def _box(rows: slice, cols: slice, height: int, width: int) -> list[float]:
     return [cols.start, rows.start, min(cols.stop, width - 1), min(rows.stop, height - 1)]
 
 
-def boxes_from_components(
-    mask: np.ndarray, *, mode: BoxMode | str = "union", connectivity: int = 8
-) -> np.ndarray:
+def boxes_from_components(mask: np.ndarray, *, mode: BoxMode | str = "union", connectivity: int = 8) -> np.ndarray:
     """Boxes around the foreground of a bool [H, W] mask: float32 [N, 4] XYXY pixel coordinates.
 
     x0, y0 = first foreground column, row; x1, y1 = last column, row + 1, clipped to W - 1, H - 1

@@ -220,9 +220,7 @@ def test_constant_map_gives_empty_saliency(method):
 
 def test_empty_coarse_mask_gives_empty_saliency():
     saliency = np.linspace(0, 0.2, 100, dtype=np.float32).reshape(10, 10)  # all below the threshold
-    prompts = visual_prompts(
-        saliency, PromptSettings(method="threshold", n_points=3), np.random.default_rng(0)
-    )
+    prompts = visual_prompts(saliency, PromptSettings(method="threshold", n_points=3), np.random.default_rng(0))
     assert prompts.reason is ErrorCode.EMPTY_SALIENCY and prompts.boxes_xyxy.shape == (0, 4)
 
 
