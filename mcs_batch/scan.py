@@ -13,6 +13,7 @@ import json
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -27,30 +28,39 @@ from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.outputs.schema import MANIFEST_SCHEMA, manifest_table
 from mcs_batch.records import CaseKind, Status, failed_record
 
-PROBE_BATCH = 64  # objects per probe task
+PROBE_BATCH = 256  # objects per probe task (fewer, larger tasks: Ray schedules each one)
+IO_THREADS = 8  # concurrent header reads per probe task on object stores
+GROUP_PARTITION_ROWS = 2000  # probe rows per shuffle partition when grouping into series
 
 
-def _probe_batch(batch: dict, *, storage: StorageOptions | None) -> dict:
-    """Ray task: identify and parse the headers of a batch of objects."""
-    keys, payloads = [], []
-    fs = None
-    for uri, rel, size in zip(batch["uri"], batch["rel"], batch["size"], strict=True):
-        ref = ObjectRef(uri=str(uri), rel=str(rel), size=int(size))
-        if fs is None:
-            fs, _ = filesystem_for(ref.uri, storage)
-        try:
-            probe = probe_object(ref, fs=fs)
-        except Exception as e:  # a bug must not take the batch down: record it against the object
-            probe = Probe(ref, record=failed_record(
-                f"file:{ref.rel}", CaseKind.UNKNOWN, ref.uri, ref.rel, ErrorCode.INTERNAL_ERROR,
-                f"{ref.uri}: {type(e).__name__}: {e}",
-            ))  # fmt: skip
-        keys.append(group_key(probe))
-        if probe.header is not None:
-            payloads.append(json.dumps({"header": probe.header.to_dict()}))
-        else:
-            payloads.append(json.dumps({"record": probe.record.to_row()}))
-    return {"group": keys, "payload": payloads}
+def _probe_one(ref: ObjectRef, fs) -> Probe:
+    try:
+        return probe_object(ref, fs=fs)
+    except Exception as e:  # a bug must not take the batch down: record it against the object
+        return Probe(ref, record=failed_record(
+            f"file:{ref.rel}", CaseKind.UNKNOWN, ref.uri, ref.rel, ErrorCode.INTERNAL_ERROR,
+            f"{ref.uri}: {type(e).__name__}: {e}",
+        ))  # fmt: skip
+
+
+def _probe_batch(batch: dict, *, storage: StorageOptions | None, threads: int) -> dict:
+    """Ray task: identify and parse the headers of a batch of objects. Object stores answer each
+    request with latency, so the reads of one batch overlap in a few threads."""
+    refs = [
+        ObjectRef(uri=str(uri), rel=str(rel), size=int(size))
+        for uri, rel, size in zip(batch["uri"], batch["rel"], batch["size"], strict=True)
+    ]
+    fs, _ = filesystem_for(refs[0].uri, storage)
+    if threads > 1 and len(refs) > 1:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            probes = list(pool.map(lambda r: _probe_one(r, fs), refs))
+    else:
+        probes = [_probe_one(r, fs) for r in refs]
+    payloads = [
+        json.dumps({"header": p.header.to_dict()} if p.header is not None else {"record": p.record.to_row()})
+        for p in probes
+    ]
+    return {"group": [group_key(p) for p in probes], "payload": payloads}
 
 
 def _assemble_group(batch: pa.Table) -> pa.Table:
@@ -143,8 +153,15 @@ def scan(
     if refs:
         blocks = max(1, min(len(refs) // PROBE_BATCH + 1, 200))
         ds = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=blocks)
-        probes = ds.map_batches(_probe_batch, fn_kwargs={"storage": storage}, batch_size=PROBE_BATCH, num_cpus=0.5)
-        cases = probes.groupby("group").map_groups(_assemble_group, batch_format="pyarrow", num_cpus=0.5)
+        threads = 1 if all(r.uri.startswith("file://") for r in refs[:1]) else IO_THREADS
+        probes = ds.map_batches(
+            _probe_batch, fn_kwargs={"storage": storage, "threads": threads}, batch_size=PROBE_BATCH, num_cpus=0.5
+        )
+        # Few shuffle partitions: each is a task, and the rows are tiny (a header each).
+        partitions = max(1, min(len(refs) // GROUP_PARTITION_ROWS + 1, 64))
+        cases = probes.groupby("group", num_partitions=partitions).map_groups(
+            _assemble_group, batch_format="pyarrow", num_cpus=0.5
+        )
         arrow_fs, path = arrow_filesystem(manifest_uri, storage)
         cases.write_parquet(path, filesystem=arrow_fs)
     table = read_manifest(out, storage=storage) if refs else manifest_table([])
