@@ -46,6 +46,61 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _config(args: argparse.Namespace):
+    from mcs_batch.config import load_config
+
+    return load_config(
+        args.config, overrides=args.set, preset=args.models, prompts=args.prompt or (), target=args.target
+    )
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from mcs_batch.explain import explain
+    from mcs_batch.models.registry import load_models
+
+    cfg = _config(args)
+    storage = _storage_options(args)
+    models = load_models(cfg.models, storage=storage)
+    if models.tiny:
+        _progress("TINY random models: the masks are meaningless (use --models real or a config with weights)")
+    slices = [int(k) for k in args.slices.split(",")] if args.slices else None
+    index = explain(args.inputs, Path(args.out), cfg, models, storage=storage, slices=slices, progress=_progress)
+    done = [i for i in index["images"] if i.get("targets")]
+    failed = [i for i in index["images"] if i["status"] != "ok"]
+    print(
+        f"explained {len(done)} image(s) for {len(cfg.targets)} target(s) in {index['seconds']:.1f} s; "
+        f"{len(failed)} case(s) not explained; see {Path(args.out) / 'explain.json'} and */overlay.png"
+    )
+    return EXIT_OK
+
+
+def cmd_weights(args: argparse.Namespace) -> int:
+    from mcs_batch.models.registry import load_models
+    from mcs_batch.models.weights import verify
+
+    cfg = _config(args)
+    models = load_models(cfg.models, storage=_storage_options(args))
+    for name, record in sorted(models.weights.items()):
+        for file, digest in sorted(record.files.items()):
+            print(f"{name:5s} {record.uri}  {file}  sha256:{digest}")
+        if args.action == "verify":
+            pin = cfg.models.clip_sha256 if name == "clip" else cfg.models.sam_sha256
+            if pin:
+                verify(record, {"open_clip_pytorch_model.bin": pin} if name == "clip" else pin)
+                print(f"{name:5s} pinned digest verified")
+    if models.tiny:
+        _progress("these are TINY random models (no download needed)")
+    return EXIT_OK
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from mcs_batch.models.hf_import import import_biomedclip_hf
+
+    dst = import_biomedclip_hf(Path(args.src), Path(args.dst), base_folder=Path(args.base))
+    print(f"open_clip folder written to {dst}; use it with --set models.clip={dst}")
+    return EXIT_OK
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from mcs_batch.sample import build_sample_archive
 
@@ -79,6 +134,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--object-store-mb", type=int, default=None, help="object store size for a local Ray")
 
 
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--models", choices=["tiny", "real"], default=None, help="model preset (default: config / tiny)")
+    p.add_argument("--config", default=None, help="job YAML file")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mcs-batch",
@@ -95,6 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip keys matching (repeatable)")
     _add_common(p)
     p.set_defaults(func=cmd_scan)
+
+    p = sub.add_parser("explain", help="run the method on images / slices and write maps, prompts, masks, overlays")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, DICOM series folders, NIfTI files")
+    p.add_argument("--prompt", action="append", help="target prompt (repeatable: prompt ensembling)")
+    p.add_argument("--target", default=None, help="target name for --prompt (default: target)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--slices", default=None, help="comma-separated slice indices of volumes (default: middle)")
+    _add_model_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("weights", help="fetch model weights into the cache, or verify their digests")
+    p.add_argument("action", choices=["fetch", "verify"])
+    _add_model_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_weights, prompt=None, target=None)
+
+    p = sub.add_parser("import-biomedclip-hf", help="convert HF-port BiomedCLIP weights into an open_clip folder")
+    p.add_argument("src", help="state dict file in the Hugging Face port's key layout (.bin / .safetensors)")
+    p.add_argument("dst", help="open_clip folder to write")
+    p.add_argument("--base", required=True, help="an open_clip BiomedCLIP folder (config + tokenizer)")
+    p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("sample", help="write the small real sample archive to a folder")
     p.add_argument("dest", help="destination folder (replaced)")

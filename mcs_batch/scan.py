@@ -26,7 +26,7 @@ from mcs_batch.io.discover import ObjectRef, Probe, group_key, list_objects, pro
 from mcs_batch.io.series import cases_from_headers
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.outputs.schema import MANIFEST_SCHEMA, manifest_table
-from mcs_batch.records import CaseKind, Status, failed_record
+from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record
 
 PROBE_BATCH = 256  # objects per probe task (fewer, larger tasks: Ray schedules each one)
 IO_THREADS = 8  # concurrent header reads per probe task on object stores
@@ -83,6 +83,29 @@ def _assemble_group(batch: pa.Table) -> pa.Table:
                     f"file:{h.rel}", CaseKind.DICOM_SERIES, h.uri, h.rel, error, f"{h.uri}: {type(e).__name__}: {e}",
                 ).to_row())  # fmt: skip
     return manifest_table(rows)
+
+
+def discover_cases(
+    inputs: Sequence[str],
+    *,
+    storage: StorageOptions | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+) -> list[CaseRecord]:
+    """The same cases as `scan`, computed in this process (no Ray): for a few files at a time."""
+    refs = list_objects(inputs, storage=storage, include=include, exclude=exclude)
+    if not refs:
+        return []
+    batch = {"uri": [r.uri for r in refs], "rel": [r.rel for r in refs], "size": [r.size for r in refs]}
+    probes = _probe_batch(batch, storage=storage, threads=1)
+    groups: dict[str, list[str]] = {}
+    for key, payload in zip(probes["group"], probes["payload"], strict=True):
+        groups.setdefault(key, []).append(payload)
+    records = []
+    for payloads in groups.values():
+        table = _assemble_group(pa.table({"payload": payloads}))
+        records.extend(CaseRecord.from_row(row) for row in table.to_pylist())
+    return sorted(records, key=lambda r: r.case_id)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from mcs_batch.io.nifti import nifti_record, sniff_nifti
 from mcs_batch.io.storage import StorageOptions, filesystem_for, relative_key, to_uri
 from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record
 
-HEADER_BLOCK = 32 * 1024  # bytes per ranged read while parsing headers
+HEADER_BLOCK = 16 * 1024  # bytes per ranged read while parsing headers (most headers fit in one)
 GZIP_MAGIC = b"\x1f\x8b"
 # Names that promise an image: when such a file cannot be identified it is a failure, not a skip.
 IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg")

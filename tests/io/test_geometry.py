@@ -15,12 +15,10 @@ import pytest
 import SimpleITK as sitk
 
 from mcs_batch.errors import ErrorCode
-from mcs_batch.io.discover import group_key, list_objects, probe_object
 from mcs_batch.io.load import load_case
-from mcs_batch.io.series import cases_from_headers
-from mcs_batch.io.storage import filesystem_for
 from mcs_batch.io.volume import LPS_TO_RAS, corners_world
 from mcs_batch.records import CaseKind, CaseRecord, Status
+from mcs_batch.scan import discover_cases
 from mcs_batch.synthetic import oblique_orientation, write_series
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -29,18 +27,7 @@ NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 
 def scan_folder(folder: Path) -> list[CaseRecord]:
     """Probe + assemble without Ray (the Ray path is tested in test_scan)."""
-    fs, _ = filesystem_for(str(folder))
-    groups: dict[str, list] = {}
-    records = []
-    for ref in list_objects([str(folder)]):
-        probe = probe_object(ref, fs=fs)
-        if probe.record is not None:
-            records.append(probe.record)
-        else:
-            groups.setdefault(group_key(probe), []).append(probe.header)
-    for headers in groups.values():
-        records.extend(cases_from_headers(headers))
-    return records
+    return discover_cases([str(folder)])
 
 
 def sitk_corners(paths: list[str]) -> tuple[np.ndarray, tuple[int, int, int]]:
