@@ -189,7 +189,9 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
     for key in keys[:-1]:
-        if key.isdigit() and isinstance(node, list):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"--set {dotted}: no item {key} (the list has {len(node)})")
             node = node[int(key)]
             continue
         node = node.setdefault(key, {})
@@ -223,7 +225,7 @@ def load_config(
     target: str | None = None,
 ) -> JobConfig:
     """Defaults <- preset <- YAML file <- --prompt/--target <- --set overrides, validated."""
-    tree: dict = {}
+    tree: dict = JobConfig().to_dict()  # complete, so that --set can address any key (targets.0.name)
     if preset is not None:
         if preset not in MODEL_PRESETS:
             raise ConfigError(f"--models {preset!r}: choose from {', '.join(MODEL_PRESETS)} or use a config file")

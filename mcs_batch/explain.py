@@ -37,7 +37,7 @@ BATCH = 4  # images per model call
 
 def _slices_for(record: CaseRecord, wanted: Sequence[int] | None, axis: int) -> list[int]:
     n = record.shape[axis]
-    if not wanted:
+    if not wanted or n == 1:  # 2D images have one slice, whatever was asked for volumes
         return [n // 2]
     bad = [k for k in wanted if not 0 <= k < n]
     if bad:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import gzip
+import io
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
@@ -89,17 +90,20 @@ def list_objects(
     return [refs[k] for k in sorted(refs)]
 
 
-class _CountingReader:
-    """A read-only file wrapper that counts the bytes handed to the parser."""
+class _CountingReader(io.RawIOBase):
+    """A read-only, seekable file wrapper that counts the bytes handed to the parsers."""
 
     def __init__(self, f: BinaryIO):
+        super().__init__()
         self._f = f
         self.bytes = 0
 
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n)
-        self.bytes += len(data)
-        return data
+    def readinto(self, buffer) -> int:
+        data = self._f.read(len(buffer))
+        n = len(data)
+        buffer[:n] = data
+        self.bytes += n
+        return n
 
     def seek(self, offset: int, whence: int = 0) -> int:
         return self._f.seek(offset, whence)
@@ -155,14 +159,22 @@ def probe_object(ref: ObjectRef, *, fs: fsspec.AbstractFileSystem) -> Probe:
     return probe
 
 
-def _failure(ref: ObjectRef, code: ErrorCode, message: str, nbytes: int) -> CaseRecord:
+def _failure(
+    ref: ObjectRef, code: ErrorCode, message: str, nbytes: int, kind: CaseKind = CaseKind.UNKNOWN
+) -> CaseRecord:
     promised = ref.rel.lower().endswith(IMAGE_SUFFIXES)
     status = Status.FAILED if (promised or code != ErrorCode.NOT_DICOM) else Status.SKIPPED
     if ref.size == 0:
         code, message, status = ErrorCode.TRUNCATED, f"{ref.uri}: empty object", Status.FAILED
-    return failed_record(
-        f"file:{ref.rel}", CaseKind.UNKNOWN, ref.uri, ref.rel, code, message, status=status, bytes_read=nbytes
-    )
+    return failed_record(f"file:{ref.rel}", kind, ref.uri, ref.rel, code, message, status=status, bytes_read=nbytes)
+
+
+def _recognised(ref: ObjectRef, kind: CaseKind, read) -> Probe:
+    """The format is known from its magic bytes: a broken header fails as that kind."""
+    try:
+        return Probe(ref, record=read())
+    except CaseError as e:
+        return Probe(ref, record=_failure(ref, e.code, e.message, 0, kind))
 
 
 def _identify(ref: ObjectRef, f: _CountingReader, head: bytes) -> Probe:
@@ -176,11 +188,11 @@ def _identify(ref: ObjectRef, f: _CountingReader, head: bytes) -> Probe:
         if sniff_nifti(inner) is None:
             msg = f"{ref.uri}: gzip-compressed object that is not NIfTI"
             return Probe(ref, record=_failure(ref, ErrorCode.UNSUPPORTED_FORMAT, msg, 0))
-        return Probe(ref, record=nifti_record(f, uri=ref.uri, rel=ref.rel, gzipped=True))
+        return _recognised(ref, CaseKind.NIFTI, lambda: nifti_record(f, uri=ref.uri, rel=ref.rel, gzipped=True))
     if sniff_nifti(head):
-        return Probe(ref, record=nifti_record(f, uri=ref.uri, rel=ref.rel, gzipped=False))
+        return _recognised(ref, CaseKind.NIFTI, lambda: nifti_record(f, uri=ref.uri, rel=ref.rel, gzipped=False))
     if sniff_image(head):
-        return Probe(ref, record=image_record(f, uri=ref.uri, rel=ref.rel))
+        return _recognised(ref, CaseKind.IMAGE, lambda: image_record(f, uri=ref.uri, rel=ref.rel))
     header = read_dicom_header(f, uri=ref.uri, rel=ref.rel, size=ref.size)
     return Probe(ref, header=header)
 

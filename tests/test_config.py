@@ -1,0 +1,83 @@
+"""Job configuration: defaults, YAML, --set precedence, and errors that name the bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mcs_batch.config import BIOMEDCLIP_HF, JobConfig, load_config
+from mcs_batch.errors import ConfigError
+from mcs_batch.io.window import CTWindow
+from mcs_batch.stages.prompts import CoarseMethod
+
+
+def test_defaults_are_the_method_defaults():
+    cfg = load_config()
+    assert (cfg.m2ib.layer, cfg.m2ib.beta, cfg.m2ib.steps, cfg.m2ib.samples, cfg.m2ib.lr) == (9, 1.0, 10, 10, 1.0)
+    assert cfg.targets[0].coarse.method == CoarseMethod.KMEANS
+    assert cfg.models.clip == "tiny" and cfg.seed == 0
+
+
+def test_yaml_then_set_overrides(tmp_path: Path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "models: {clip: /models/biomedclip, sam: /models/sam_vit_b.pth}\n"
+        "m2ib: {beta: 2.0}\n"
+        "window: {ct_window: lung}\n"
+        "targets:\n"
+        "  - name: lungs\n"
+        "    prompts: [a lung, both lungs on a chest CT]\n"
+        "    coarse: {k_components: 2}\n"
+    )
+    cfg = load_config(job, overrides=["m2ib.beta=3", "targets.0.coarse.method=otsu", "seed=7"])
+    assert cfg.models.clip == "/models/biomedclip"
+    assert cfg.m2ib.beta == 3.0  # --set wins over the file
+    assert cfg.window.ct_window == CTWindow.LUNG
+    (target,) = cfg.targets
+    assert target.prompts == ("a lung", "both lungs on a chest CT")
+    assert (target.coarse.k_components, target.coarse.method) == (2, CoarseMethod.OTSU)
+    assert cfg.seed == 7
+
+
+def test_presets_and_prompt_flags():
+    cfg = load_config(preset="real", prompts=["a brain tumour"], target="tumour")
+    assert cfg.models.clip == BIOMEDCLIP_HF and cfg.m2ib.layer == 9
+    assert [(t.name, t.prompts) for t in cfg.targets] == [("tumour", ("a brain tumour",))]
+    assert load_config(preset="tiny").m2ib.layer == 4  # the tiny tower has 6 blocks
+    assert load_config(preset="tiny", overrides=["m2ib.layer=2"]).m2ib.layer == 2
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["m2ib.lyer=3"], "unknown config key m2ib.lyer"),
+        (["m2ib.layer=abc"], "m2ib.layer: expected an integer"),
+        (["window.ct_window=soft"], "unknown CT window 'soft'"),
+        (["targets.0.coarse.k_components=0"], "k_components must be >= 1"),
+        (["slice_axis=5"], "slice_axis"),
+        (["nonsense"], "expected key=value"),
+        (["targets=[{name: a b, prompts: [x]}]"], "name 'a b'"),
+        (["targets=[{name: a, prompts: [x]}, {name: a, prompts: [y]}]"], "names must be unique"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=overrides)
+
+
+def test_bad_files_are_config_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("m2ib: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="--models 'huge'"):
+        load_config(preset="huge")
+
+
+def test_hash_is_stable_and_sensitive():
+    a, b = load_config(overrides=["seed=1"]), load_config(overrides=["seed=1"])
+    assert a.hash() == b.hash() and len(a.hash()) == 16
+    assert load_config(overrides=["seed=2"]).hash() != a.hash()
+    assert isinstance(JobConfig().to_dict()["m2ib"]["precision"], str)  # plain JSON-able values
