@@ -85,6 +85,17 @@ def test_reference_with_text_re_encoded_each_step_matches_fast(tiny_biomedclip):
     assert (fast - ref).abs().max().item() < MAP_TOLERANCE
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_fast_matches_reference_at_the_first_and_last_block(tiny_biomedclip, where):
+    clip = tiny_biomedclip
+    layer = 0 if where == "first" else clip.vision_layers - 1  # last: no block after the bottleneck
+    visual, settings = clip.model.visual, _settings(clip, layer=layer, steps=4, samples=3)
+    images, targets = _images(clip, 2), _targets(clip)[:2]
+    fast = m2ib_saliency(visual, images, targets, _generators(2), settings)
+    ref = m2ib_saliency(visual, images, targets, _generators(2), settings, mode="reference")
+    assert (fast - ref).abs().max().item() < MAP_TOLERANCE
+
+
 def test_batch_equals_single_images(tiny_biomedclip):
     clip = tiny_biomedclip
     visual, settings = clip.model.visual, _settings(clip)
@@ -179,13 +190,24 @@ def test_only_alpha_gets_gradients_in_the_fast_path_and_model_state_is_restored(
     def hook(module, inputs, output):
         flags.setdefault(mode, set()).add(all(p.requires_grad for p in visual.parameters()))
 
+    last_block_calls = {"fast": 0, "reference": 0}
+
+    def count(module, inputs, output):
+        last_block_calls[mode] += 1
+
     before = [p.requires_grad for p in visual.parameters()]
-    handle = first_after.register_forward_hook(hook)
+    handles = [
+        first_after.register_forward_hook(hook),
+        visual.trunk.blocks[-1].register_forward_hook(count),
+    ]
     try:
         for mode in ("fast", "reference"):
             m2ib_saliency(visual, _images(clip, 1), _targets(clip)[:1], _generators(1), settings, mode=mode)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
+    # Token pooling reads only the CLS token: the fast path computes the last block for it alone.
+    assert last_block_calls == {"fast": 0, "reference": settings.steps}
     # The fast path freezes every weight; the reference computes every weight's gradient, as the
     # public code does.
     assert flags == {"fast": {False}, "reference": {True}}
