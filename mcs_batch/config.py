@@ -67,6 +67,53 @@ class ClipConfig:
 
 
 @dataclass(frozen=True)
+class InputsConfig:
+    uris: tuple[str, ...] = ()  # files or prefixes: /path, file://, s3://bucket/prefix, ...
+    include: tuple[str, ...] = ()  # glob patterns on keys relative to each input (empty: everything)
+    exclude: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    uri: str = ""  # OUT: local folder or s3://bucket/prefix
+    png_masks_for_2d: bool = True  # 2D images also get masks/<case_id>/<target>.png at the image's size
+    catalog_flush_cases: int = 32  # cases per catalog part file (a commit); smaller = earlier visibility
+    catalog_flush_seconds: float = 60.0  # ... or at least this often
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    """How the pipeline uses the cluster; does not change results (not part of the config hash)."""
+
+    slice_chunk: int = 16  # slices of a volume decoded per load task (bounds worker memory)
+    load_cpus: float = 0.5  # per load task; <= 0.5 keeps 2-CPU machines from deadlocking
+    saliency_batch: int = 8  # slices per M2IB call
+    saliency_actors: int = 1
+    saliency_cpus: float = 0.5
+    saliency_gpus: float = 0.0  # 1.0 on GPU workers
+    prompts_cpus: float = 0.25
+    sam_batch: int = 4  # slices per SAM image-encoder call
+    sam_actors: int = 1
+    sam_cpus: float = 0.5
+    sam_gpus: float = 0.0
+    torch_threads: int = 0  # per model actor; 0 = torch's default
+
+
+@dataclass(frozen=True)
+class FailureBudget:
+    max_failed_fraction: float = 0.5  # abort when more than this fraction of finished cases failed ...
+    min_cases: int = 20  # ... once at least this many cases have finished
+
+
+@dataclass(frozen=True)
+class TestingConfig:
+    """Fault injection for tests only (default off)."""
+
+    kill_sam_actor_after_batches: int = 0  # > 0: a SAM actor exits hard once, after this many batches
+    fault_marker: str = ""  # file that records that the fault fired (so it fires once)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     m2ib: M2IBSettings = field(default_factory=M2IBSettings)
@@ -75,6 +122,11 @@ class JobConfig:
     targets: tuple[TargetConfig, ...] = (TargetConfig(),)
     seed: int = 0  # all randomness derives from this, per case and slice (mcs_batch.seeding)
     slice_axis: int = 2  # volumes are segmented slice by slice along this array axis
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    failure_budget: FailureBudget = field(default_factory=FailureBudget)
+    testing: TestingConfig = field(default_factory=TestingConfig)
 
     def __post_init__(self):
         names = [t.name for t in self.targets]
@@ -86,11 +138,18 @@ class JobConfig:
     def to_dict(self) -> dict:
         return _to_plain(self)
 
+    def method_dict(self) -> dict:
+        """The sections that determine the results (not where they come from or how fast)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUN_SECTIONS}
+
     def hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved config (first 16 hex characters)."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        """Config hash: sha256 of the canonical JSON of the method sections (16 hex characters).
+        Inputs, outputs, resources, failure budget and test hooks do not change any result."""
+        blob = json.dumps(self.method_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+
+RUN_SECTIONS = ("inputs", "outputs", "resources", "failure_budget", "testing")
 
 # Presets for --models: tiny random models (smoke runs, tests) or the published weights.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

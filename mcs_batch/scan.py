@@ -140,6 +140,25 @@ class ScanSummary:
         ]
 
 
+def cases_dataset(refs: Sequence[ObjectRef], *, storage: StorageOptions | None = None):
+    """A Ray Dataset of manifest rows (one per case) for the listed objects: probe headers in
+    parallel tasks, group by series (a shuffle: a series is complete only when all files are seen),
+    assemble cases in parallel."""
+    import ray
+
+    blocks = max(1, min(len(refs) // PROBE_BATCH + 1, 200))
+    ds = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=blocks)
+    threads = 1 if refs[0].uri.startswith("file://") else IO_THREADS
+    probes = ds.map_batches(
+        _probe_batch, fn_kwargs={"storage": storage, "threads": threads}, batch_size=PROBE_BATCH, num_cpus=0.5
+    )
+    # Few shuffle partitions: each is a task, and the rows are tiny (a header each).
+    partitions = max(1, min(len(refs) // GROUP_PARTITION_ROWS + 1, 64))
+    return probes.groupby("group", num_partitions=partitions).map_groups(
+        _assemble_group, batch_format="pyarrow", num_cpus=0.5
+    )
+
+
 def arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem over the same fsspec filesystem (so S3 options apply identically)."""
     fs, path = filesystem_for(uri, storage)
@@ -163,8 +182,6 @@ def scan(
     progress=print,
 ) -> ScanSummary:
     """Scan the inputs on the current Ray cluster (ray.init() must have been called) into OUT/manifest/."""
-    import ray
-
     start = time.perf_counter()
     refs = list_objects(inputs, storage=storage, include=include, exclude=exclude)
     progress(f"listed {len(refs)} objects under {len(inputs)} input(s)")
@@ -174,19 +191,8 @@ def scan(
         out_fs.rm(out_path, recursive=True)  # a scan replaces the previous manifest as a whole
     out_fs.makedirs(out_path, exist_ok=True)
     if refs:
-        blocks = max(1, min(len(refs) // PROBE_BATCH + 1, 200))
-        ds = ray.data.from_items([r.to_dict() for r in refs], override_num_blocks=blocks)
-        threads = 1 if all(r.uri.startswith("file://") for r in refs[:1]) else IO_THREADS
-        probes = ds.map_batches(
-            _probe_batch, fn_kwargs={"storage": storage, "threads": threads}, batch_size=PROBE_BATCH, num_cpus=0.5
-        )
-        # Few shuffle partitions: each is a task, and the rows are tiny (a header each).
-        partitions = max(1, min(len(refs) // GROUP_PARTITION_ROWS + 1, 64))
-        cases = probes.groupby("group", num_partitions=partitions).map_groups(
-            _assemble_group, batch_format="pyarrow", num_cpus=0.5
-        )
         arrow_fs, path = arrow_filesystem(manifest_uri, storage)
-        cases.write_parquet(path, filesystem=arrow_fs)
+        cases_dataset(refs, storage=storage).write_parquet(path, filesystem=arrow_fs)
     table = read_manifest(out, storage=storage) if refs else manifest_table([])
     summary = summarize(table, objects=len(refs), seconds=time.perf_counter() - start, manifest_uri=manifest_uri)
     accounted = sum(len(u) for u in table.column("source_uris").to_pylist())

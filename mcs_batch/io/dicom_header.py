@@ -107,6 +107,14 @@ def _floats(value, n: int | None = None) -> list[float] | None:
     return out
 
 
+def _spacing(value) -> list[float] | None:
+    """A pixel spacing pair, or None when absent or not positive (some writers store 0\\0)."""
+    out = _floats(value, 2)
+    if out is None or not all(v > 0 and v == v and v != float("inf") for v in out):
+        return None
+    return out
+
+
 def _int(value) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
@@ -141,7 +149,7 @@ def _enhanced_geometry(
         orientation = _floats(plane.get("ImageOrientationPatient"), 6)
     measures = _shared_group(ds, "PixelMeasuresSequence")
     if measures is not None:
-        pixel_spacing = _floats(measures.get("PixelSpacing"), 2)
+        pixel_spacing = _spacing(measures.get("PixelSpacing"))
         thickness = _float(measures.get("SliceThickness"))
     positions: list[list[float]] = []
     for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
@@ -150,7 +158,7 @@ def _enhanced_geometry(
         if orientation is None and frame.get("PlaneOrientationSequence"):
             orientation = _floats(frame.PlaneOrientationSequence[0].get("ImageOrientationPatient"), 6)
         if pixel_spacing is None and frame.get("PixelMeasuresSequence"):
-            pixel_spacing = _floats(frame.PixelMeasuresSequence[0].get("PixelSpacing"), 2)
+            pixel_spacing = _spacing(frame.PixelMeasuresSequence[0].get("PixelSpacing"))
         if pos is None:
             return orientation, pixel_spacing, None, thickness
         positions.append(pos)
@@ -208,7 +216,7 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
 
     frames = _int(ds.get("NumberOfFrames")) or 1
     orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    pixel_spacing = _floats(ds.get("PixelSpacing"), 2)
+    pixel_spacing = _spacing(ds.get("PixelSpacing"))
     position = _floats(ds.get("ImagePositionPatient"), 3)
     thickness = _float(ds.get("SliceThickness"))
     frame_positions = None
@@ -219,7 +227,7 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
         thickness = thickness if thickness is not None else e_thick
     if pixel_spacing is None:
         # Projection radiographs: spacing at the detector (no magnification correction).
-        pixel_spacing = _floats(ds.get("ImagerPixelSpacing"), 2)
+        pixel_spacing = _spacing(ds.get("ImagerPixelSpacing"))
 
     image_type = [str(v) for v in (ds.get("ImageType") or [])]
     header = DicomHeader(

@@ -65,23 +65,38 @@ def _storage_kwargs(uri: str, storage: StorageOptions | None) -> dict:
     return (storage or StorageOptions()).fsspec_kwargs(protocol_of(uri))
 
 
-def load_models(cfg: ModelsConfig, *, storage: StorageOptions | None = None) -> LoadedModels:
-    """Fetch (once per node) and load BiomedCLIP and SAM as configured."""
+def load_clip(cfg: ModelsConfig, *, storage: StorageOptions | None = None) -> tuple[BiomedCLIP, WeightsRecord]:
+    """BiomedCLIP from cfg.clip (fetched once per node, digest-checked), on cfg.device."""
     cache_dir = Path(os.path.expanduser(cfg.cache_dir))
-    device = resolve_device(cfg.device)
-    clip_pin = {"open_clip_pytorch_model.bin": cfg.clip_sha256} if cfg.clip_sha256 else None
-    clip_record = fetch(
-        cfg.clip, cache_dir=cache_dir, storage_options=_storage_kwargs(cfg.clip, storage), expected=clip_pin
-    )
+    pin = {"open_clip_pytorch_model.bin": cfg.clip_sha256} if cfg.clip_sha256 else None
+    record = fetch(cfg.clip, cache_dir=cache_dir, storage_options=_storage_kwargs(cfg.clip, storage), expected=pin)
+    return load_biomedclip(record, device=str(resolve_device(cfg.device))), record
+
+
+def load_sam_segmenter(
+    cfg: ModelsConfig, *, storage: StorageOptions | None = None
+) -> tuple[SamSegmenter, WeightsRecord]:
+    """SAM from cfg.sam ("tiny": a tiny random checkpoint written into the cache), on cfg.device."""
+    cache_dir = Path(os.path.expanduser(cfg.cache_dir))
     if cfg.sam == "tiny":
-        sam_record = fetch(str(tiny_sam_checkpoint(cache_dir)), cache_dir=cache_dir, expected=cfg.sam_sha256)
-        sam_record = WeightsRecord(uri="tiny", local_path=sam_record.local_path, files=sam_record.files, tiny=True)
+        record = fetch(str(tiny_sam_checkpoint(cache_dir)), cache_dir=cache_dir, expected=cfg.sam_sha256)
+        record = WeightsRecord(uri="tiny", local_path=record.local_path, files=record.files, tiny=True)
         variant = SamVariant.TINY
     else:
-        sam_record = fetch(
-            cfg.sam, cache_dir=cache_dir, storage_options=_storage_kwargs(cfg.sam, storage), expected=cfg.sam_sha256
-        )
-        variant = SamVariant(cfg.sam_variant)
-    clip = load_biomedclip(clip_record, device=str(device))
-    sam = SamSegmenter.load(variant, sam_record.local_path, device=str(device), precision=cfg.sam_precision)
-    return LoadedModels(clip=clip, sam=sam, weights={"clip": clip_record, "sam": sam_record}, device=device)
+        kwargs = _storage_kwargs(cfg.sam, storage)
+        record = fetch(cfg.sam, cache_dir=cache_dir, storage_options=kwargs, expected=cfg.sam_sha256)
+        try:
+            variant = SamVariant(cfg.sam_variant)
+        except ValueError as e:
+            raise ConfigError(f"models.sam_variant {cfg.sam_variant!r}: {e}") from e
+    device = str(resolve_device(cfg.device))
+    return SamSegmenter.load(variant, record.local_path, device=device, precision=cfg.sam_precision), record
+
+
+def load_models(cfg: ModelsConfig, *, storage: StorageOptions | None = None) -> LoadedModels:
+    """Fetch (once per node) and load BiomedCLIP and SAM as configured."""
+    clip, clip_record = load_clip(cfg, storage=storage)
+    sam, sam_record = load_sam_segmenter(cfg, storage=storage)
+    return LoadedModels(
+        clip=clip, sam=sam, weights={"clip": clip_record, "sam": sam_record}, device=resolve_device(cfg.device)
+    )

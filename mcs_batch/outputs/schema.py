@@ -35,5 +35,74 @@ MANIFEST_SCHEMA = pa.schema(
 
 def manifest_table(rows: list[dict]) -> pa.Table:
     """Rows (CaseRecord.to_row()) as a table with exactly the manifest schema."""
-    columns = {name: [row.get(name) for row in rows] for name in MANIFEST_SCHEMA.names}
-    return pa.Table.from_pydict(columns, schema=MANIFEST_SCHEMA)
+    return table_from_rows(rows, MANIFEST_SCHEMA)
+
+
+CATALOG_SCHEMA_VERSION = "1"
+
+# One row per (case, target): the contract with curation teams (see README).
+CASES_SCHEMA = pa.schema(
+    [
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("prompts", pa.list_(pa.string())),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_code", pa.string()),
+        pa.field("error_message", pa.string()),
+        pa.field("kind", pa.string()),
+        pa.field("source_uris", pa.list_(pa.string())),
+        pa.field("source_keys", pa.list_(pa.string())),
+        pa.field("modality", pa.string()),
+        pa.field("study_uid", pa.string()),
+        pa.field("series_uid", pa.string()),
+        pa.field("shape", pa.list_(pa.int32())),
+        pa.field("spacing_mm", pa.list_(pa.float64())),
+        pa.field("affine", pa.list_(pa.float64())),
+        pa.field("mask_uri", pa.string()),
+        pa.field("mask_png_uri", pa.string()),
+        pa.field("mask_voxels", pa.int64()),
+        pa.field("mask_volume_ml", pa.float64()),
+        pa.field("n_components", pa.int32()),
+        pa.field("n_slices", pa.int32()),
+        pa.field("n_slices_with_mask", pa.int32()),
+        pa.field("n_slices_empty_saliency", pa.int32()),
+        pa.field("sam_score_mean", pa.float64()),
+        pa.field("saliency_mean", pa.float64()),
+        pa.field("saliency_max", pa.float64()),
+        pa.field("config_hash", pa.string()),
+        pa.field("clip_sha256", pa.string()),
+        pa.field("sam_sha256", pa.string()),
+        pa.field("tiny_models", pa.bool_()),
+        pa.field("run_id", pa.string()),
+        pa.field("load_seconds", pa.float64()),
+        pa.field("saliency_seconds", pa.float64()),
+        pa.field("sam_seconds", pa.float64()),
+        pa.field("committed_at", pa.string()),
+        pa.field("warnings", pa.list_(pa.string())),
+    ],
+    metadata={"mcs_batch.table": "cases", "mcs_batch.schema_version": CATALOG_SCHEMA_VERSION},
+)
+
+# One row per (case, target, slice) that went through the models.
+SLICES_SCHEMA = pa.schema(
+    [
+        pa.field("case_id", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("slice_index", pa.int32(), nullable=False),
+        pa.field("boxes_xyxy", pa.list_(pa.list_(pa.float32()))),
+        pa.field("points_xy", pa.list_(pa.list_(pa.float32()))),
+        pa.field("sam_score", pa.float64()),
+        pa.field("mask_pixels", pa.int64()),
+        pa.field("saliency_mean", pa.float64()),
+        pa.field("saliency_max", pa.float64()),
+        pa.field("reason", pa.string()),
+        pa.field("run_id", pa.string()),
+    ],
+    metadata={"mcs_batch.table": "slices", "mcs_batch.schema_version": CATALOG_SCHEMA_VERSION},
+)
+
+
+def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """Rows as a table with exactly `schema` (missing keys are null)."""
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)

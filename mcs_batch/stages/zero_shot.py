@@ -15,9 +15,10 @@ import torch
 
 from mcs_batch.config import JobConfig, TargetConfig
 from mcs_batch.errors import ErrorCode
-from mcs_batch.models.biomedclip import map_to_image
+from mcs_batch.models.biomedclip import BiomedCLIP, map_to_image
 from mcs_batch.models.m2ib import m2ib_from_prefix, vision_prefix
 from mcs_batch.models.registry import LoadedModels
+from mcs_batch.models.sam import SamSegmenter
 from mcs_batch.seeding import case_rng, torch_generator
 from mcs_batch.stages.prompts import VisualPrompts, visual_prompts
 
@@ -46,6 +47,64 @@ class TargetResult:
     reason: ErrorCode | None = None
 
 
+def saliency_maps(
+    clip: BiomedCLIP,
+    images: Sequence[np.ndarray],
+    keys: Sequence[ImageKey],
+    cfg: JobConfig,
+    targets: Sequence[TargetConfig],
+) -> list[list[np.ndarray]]:
+    """M2IB saliency per (image, target): float32 [H, W] in [0, 1], each image's own frame.
+
+    The CLIP blocks up to the M2IB layer run once per image; all (image, target) pairs of the batch
+    are one batched M2IB problem, each with its own generator seeded by (seed, case_id, slice_index).
+    """
+    if len(images) != len(keys):
+        raise ValueError(f"{len(images)} images but {len(keys)} keys")
+    if not images or not targets:
+        return [[] for _ in images]
+    visual = clip.model.visual
+    pixels, geometries = clip.to_clip_input(images, cfg.clip.resize)
+    prefix = vision_prefix(visual, pixels, cfg.m2ib)  # [B, T, C], once per image
+    texts = torch.stack([clip.encode_prompts(t.prompts) for t in targets]).to(prefix.device)  # [N, D]
+    n_tgt = len(targets)
+    pair_prefix = prefix.repeat_interleave(n_tgt, dim=0)  # image-major (image, target) pairs
+    pair_text = texts.repeat(len(images), 1)
+    generators = [torch_generator(cfg.seed, k.case_id, k.slice_index) for k in keys for _ in targets]
+    maps224 = m2ib_from_prefix(visual, pair_prefix, pair_text, generators, cfg.m2ib).cpu()
+    return [[map_to_image(maps224[i * n_tgt + j], geometries[i]) for j in range(n_tgt)] for i in range(len(images))]
+
+
+def sam_masks(
+    sam: SamSegmenter,
+    images: Sequence[np.ndarray],
+    prompts: Sequence[Sequence[VisualPrompts]],
+    targets: Sequence[TargetConfig],
+) -> list[list[tuple[np.ndarray, float]]]:
+    """SAM's (mask bool [H, W], score) per (image, target); one image-encoder call for the batch,
+    shared by every target. Empty prompts give an empty mask and score 0 without decoding."""
+    needed = [i for i, row in enumerate(prompts) if any(p.reason is None for p in row)]
+    embeddings = sam.embed([images[i] for i in needed]) if needed else None
+    position = {image_index: n for n, image_index in enumerate(needed)}
+    out = []
+    for i, row in enumerate(prompts):
+        results = []
+        for target, p in zip(targets, row, strict=True):
+            if p.reason is not None:
+                results.append((np.zeros(images[i].shape[:2], bool), 0.0))
+                continue
+            r = sam.segment(
+                embeddings,
+                position[i],
+                p.boxes_xyxy,
+                p.points_xy if len(p.points_xy) else None,
+                k_components=target.coarse.k_components,
+            )
+            results.append((r.mask, float(r.score)))
+        out.append(results)
+    return out
+
+
 def segment_images(
     models: LoadedModels,
     images: Sequence[np.ndarray],
@@ -53,43 +112,21 @@ def segment_images(
     cfg: JobConfig,
     targets: Sequence[TargetConfig] | None = None,
 ) -> list[list[TargetResult]]:
-    """images: RGB uint8 [H, W, 3] (sizes may differ). Returns results[image][target]."""
+    """The whole method on a batch of RGB uint8 [H, W, 3] images (sizes may differ): results[image][target]."""
     targets = list(targets if targets is not None else cfg.targets)
-    if len(images) != len(keys):
-        raise ValueError(f"{len(images)} images but {len(keys)} keys")
-    if not images or not targets:
-        return [[] for _ in images]
-    clip = models.clip
-    visual = clip.model.visual
-    pixels, geometries = clip.to_clip_input(images, cfg.clip.resize)
-    prefix = vision_prefix(visual, pixels, cfg.m2ib)  # [B, T, C], once per image
-    texts = torch.stack([clip.encode_prompts(t.prompts) for t in targets]).to(prefix.device)  # [N, D]
-
-    # every (image, target) pair is one M2IB problem; image-major order
-    n_img, n_tgt = len(images), len(targets)
-    pair_prefix = prefix.repeat_interleave(n_tgt, dim=0)
-    pair_text = texts.repeat(n_img, 1)
-    generators = [torch_generator(cfg.seed, k.case_id, k.slice_index) for k in keys for _ in targets]
-    saliency224 = m2ib_from_prefix(visual, pair_prefix, pair_text, generators, cfg.m2ib).cpu()
-
-    sam_embeddings = models.sam.embed(images)  # one encoder call for the batch, shared by all targets
-    results: list[list[TargetResult]] = []
-    for i, key in enumerate(keys):
-        row = []
-        for j, target in enumerate(targets):
-            saliency = map_to_image(saliency224[i * n_tgt + j], geometries[i])
-            prompts = visual_prompts(saliency, target.coarse, rng=case_rng(cfg.seed, key.case_id, key.slice_index))
-            if prompts.reason is not None:
-                empty = np.zeros(saliency.shape, bool)
-                row.append(TargetResult(target.name, saliency, prompts, empty, 0.0, prompts.reason))
-                continue
-            sam = models.sam.segment(
-                sam_embeddings,
-                i,
-                prompts.boxes_xyxy,
-                prompts.points_xy if len(prompts.points_xy) else None,
-                k_components=target.coarse.k_components,
-            )
-            row.append(TargetResult(target.name, saliency, prompts, sam.mask, float(sam.score)))
-        results.append(row)
-    return results
+    maps = saliency_maps(models.clip, images, keys, cfg, targets)
+    prompts = [
+        [
+            visual_prompts(m, t.coarse, rng=case_rng(cfg.seed, k.case_id, k.slice_index))
+            for m, t in zip(row, targets, strict=True)
+        ]
+        for row, k in zip(maps, keys, strict=True)
+    ]
+    masks = sam_masks(models.sam, images, prompts, targets)
+    return [
+        [
+            TargetResult(t.name, m, p, mask, score, p.reason)
+            for t, m, p, (mask, score) in zip(targets, maps[i], prompts[i], masks[i], strict=True)
+        ]
+        for i in range(len(images))
+    ]

@@ -260,7 +260,7 @@ def test_half_precision_needs_cuda(tiny_biomedclip):
         m2ib_saliency(clip.model.visual, _images(clip, 1), _targets(clip)[:1], _generators(1), settings)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu  # deselected by `make test` (no GPU in CI); run with `pytest -m gpu` on a GPU machine
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_half_precision_on_cuda_is_close_to_fp32(tiny_biomedclip, precision):
     import copy

@@ -1,0 +1,80 @@
+"""Model stage: SAM masks from the visual prompts, as a Ray Data actor that loads SAM once."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mcs_batch.config import JobConfig
+from mcs_batch.errors import ErrorCode
+from mcs_batch.io.storage import StorageOptions
+from mcs_batch.models.registry import load_sam_segmenter
+from mcs_batch.outputs.masks import pack_mask
+from mcs_batch.records import target_column
+from mcs_batch.stages.prompts import VisualPrompts
+from mcs_batch.stages.saliency import fail_rows, model_rows
+from mcs_batch.stages.zero_shot import sam_masks
+
+
+def _prompts(text: str) -> VisualPrompts:
+    d = json.loads(text)
+    boxes = np.asarray(d["boxes_xyxy"], np.float32).reshape(-1, 4)
+    points = np.asarray(d["points_xy"], np.float32).reshape(-1, 2)
+    return VisualPrompts(np.zeros((0, 0), bool), boxes, points, d["n_components"], d["reason"])
+
+
+class SamStage:
+    """Adds t{j}_mask (bit-packed bool [H, W]), t{j}_score, t{j}_pixels, and the slice's height /
+    width; drops the image (nothing downstream needs the pixels)."""
+
+    def __init__(self, cfg: JobConfig, storage: StorageOptions | None = None):
+        if cfg.resources.torch_threads:
+            torch.set_num_threads(cfg.resources.torch_threads)
+        self.cfg = cfg
+        self.sam, self.record = load_sam_segmenter(cfg.models, storage=storage)
+        self.batches = 0
+
+    def _maybe_fail_for_tests(self) -> None:
+        """Test-only fault hook (config `testing`): exit hard once, as a crashed GPU worker would."""
+        t = self.cfg.testing
+        if t.kill_sam_actor_after_batches and self.batches >= t.kill_sam_actor_after_batches:
+            marker = Path(t.fault_marker)
+            if t.fault_marker and not marker.exists():
+                marker.write_text(str(os.getpid()))
+                os._exit(1)
+
+    def __call__(self, batch: dict) -> dict:
+        self.batches += 1
+        self._maybe_fail_for_tests()
+        n, targets = len(batch["case_id"]), self.cfg.targets
+        masks = {j: [b""] * n for j in range(len(targets))}
+        scores = {j: np.zeros(n) for j in range(len(targets))}
+        pixels = {j: np.zeros(n, np.int64) for j in range(len(targets))}
+        heights, widths, seconds = np.zeros(n, np.int64), np.zeros(n, np.int64), np.zeros(n)
+        rows = model_rows(batch)
+        if rows:
+            start = time.perf_counter()
+            try:
+                images = [batch["image"][i] for i in rows]
+                prompts = [[_prompts(batch[target_column(j, "prompts")][i]) for j in range(len(targets))] for i in rows]
+                for i, image, row in zip(rows, images, sam_masks(self.sam, images, prompts, targets), strict=True):
+                    heights[i], widths[i] = image.shape[:2]
+                    for j, (mask, score) in enumerate(row):
+                        masks[j][i], scores[j][i], pixels[j][i] = pack_mask(mask), score, int(mask.sum())
+            except Exception as e:
+                fail_rows(batch, rows, ErrorCode.MODEL_ERROR, f"sam: {type(e).__name__}: {e}")
+            seconds[rows] = (time.perf_counter() - start) / len(rows)
+        del batch["image"]
+        for j in range(len(targets)):
+            batch[target_column(j, "mask")] = np.array(masks[j], dtype=object)
+            batch[target_column(j, "score")] = scores[j]
+            batch[target_column(j, "pixels")] = pixels[j]
+        batch["height"], batch["width"], batch["sam_s"] = heights, widths, seconds
+        batch["sam_sha256"] = np.array([self.record.digest] * n, dtype=object)
+        batch["models_tiny"] = np.asarray(batch["models_tiny"], bool) | self.record.tiny
+        return batch
