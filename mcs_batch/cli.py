@@ -7,7 +7,9 @@ an interrupted run exits 130; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -101,6 +103,48 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _job_config(args: argparse.Namespace):
+    """The job config: file / preset / prompts, then INPUT and --out as inputs.uris / outputs.uri."""
+    from mcs_batch.config import load_config
+
+    overrides = list(args.set)
+    if args.inputs:
+        overrides.append("inputs.uris=" + json.dumps(list(args.inputs)))
+    if args.out:
+        overrides.append("outputs.uri=" + json.dumps(args.out))
+    return load_config(
+        args.config, overrides=overrides, preset=args.models, prompts=args.prompt or (), target=args.target
+    )
+
+
+def run_segment(cfg, *, storage: StorageOptions, retry_failed: bool) -> int:
+    from mcs_batch.pipeline import run_job
+
+    if cfg.models.tiny:
+        _progress("TINY random models: the masks are meaningless (use --models real or a config with weights)")
+    summary = run_job(cfg, storage=storage, retry_failed=retry_failed, progress=_progress)
+    print("\n".join(summary.lines()))
+    if summary.aborted:
+        print(f"mcs-batch: error: {summary.aborted}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    cfg = _job_config(args)
+    storage = _storage_options(args)
+    _ray(args)
+    return run_segment(cfg, storage=storage, retry_failed=args.retry_failed)
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from mcs_batch.query import format_table, query
+
+    names, rows = query(args.out, args.sql, storage=_storage_options(args))
+    print(format_table(names, rows))
+    return EXIT_OK
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from mcs_batch.sample import build_sample_archive
 
@@ -111,19 +155,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The README's first command: build the sample archive and scan it."""
+    """The README's first command: build the sample archive, scan it, and segment it (real weights
+    when they are configured or already cached, else tiny random models, said loudly)."""
+    from mcs_batch.config import MODEL_PRESETS, load_config
+    from mcs_batch.models.weights import cache_key
     from mcs_batch.sample import build_sample_archive
     from mcs_batch.scan import scan
 
     out = Path(args.out)
     archive = build_sample_archive(out / "sample-archive")
     _progress(f"sample archive written to {archive}")
+    cache = Path(os.path.expanduser(load_config().models.cache_dir))
+    real = MODEL_PRESETS["real"]
+    cached = all((cache / cache_key(real[k])).exists() for k in ("models.clip", "models.sam"))
+    preset = args.models or ("real" if cached else "tiny")
+    if preset == "tiny":
+        _progress("no real weights configured or cached: using TINY random models (masks are meaningless); "
+                  "`mcs-batch weights fetch --models real` where the network allows")  # fmt: skip
     _ray(args)
     summary = scan([str(archive)], str(out / "scan"), progress=_progress)
     print("\n".join(summary.lines()))
-    query = f"import pandas; print(pandas.read_parquet('{out}/scan/manifest'))"
-    print(f'\nlook at the manifest with: .venv/bin/python -c "{query}"')
-    return EXIT_OK
+    segment_out = out / "segment"
+    if segment_out.exists():
+        shutil.rmtree(segment_out)  # the demo starts fresh each time
+    where = [f"inputs.uris={json.dumps([str(archive)])}", f"outputs.uri={json.dumps(str(segment_out))}"]
+    cfg = load_config(
+        args.config, preset=preset, prompts=["a lung", "the lungs in a chest image"], target="lungs",
+        overrides=[*where, *args.set],
+    )  # fmt: skip
+    code = run_segment(cfg, storage=StorageOptions(), retry_failed=False)
+    print(f"\nlook at: {segment_out}/masks/*/lungs.nii.gz (and .png for 2D images), {segment_out}/catalog/,")
+    print(f'         mcs-batch query {segment_out} "SELECT kind, status, mask_voxels, source_keys FROM cases"')
+    return code
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -179,12 +242,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", required=True, help="an open_clip BiomedCLIP folder (config + tokenizer)")
     p.set_defaults(func=cmd_import_hf)
 
+    p = sub.add_parser("segment", help="segment every case of the inputs for the prompts (the cohort job)")
+    p.add_argument("inputs", nargs="*", metavar="INPUT", help="paths or URIs (default: inputs.uris of --config)")
+    p.add_argument("--prompt", action="append", help="target prompt (repeatable: prompt ensembling)")
+    p.add_argument("--target", default=None, help="target name for --prompt (default: target)")
+    p.add_argument("--out", default=None, help="output folder or URI (default: outputs.uri of --config)")
+    p.add_argument("--retry-failed", action="store_true", help="redo the (case, target) pairs that failed before")
+    _add_model_args(p)
+    _add_common(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("query", help="run SQL over the catalog (tables cases, slices, manifest)")
+    p.add_argument("out", help="output folder or URI of a segment run")
+    p.add_argument("sql", help='e.g. "SELECT status, count(*) FROM cases GROUP BY status"')
+    _add_common(p)
+    p.set_defaults(func=cmd_query)
+
     p = sub.add_parser("sample", help="write the small real sample archive to a folder")
     p.add_argument("dest", help="destination folder (replaced)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("demo", help="build the sample archive and run the pipeline on it")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    _add_model_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
     return parser

@@ -1,0 +1,17 @@
+"""Entry point for `ray job submit`: the cohort segmentation job, configured by a YAML file.
+
+    ray job submit --working-dir . -- python jobs/segment_cohort.py --config jobs/configs/lung_ct.yaml \\
+        [--set inputs.uris='[s3://archive/chest-ct/2026-11-29/]'] [--set outputs.uri=s3://results/lung-ct] \\
+        [--retry-failed]
+
+Inside a Ray job, RAY_ADDRESS is set by Ray, so the job runs on the cluster it was submitted to.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from mcs_batch.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["segment", *sys.argv[1:]]))
