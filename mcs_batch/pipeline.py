@@ -174,7 +174,7 @@ class CaseWriter:
                 self.summary.slices += 1
             if pending.complete:
                 self._finish(self.pending.pop(case_id))
-        self.flush()
+                self.flush()
 
     def _finish(self, pending: _Pending) -> None:
         record, cfg = pending.record, self.cfg
