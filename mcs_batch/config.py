@@ -122,6 +122,9 @@ class JobConfig:
     targets: tuple[TargetConfig, ...] = (TargetConfig(),)
     seed: int = 0  # all randomness derives from this, per case and slice (mcs_batch.seeding)
     slice_axis: int = 2  # volumes are segmented slice by slice along this array axis
+    # Ablation (the paper's rows): saliency = map > coarse.threshold; postprocess = the coarse mask;
+    # components = + K largest components; full = + SAM (the method)
+    ablation: str = "full"
     inputs: InputsConfig = field(default_factory=InputsConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -134,6 +137,8 @@ class JobConfig:
             raise ConfigError(f"targets: names must be unique, got {names}")
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"slice_axis: must be 0, 1 or 2, got {self.slice_axis}")
+        if self.ablation not in ABLATIONS:
+            raise ConfigError(f"ablation: {self.ablation!r} is not one of {', '.join(ABLATIONS)}")
 
     def to_dict(self) -> dict:
         return _to_plain(self)
@@ -149,6 +154,7 @@ class JobConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+ABLATIONS = ("saliency", "postprocess", "components", "full")
 RUN_SECTIONS = ("inputs", "outputs", "resources", "failure_budget", "testing")
 
 # Presets for --models: tiny random models (smoke runs, tests) or the published weights.

@@ -61,38 +61,37 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def build_pipeline(cases, cfg: JobConfig, *, storage: StorageOptions | None, skip: frozenset[str]):
-    """The Ray Data graph from case rows to per-slice results (lazy; nothing runs until consumed)."""
+def _model_stage(rows, stage, cfg: JobConfig, storage, *, batch: int, actors: int, cpus: float, gpus: float):
+    """An actor pool that loads its model once per actor; a crashed actor is restarted and its batch
+    retried, so no case is lost or duplicated."""
     import ray
 
+    return rows.map_batches(
+        stage,
+        fn_constructor_kwargs={"cfg": cfg, "storage": storage},
+        batch_size=batch,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_restarts=-1,
+        max_task_retries=-1,
+    )
+
+
+def build_pipeline(cases, cfg: JobConfig, *, storage: StorageOptions | None, skip: frozenset[str]):
+    """The Ray Data graph from case rows to per-slice results (lazy; nothing runs until consumed)."""
     res = cfg.resources
     rows = cases.flat_map(plan_batch, fn_kwargs={"cfg": cfg, "skip": skip}, num_cpus=0.25)
     rows = rows.map_batches(
         load_batch, fn_kwargs={"cfg": cfg, "storage": storage}, batch_size=1, num_cpus=res.load_cpus
     )
-    rows = rows.map_batches(
-        SaliencyStage,
-        fn_constructor_kwargs={"cfg": cfg, "storage": storage},
-        batch_size=res.saliency_batch,
-        compute=ray.data.ActorPoolStrategy(size=res.saliency_actors),
-        num_cpus=res.saliency_cpus,
-        num_gpus=res.saliency_gpus,
-        max_restarts=-1,  # a crashed model actor is restarted ...
-        max_task_retries=-1,  # ... and its batch retried: no case lost, none duplicated
-    )
+    rows = _model_stage(rows, SaliencyStage, cfg, storage, batch=res.saliency_batch, actors=res.saliency_actors,
+                        cpus=res.saliency_cpus, gpus=res.saliency_gpus)  # fmt: skip
     rows = rows.map_batches(
         prompts_batch, fn_kwargs={"cfg": cfg}, batch_size=res.saliency_batch, num_cpus=res.prompts_cpus
     )
-    return rows.map_batches(
-        SamStage,
-        fn_constructor_kwargs={"cfg": cfg, "storage": storage},
-        batch_size=res.sam_batch,
-        compute=ray.data.ActorPoolStrategy(size=res.sam_actors),
-        num_cpus=res.sam_cpus,
-        num_gpus=res.sam_gpus,
-        max_restarts=-1,  # a crashed model actor is restarted ...
-        max_task_retries=-1,  # ... and its batch retried: no case lost, none duplicated
-    )
+    return _model_stage(rows, SamStage, cfg, storage, batch=res.sam_batch, actors=res.sam_actors,
+                        cpus=res.sam_cpus, gpus=res.sam_gpus)  # fmt: skip
 
 
 @dataclass

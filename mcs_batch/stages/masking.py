@@ -14,7 +14,7 @@ from mcs_batch.config import JobConfig
 from mcs_batch.errors import ErrorCode
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.models.registry import load_sam_segmenter
-from mcs_batch.outputs.masks import pack_mask
+from mcs_batch.outputs.masks import pack_mask, unpack_mask
 from mcs_batch.records import target_column
 from mcs_batch.stages.prompts import VisualPrompts
 from mcs_batch.stages.saliency import fail_rows, model_rows
@@ -62,7 +62,17 @@ class SamStage:
             try:
                 images = [batch["image"][i] for i in rows]
                 prompts = [[_prompts(batch[target_column(j, "prompts")][i]) for j in range(len(targets))] for i in rows]
-                for i, image, row in zip(rows, images, sam_masks(self.sam, images, prompts, targets), strict=True):
+                if self.cfg.ablation == "full":
+                    results = sam_masks(self.sam, images, prompts, targets)
+                else:  # an ablation row: the mask made from the saliency map, no SAM
+                    results = [
+                        [
+                            (unpack_mask(batch[target_column(j, "premask")][i], image.shape[:2]), 0.0)
+                            for j in range(len(targets))
+                        ]
+                        for i, image in zip(rows, images, strict=True)
+                    ]
+                for i, image, row in zip(rows, images, results, strict=True):
                     heights[i], widths[i] = image.shape[:2]
                     for j, (mask, score) in enumerate(row):
                         masks[j][i], scores[j][i], pixels[j][i] = pack_mask(mask), score, int(mask.sum())
@@ -70,6 +80,8 @@ class SamStage:
                 fail_rows(batch, rows, ErrorCode.MODEL_ERROR, f"sam: {type(e).__name__}: {e}")
             seconds[rows] = (time.perf_counter() - start) / len(rows)
         del batch["image"]
+        for j in range(len(targets)):
+            batch.pop(target_column(j, "premask"), None)
         for j in range(len(targets)):
             batch[target_column(j, "mask")] = np.array(masks[j], dtype=object)
             batch[target_column(j, "score")] = scores[j]

@@ -20,7 +20,13 @@ from mcs_batch.models.m2ib import m2ib_from_prefix, vision_prefix
 from mcs_batch.models.registry import LoadedModels
 from mcs_batch.models.sam import SamSegmenter
 from mcs_batch.seeding import case_rng, torch_generator
-from mcs_batch.stages.prompts import VisualPrompts, visual_prompts
+from mcs_batch.stages.prompts import (
+    PromptSettings,
+    VisualPrompts,
+    coarse_mask,
+    largest_components,
+    visual_prompts,
+)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,24 @@ def sam_masks(
     return out
 
 
+def ablation_mask(saliency: np.ndarray, coarse: PromptSettings, ablation: str) -> np.ndarray:
+    """The mask of an ablation row (config `ablation`), bool [H, W]; "full" is SAM's, not made here.
+
+    saliency: map > coarse.threshold; postprocess: the coarse mask (k-means / Otsu / threshold);
+    components: the K largest connected components of the coarse mask.
+    """
+    if ablation == "saliency":
+        return saliency > coarse.threshold
+    if saliency.max() <= saliency.min():
+        return np.zeros(saliency.shape, bool)
+    mask = coarse_mask(saliency, method=coarse.method, threshold=coarse.threshold)
+    if ablation == "postprocess":
+        return mask
+    if ablation == "components":
+        return largest_components(mask, coarse.k_components)
+    raise ValueError(f"ablation {ablation!r} has no mask of its own")
+
+
 def segment_images(
     models: LoadedModels,
     images: Sequence[np.ndarray],
@@ -122,7 +146,12 @@ def segment_images(
         ]
         for row, k in zip(maps, keys, strict=True)
     ]
-    masks = sam_masks(models.sam, images, prompts, targets)
+    if cfg.ablation == "full":
+        masks = sam_masks(models.sam, images, prompts, targets)
+    else:  # an ablation row of the paper: no SAM
+        masks = [
+            [(ablation_mask(m, t.coarse, cfg.ablation), 0.0) for m, t in zip(row, targets, strict=True)] for row in maps
+        ]
     return [
         [
             TargetResult(t.name, m, p, mask, score, p.reason)

@@ -79,3 +79,29 @@ def test_deterministic_per_seed_case_and_slice(models):
     d = segment_images(models, img, [ImageKey("c", 0)], load_config(preset="tiny", overrides=["seed=5"]))[0][0].saliency
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and not np.array_equal(a, d)
+
+
+def test_ablation_masks_follow_the_papers_rows():
+    from mcs_batch.stages.prompts import PromptSettings
+    from mcs_batch.stages.zero_shot import ablation_mask
+
+    saliency = np.zeros((40, 60), np.float32)
+    saliency[5:15, 5:20] = 0.9  # big blob
+    saliency[25:30, 40:45] = 0.8  # small blob
+    saliency[20, 30] = 0.35  # a speck above the fixed threshold, below k-means' split
+    coarse = PromptSettings(k_components=1, threshold=0.3)
+    raw = ablation_mask(saliency, coarse, "saliency")
+    post = ablation_mask(saliency, coarse, "postprocess")
+    comps = ablation_mask(saliency, coarse, "components")
+    assert raw.sum() == 150 + 25 + 1  # the map thresholded as it is
+    assert post.sum() == 150 + 25  # k-means drops the speck
+    assert comps.sum() == 150 and comps[10, 10]  # only the largest component is kept
+    assert not ablation_mask(np.zeros((4, 4), np.float32), coarse, "components").any()
+
+
+def test_ablation_run_skips_sam(models, monkeypatch):
+    monkeypatch.setattr(models.sam, "embed", lambda *a: (_ for _ in ()).throw(AssertionError("SAM was called")))
+    cfg = load_config(preset="tiny", overrides=["ablation=components"])
+    (row,) = segment_images(models, images()[:1], [ImageKey("c", 0)], cfg)
+    assert row[0].mask.shape == (90, 160) and row[0].sam_score == 0.0
+    np.testing.assert_array_equal(row[0].mask, row[0].prompts.coarse_mask)  # components = the coarse mask kept
