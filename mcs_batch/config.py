@@ -79,6 +79,7 @@ class OutputsConfig:
     png_masks_for_2d: bool = True  # 2D images also get masks/<case_id>/<target>.png at the image's size
     catalog_flush_cases: int = 32  # cases per catalog part file (a commit); smaller = earlier visibility
     catalog_flush_seconds: float = 60.0  # ... or at least this often
+    metrics_port: int = 0  # > 0: the driver serves Prometheus metrics on this port (infra/ uses 9500)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from mcs_batch.stages.load import load_batch, plan_batch
 from mcs_batch.stages.masking import SamStage
 from mcs_batch.stages.prompting import prompts_batch
 from mcs_batch.stages.saliency import SaliencyStage
+from mcs_batch.telemetry import STAGES, JobMetrics
 
 PACKAGES = ("mcs-batch", "ray", "torch", "open_clip_torch", "segment-anything", "pydicom", "nibabel", "pyarrow")
 PROGRESS_SECONDS = 10.0
@@ -171,6 +172,8 @@ class CaseWriter:
             else:
                 pending.slices[k] = row
                 self.summary.slices += 1
+                if not row["error_code"]:
+                    self.metrics.slice_done({stage: row[f"{stage}_s"] for stage in STAGES})
             if pending.complete:
                 self._finish(self.pending.pop(case_id))
                 self.flush()
@@ -194,6 +197,7 @@ class CaseWriter:
                     row.update(status=Status.FAILED, error_code=ErrorCode.INTERNAL_ERROR, error_message=message)
                     status = Status.FAILED
             self.case_rows.append(row)
+            self.metrics.case(target.name, row["status"], row.get("error_code"))
             self.summary.by_status[row["status"]] = self.summary.by_status.get(row["status"], 0) + 1
             if row.get("error_code"):
                 self.summary.by_error[row["error_code"]] = self.summary.by_error.get(row["error_code"], 0) + 1
@@ -290,7 +294,8 @@ def run_job(
     summary.run_uri = catalog.write_run(run_id, document)
     refs = list_objects(cfg.inputs.uris, storage=storage, include=cfg.inputs.include, exclude=cfg.inputs.exclude)
     progress(f"run {run_id}: {len(refs)} objects listed; {len(skip)} case(s) already committed")
-    writer = CaseWriter(catalog, cfg, run_id, committed, summary)
+    metrics = JobMetrics(cfg.outputs.metrics_port)
+    writer = CaseWriter(catalog, cfg, run_id, committed, summary, metrics)
     try:
         if refs:
             rows = build_pipeline(cases_dataset(refs, storage=storage), cfg, storage=storage, skip=skip)
@@ -313,6 +318,7 @@ def run_job(
         document["status"] = "aborted"
         document["reason"] = str(e)
     finally:
+        metrics.close()
         summary.seconds = time.perf_counter() - start
         document.update(
             finished_at=datetime.now(UTC).isoformat(),
