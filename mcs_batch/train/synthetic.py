@@ -69,7 +69,9 @@ def write_shape_pairs(folder: Path, *, n: int = 240, seed: int = 0, size: int = 
         import json
 
         path = folder / "pairs.jsonl"
-        path.write_text("".join(json.dumps({"image": a, "caption": b}) + "\n" for a, b in zip(images, captions)))
+        path.write_text(
+            "".join(json.dumps({"image": a, "caption": b}) + "\n" for a, b in zip(images, captions, strict=True))
+        )
     else:
         raise ValueError(f"unknown listing format {fmt!r}; expected parquet, csv or jsonl")
     return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -70,7 +71,7 @@ def test_warmup_then_cosine():
     assert f[4] == pytest.approx(1.0)  # peak right after warm-up
     assert f[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
     assert f[14] == pytest.approx(0.1) and f[19] == pytest.approx(0.1)  # floor, then flat
-    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(f[4:]))
 
 
 def test_steps_per_epoch_follow_the_equal_split():
@@ -154,7 +155,7 @@ def test_small_helpers():
     assert clean_caption(float("nan")) == "" and clean_caption(" a\tb ") == "a b"
     assert resolve_uri("x/y.png", "/data") == "/data/x/y.png" and resolve_uri("gs://b/k", "/data") == "gs://b/k"
     assert listing_format("s3://b/p.JSONL", "auto") == "jsonl" and listing_format("p.txt", "csv") == "csv"
-    with pytest.raises(ConfigError, match="data.format"):
+    with pytest.raises(ConfigError, match=r"data\.format"):
         listing_format("s3://b/pairs", "auto")
     assert caption_for("red", "round", "left") == "a red round mass on the left"
 
@@ -181,5 +182,5 @@ def test_the_tiny_yaml_loads_with_overrides_and_bad_keys_are_named():
     ]:
         with pytest.raises(ConfigError, match=message):
             load_finetune_config(overrides=[override])
-    with pytest.raises(ConfigError, match="data.listing, run.storage_path, output.uri"):
+    with pytest.raises(ConfigError, match=r"data\.listing, run\.storage_path, output\.uri"):
         load_finetune_config().check_required()
