@@ -106,3 +106,45 @@ def table_from_rows(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """Rows as a table with exactly `schema` (missing keys are null)."""
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+EVALUATION_SCHEMA_VERSION = "1"
+
+# `mcs-batch evaluate`: one row per (dataset, target, ground-truth case), in
+# OUT/catalog/evaluation/<dataset>--<target>.parquet (replaced as a whole by a new evaluation of the pair).
+# status: ok (scored) | failed (the prediction failed or its mask is unreadable: scored 0) |
+#         missing (no prediction for this truth: scored 0) | truth_error (the truth cannot be compared: not scored)
+# dice, nsd in [0, 1]; hd95 in `unit` (mm, or px where the pixel size is unknown); see mcs_batch/eval/metrics.py.
+EVALUATION_SCHEMA = pa.schema(
+    [
+        pa.field("dataset", pa.string(), nullable=False),
+        pa.field("target", pa.string(), nullable=False),
+        pa.field("truth_key", pa.string(), nullable=False),  # the truth's key (path without extension)
+        pa.field("truth_uris", pa.list_(pa.string())),
+        pa.field("truth_kind", pa.string()),  # image | nifti | seg
+        pa.field("case_id", pa.string()),  # the matched prediction (null when missing)
+        pa.field("matched_by", pa.string()),  # case_id | series_uid | sop_uid | key | name | none
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error_code", pa.string()),  # the prediction's code, or no_prediction / unreadable_mask / bad_truth
+        pa.field("error_message", pa.string()),
+        pa.field("dice", pa.float64()),
+        pa.field("nsd", pa.float64()),
+        pa.field("hd95", pa.float64()),
+        pa.field("tolerance", pa.float64()),  # NSD tolerance, in `unit`
+        pa.field("unit", pa.string()),  # mm | px
+        pa.field("ndim", pa.int32()),  # 2 (an image or one slice) or 3 (a volume)
+        pa.field("shape", pa.list_(pa.int32())),
+        pa.field("spacing", pa.list_(pa.float64())),  # per axis, in `unit`
+        pa.field("truth_voxels", pa.int64()),
+        pa.field("pred_voxels", pa.int64()),
+        pa.field("mask_uri", pa.string()),
+        pa.field("source_keys", pa.list_(pa.string())),
+        pa.field("config_hash", pa.string()),
+        pa.field("ablation", pa.string()),  # the job's `ablation` row (full = the method)
+        pa.field("tiny_models", pa.bool_()),
+        pa.field("run_id", pa.string()),
+        pa.field("evaluation_id", pa.string()),
+        pa.field("evaluated_at", pa.string()),
+    ],
+    metadata={"mcs_batch.table": "evaluation", "mcs_batch.schema_version": EVALUATION_SCHEMA_VERSION},
+)
