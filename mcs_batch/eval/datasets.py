@@ -19,6 +19,8 @@ An image without a mask, or a mask without an image, is reported (never silently
 
 Generic truth (`evaluate --truth FOLDER`): every PNG/JPEG mask, NIfTI label map and DICOM SEG under
 FOLDER, recognised by content. A folder with test_masks/ (and test_images/) is read in the paper layout.
+In a folder that mixes images and masks (BUSI's own release), the files with a mask suffix are the
+masks and a file of the same name without one is their image (ignored).
 Keys: the path relative to FOLDER without extension (and mask suffix); a SEG also names the series and
 instances it segments, which match predictions by SeriesInstanceUID / SOPInstanceUID.
 """
@@ -162,7 +164,7 @@ def list_truth(truth: str, *, storage: StorageOptions | None = None) -> TruthLis
         return paired
     fs, _ = filesystem_for(truth, storage)
     listing = TruthListing()
-    merged: dict[tuple[str, str], TruthItem] = {}
+    found: list[tuple[ObjectRef, TruthItem]] = []
     for ref in refs:
         try:
             item = _sniff(ref, fs)
@@ -171,8 +173,19 @@ def list_truth(truth: str, *, storage: StorageOptions | None = None) -> TruthLis
             continue
         if item is None:
             listing.ignored.append(ref.uri)
+        else:
+            found.append((ref, item))
+    # A folder mixing images and masks (BUSI's own release: `benign (1).png` beside `benign (1)_mask.png`):
+    # where a key has files with a mask suffix, those are the masks and the others are the images.
+    suffixed = {
+        item.key for ref, item in found if item.kind == "image" and mask_base(ref.rel) != strip_extension(ref.rel)
+    }
+    merged: dict[tuple[str, str], TruthItem] = {}
+    for ref, item in found:
+        if item.kind == "image" and item.key in suffixed and mask_base(ref.rel) == strip_extension(ref.rel):
+            listing.ignored.append(ref.uri)  # the image of a mask beside it
             continue
-        if item.kind == "image" and (item.key, "image") in merged:  # BUSI-style extra masks: one case
+        if item.kind == "image" and (item.key, "image") in merged:  # BUSI's extra masks: one case, their union
             first = merged[(item.key, "image")]
             merged[(item.key, "image")] = TruthItem(key=first.key, uris=(*first.uris, *item.uris), kind="image")
             continue

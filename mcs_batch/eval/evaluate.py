@@ -41,6 +41,7 @@ EVALUATION_DIR = "catalog/evaluation"
 SCORED = ("ok", "failed", "missing")  # statuses that count in the means
 METRICS = ("dice", "nsd", "hd95")
 PROGRESS_SECONDS = 10.0
+SHOW_ERRORS = 10
 
 
 # -- matching ------------------------------------------------------------------------------------------
@@ -287,9 +288,10 @@ class EvaluationResult:
             s = self.stat(metric)
             cells = [_fmt(v * scale) for v in (s.mean, s.median, s.std)]
             lines.append(f"  {label:<16}{cells[0]:>9}{cells[1]:>9}{cells[2]:>9}{s.count:>7}")
-        for r in self.rows:
-            if r["status"] == "truth_error":
-                lines.append(f"  truth error: {r['error_message']}")
+        errors = [r["error_message"] for r in self.rows if r["status"] == "truth_error"]
+        lines += [f"  truth error: {message}" for message in errors[:SHOW_ERRORS]]
+        if len(errors) > SHOW_ERRORS:
+            lines.append(f"  ... and {len(errors) - SHOW_ERRORS} more truth errors (status truth_error in the table)")
         return lines
 
 

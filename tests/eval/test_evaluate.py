@@ -15,7 +15,7 @@ from mcs_batch.eval.datasets import list_truth, mask_base, pair_images_masks
 from mcs_batch.eval.evaluate import evaluate, read_evaluation
 from mcs_batch.io.discover import ObjectRef
 from mcs_batch.outputs.schema import EVALUATION_SCHEMA, EVALUATION_SCHEMA_VERSION
-from tests.eval.cohort import FakeRun, blob_image, save_mask_png
+from tests.eval.cohort import FakeRun, blob_image, save_mask_png, save_png
 
 AFFINE_3D = np.array([[-0.7, 0, 0, 10.0], [0, -0.8, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 
@@ -204,3 +204,19 @@ def test_no_truth_and_no_predictions_are_one_line_errors(tmp_path: Path, capsys)
     save_mask_png(tmp_path / "truth" / "a.png", square((8, 8), (1, 3), (1, 3)))
     assert main(["evaluate", out, "--truth", str(tmp_path / "truth")]) == 2
     assert "the catalog has no cases" in capsys.readouterr().err
+
+
+def test_a_folder_mixing_images_and_masks_uses_the_masks(tmp_path: Path):
+    # BUSI's own release: benign/benign (1).png (the image) beside benign/benign (1)_mask.png.
+    rng = np.random.default_rng(5)
+    image, mask = blob_image(rng, 30, 36)
+    data = tmp_path / "Dataset_BUSI_with_GT"
+    save_png(data / "benign" / "benign (1).png", image)
+    save_mask_png(data / "benign" / "benign (1)_mask.png", mask)
+    listing = list_truth(str(data))
+    assert [(i.key, len(i.uris)) for i in listing.items] == [("benign/benign (1)", 1)]
+    assert [u.rsplit("/", 1)[1] for u in listing.ignored] == ["benign (1).png"]
+    run = FakeRun(tmp_path / "out")
+    run.image("benign/benign (1).png", mask)
+    (row,) = evaluate(run.commit(), listing.items, truth_root=str(data), dataset="busi").rows
+    assert (row["matched_by"], row["dice"]) == ("key", 1.0)
