@@ -52,11 +52,12 @@ def image_mask(
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            values = np.asarray(im.convert("RGB") if im.mode in ("P", "PA", "CMYK", "YCbCr") else im)
+            colour = im.mode in ("P", "PA", "CMYK", "YCbCr", "RGBA", "LA", "La", "RGBa")  # alpha is not a label
+            values = np.asarray(im.convert("RGB") if colour else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise TruthError(f"{uri}: cannot decode mask image ({e})") from e
     if values.ndim == 3:  # colour masks (some releases colour each label): any channel
-        values = values[..., :3].max(axis=2) if label is None else values[..., 0]
+        values = values.max(axis=2) if label is None else values[..., 0]
     if label is not None:
         mask = values == label
     else:
