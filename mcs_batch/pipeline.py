@@ -147,9 +147,16 @@ class CaseWriter:
     """The pipeline's sink: gathers slice rows into cases, writes masks and commits catalog rows."""
 
     def __init__(
-        self, catalog: Catalog, cfg: JobConfig, run_id: str, committed: set[tuple[str, str]], summary: JobSummary
+        self,
+        catalog: Catalog,
+        cfg: JobConfig,
+        run_id: str,
+        committed: set[tuple[str, str]],
+        summary: JobSummary,
+        metrics: JobMetrics,
     ):
         self.catalog, self.cfg, self.run_id, self.committed, self.summary = catalog, cfg, run_id, committed, summary
+        self.metrics = metrics
         self.pending: dict[str, _Pending] = {}
         self.case_rows: list[dict] = []
         self.slice_rows: list[dict] = []
