@@ -5,8 +5,8 @@ Part 1, same process, same images, same random weights (BiomedCLIP-size + SAM vi
   reference: per image, as the public code runs: whole-network M2IB every step (text re-encoded),
              the saliency written to and read back from a PNG file, post-processing, coarse mask PNG,
              SamPredictor.set_image + predict(box) per box, mask PNG.
-Part 2: peak memory (RSS) of the driver and of the Ray workers for N and 10 x N cases (tiny models):
-it should not grow with the number of cases.
+Part 2 (run first, while this process holds no model): peak memory (RSS) of the driver and of the Ray
+workers for N and 10 x N cases (tiny models): it should not grow with the number of cases.
 
     .venv/bin/python bench/pipeline_bench.py --images 8 --reference-images 4
 """
@@ -153,6 +153,7 @@ def main() -> None:
     ap.add_argument("--size", choices=["base", "tiny"], default="base", help="BiomedCLIP size (random weights)")
     ap.add_argument("--sam", choices=["vit_b", "tiny"], default="vit_b")
     ap.add_argument("--threads", type=int, default=2, help="torch threads of the reference loop")
+    ap.add_argument("--actor-threads", type=int, default=2, help="torch threads per model actor of the pipeline")
     ap.add_argument("--memory-cases", type=int, default=20, help="N for the memory check (N and 10 N)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
@@ -161,31 +162,6 @@ def main() -> None:
     start_ray(None, num_cpus=2, object_store_mb=1024)
     with tempfile.TemporaryDirectory(prefix="pipeline-bench-") as tmp:
         tmp = Path(tmp)
-        if not args.skip_throughput:
-            paths = write_images(tmp / "images", args.images)
-            clip_dir = write_tiny_biomedclip(tmp / "clip", seed=0, size=args.size)
-            sam_path = write_random_sam(tmp / "sam.pth", args.sam, seed=0)
-            layer = 9 if args.size == "base" else 4
-            overrides = [f"models.clip={json.dumps(str(clip_dir))}", f"models.sam={json.dumps(str(sam_path))}",
-                         f"models.sam_variant={args.sam}", f"m2ib.layer={layer}", f"models.cache_dir={tmp / 'cache'}",
-                         "resources.torch_threads=1", "resources.saliency_batch=4",
-                         "resources.sam_batch=2"]  # fmt: skip
-            print(f"{args.images} images 256x320, BiomedCLIP {args.size} + SAM {args.sam} (random weights), 2 CPUs")
-            t0 = time.perf_counter()
-            cfg = job_config(tmp / "images", tmp / "out", overrides)
-            summary = run_job(cfg, progress=lambda m: None)
-            ours = time.perf_counter() - t0
-            assert summary.by_status == {"ok": args.images}, summary.by_status
-            print(f"pipeline (run_job, incl. model loading):   {ours:8.1f} s  {args.images / ours:.4f} images/s  "
-                  f"{ours / args.images:7.1f} s/image")  # fmt: skip
-            n_ref = min(args.reference_images, args.images)
-            if n_ref:
-                ref = reference_loop(
-                    paths[:n_ref], clip_dir, sam_path, args.sam, tmp / "ref", cfg=cfg, threads=args.threads
-                )
-                print(f"reference loop (sequential, incl. loading): {ref:8.1f} s  {n_ref / ref:.4f} images/s  "
-                      f"{ref / n_ref:7.1f} s/image")  # fmt: skip
-                print(f"ratio (s/image reference / s/image pipeline): {ref / n_ref / (ours / args.images):.2f}x")
         if not args.skip_memory:
             n = args.memory_cases
             overrides = [f"models.cache_dir={tmp / 'cache'}", "resources.saliency_batch=8", "resources.sam_batch=8"]
@@ -203,6 +179,31 @@ def main() -> None:
                       f"largest worker {peak.worker_max / mib:6.0f} MiB, "
                       f"all workers {peak.workers_total / mib:6.0f} MiB, "
                       f"{summary.cases} cases in {seconds:.1f} s")  # fmt: skip
+        if not args.skip_throughput:
+            paths = write_images(tmp / "images", args.images)
+            clip_dir = write_tiny_biomedclip(tmp / "clip", seed=0, size=args.size)
+            sam_path = write_random_sam(tmp / "sam.pth", args.sam, seed=0)
+            layer = 9 if args.size == "base" else 4
+            overrides = [f"models.clip={json.dumps(str(clip_dir))}", f"models.sam={json.dumps(str(sam_path))}",
+                         f"models.sam_variant={args.sam}", f"m2ib.layer={layer}", f"models.cache_dir={tmp / 'cache'}",
+                         f"resources.torch_threads={args.actor_threads}", "resources.saliency_batch=4",
+                         "resources.sam_batch=2"]  # fmt: skip
+            print(f"{args.images} images 256x320, BiomedCLIP {args.size} + SAM {args.sam} (random weights), 2 CPUs")
+            t0 = time.perf_counter()
+            cfg = job_config(tmp / "images", tmp / "out", overrides)
+            summary = run_job(cfg, progress=lambda m: None)
+            ours = time.perf_counter() - t0
+            assert summary.by_status == {"ok": args.images}, summary.by_status
+            print(f"pipeline (run_job, incl. model loading):   {ours:8.1f} s  {args.images / ours:.4f} images/s  "
+                  f"{ours / args.images:7.1f} s/image")  # fmt: skip
+            n_ref = min(args.reference_images, args.images)
+            if n_ref:
+                ref = reference_loop(
+                    paths[:n_ref], clip_dir, sam_path, args.sam, tmp / "ref", cfg=cfg, threads=args.threads
+                )
+                print(f"reference loop (sequential, incl. loading): {ref:8.1f} s  {n_ref / ref:.4f} images/s  "
+                      f"{ref / n_ref:7.1f} s/image")  # fmt: skip
+                print(f"ratio (s/image reference / s/image pipeline): {ref / n_ref / (ours / args.images):.2f}x")
 
 
 if __name__ == "__main__":
