@@ -1,7 +1,7 @@
 """The `evaluate` and `reproduce` commands (registered into `mcs-batch` by mcs_batch.cli.build_parser).
 
 Expected problems (no truth found, missing data or weights, a bad mapping file) raise ConfigError:
-one line, exit 2. `evaluate` exits 1 when some truth could not be compared (listed in its output).
+one line, exit 2. Both exit 1 when some truth could not be compared (listed in their output).
 """
 
 from __future__ import annotations
@@ -101,16 +101,24 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
         print("\n".join(missing), file=sys.stderr)
         print("  layout: DIR/<task>/test_images/*.png with the masks in DIR/<task>/test_masks/ "
               "(same file names, or NAME_mask.png)", file=sys.stderr)  # fmt: skip
-        raise ConfigError(f"cannot reproduce: {len(missing)} thing(s) missing (listed above); nothing was run")
+        raise ConfigError(
+            f"cannot reproduce: {len(missing)} thing(s) missing (listed above); nothing was run "
+            "(--datasets runs a subset)"
+        )
     _ray(args)
     report = run_reproduce(plan, run_job=run_job, storage=storage, tolerance=args.tolerance, progress=_progress)
-    lines = settings_lines([cfg for _, _, cfg, _ in plan])
+    lines = []
+    for run in report.runs:  # each task's full evaluation (the method's row)
+        if run.ablation == "full" and run.result is not None:
+            lines += [*run.result.lines(), ""]
+    lines += settings_lines([cfg for _, _, cfg, _ in plan])
     lines += ["", *zero_shot_lines(report)]
     if args.ablation:
         lines += ["", *ablation_lines(report)]
     lines += ["", f"per-case rows: {args.out}/<task>/<ablation>/catalog/evaluation/"]
     print("\n".join(lines))
-    return EXIT_OK
+    truth_errors = sum(r.result.by_status.get("truth_error", 0) for r in report.runs if r.result is not None)
+    return EXIT_FAILED if truth_errors else EXIT_OK
 
 
 def add_commands(sub) -> None:
