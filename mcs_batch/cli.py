@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_common(p)
     p.set_defaults(func=cmd_demo)
+    from mcs_batch.train.cli import add_commands as add_train_commands
+    add_train_commands(sub)
     from mcs_batch.eval.cli import add_commands as add_eval_commands
     add_eval_commands(sub)
     return parser

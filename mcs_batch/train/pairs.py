@@ -187,7 +187,8 @@ def read_listing(uri: str, fmt: str, *, storage: StorageOptions | None):
         return ray.data.read_parquet(path, filesystem=arrow_fs)
     if fmt == "csv":
         return ray.data.read_csv(path, filesystem=arrow_fs)
-    return ray.data.read_json(path, lines=True, filesystem=arrow_fs)
+    # pyarrow's JSON reader reads newline-delimited JSON (Ray's `lines=True` reader takes no filesystem)
+    return ray.data.read_json(path, filesystem=arrow_fs, file_extensions=None)
 
 
 def read_pairs(cfg: PairsConfig, *, storage: StorageOptions | None = None):
@@ -214,8 +215,9 @@ def read_pairs(cfg: PairsConfig, *, storage: StorageOptions | None = None):
 def split_counts(pairs) -> dict[str, int]:
     """Rows per split value (train, val, dropped_*) of `read_pairs`' dataset."""
     counts = {TRAIN: 0, VAL: 0, DROPPED_NO_IMAGE: 0, DROPPED_SHORT: 0}
-    for row in pairs.groupby("split").count().take_all():
-        counts[row["split"]] = int(row["count()"])
+    for batch in pairs.select_columns(["split"]).iter_batches(batch_format="pyarrow", batch_size=65536):
+        for item in batch.column("split").value_counts().to_pylist():
+            counts[item["values"]] += int(item["counts"])
     return counts
 
 

@@ -11,14 +11,33 @@ BiomedCLIP vocabulary lacks ("red", "square") are spelled out by its single-char
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 80, 230)}
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 80, 230),
+    "yellow": (230, 210, 40),
+    "white": (235, 235, 235),
+    "purple": (150, 60, 200),
+}
 SHAPES = ("round", "square")
 POSITIONS = ("left", "right")
+ALL_COMBOS = tuple(itertools.product(COLOURS, SHAPES, POSITIONS))
+# One (colour, shape, position) per colour: what a tiny random model learns within a minute (its towers
+# pick up colour quickly; shape and position need many more steps), for fast learning tests.
+ONE_PER_COLOUR = (
+    ("red", "round", "left"),
+    ("green", "square", "right"),
+    ("blue", "square", "left"),
+    ("yellow", "round", "right"),
+    ("white", "square", "left"),
+    ("purple", "round", "right"),
+)
 
 
 def shape_image(colour: str, shape: str, position: str, *, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -40,16 +59,24 @@ def caption_for(colour: str, shape: str, position: str) -> str:
     return f"a {colour} {shape} mass on the {position}"
 
 
-def write_shape_pairs(folder: Path, *, n: int = 240, seed: int = 0, size: int = 64, fmt: str = "parquet") -> Path:
+def write_shape_pairs(
+    folder: Path,
+    *,
+    n: int = 240,
+    seed: int = 0,
+    size: int = 64,
+    fmt: str = "parquet",
+    combos: Sequence[tuple[str, str, str]] = ALL_COMBOS,
+) -> Path:
     """Write n PNGs under folder/images and a listing (columns image, caption; image paths relative
-    to the listing) as folder/pairs.<parquet|csv|jsonl>; returns the listing's path."""
+    to the listing) as folder/pairs.<parquet|csv|jsonl>; returns the listing's path. Image i shows
+    combos[i % len(combos)] (colour, shape, position)."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
     import pyarrow.parquet as pq
 
     folder = Path(folder)
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    combos = list(itertools.product(COLOURS, SHAPES, POSITIONS))
     rng = np.random.default_rng(seed)
     images, captions = [], []
     for i in range(n):
