@@ -1,5 +1,5 @@
-"""`query`: SQL over the catalog with the standard library's SQLite (tables `cases`, `slices`, and
-`manifest` when a scan wrote one). List columns appear as JSON text."""
+"""`query`: SQL over the catalog with the standard library's SQLite (tables `cases`, `slices`,
+`evaluation`, and `manifest` when a scan wrote one). List columns appear as JSON text."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ def query(out: str, sql: str, *, storage: StorageOptions | None = None) -> tuple
     con = sqlite3.connect(":memory:")
     _load(con, "cases", catalog.cases())
     _load(con, "slices", catalog.slices())
+    _load(con, "evaluation", catalog.evaluation())
     try:
         from mcs_batch.scan import read_manifest
 

@@ -33,11 +33,10 @@ from mcs_batch.eval.datasets import TruthItem, strip_extension
 from mcs_batch.eval.metrics import case_metrics, extent_diagonal
 from mcs_batch.eval.truth import TruthError, image_mask, nifti_mask, read_seg, seg_mask
 from mcs_batch.io.storage import StorageOptions, fetch_bytes, filesystem_for
-from mcs_batch.outputs.catalog import RUNS_DIR, Catalog
+from mcs_batch.outputs.catalog import EVALUATION_DIR, RUNS_DIR, Catalog
 from mcs_batch.outputs.schema import EVALUATION_SCHEMA, table_from_rows
 from mcs_batch.records import CaseKind, make_case_id
 
-EVALUATION_DIR = "catalog/evaluation"
 SCORED = ("ok", "failed", "missing")  # statuses that count in the means
 METRICS = ("dice", "nsd", "hd95")
 PROGRESS_SECONDS = 10.0

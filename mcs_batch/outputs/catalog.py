@@ -28,6 +28,7 @@ from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.schema import CASES_SCHEMA, SLICES_SCHEMA, table_from_rows
 
 CASES_DIR, SLICES_DIR, MASKS_DIR, RUNS_DIR = "catalog/cases", "catalog/slices", "masks", "runs"
+EVALUATION_DIR = "catalog/evaluation"  # written by mcs_batch.eval.evaluate
 
 
 class Catalog:
@@ -90,6 +91,11 @@ class Catalog:
 
     def slices(self, columns: list[str] | None = None) -> pa.Table:
         return self.read_table(SLICES_DIR, SLICES_SCHEMA, columns)
+
+    def evaluation(self, columns: list[str] | None = None) -> pa.Table:
+        from mcs_batch.outputs.schema import EVALUATION_SCHEMA
+
+        return self.read_table(EVALUATION_DIR, EVALUATION_SCHEMA, columns)
 
     def committed(self) -> dict[tuple[str, str], str]:
         """(case_id, target) -> status of every committed pair."""
