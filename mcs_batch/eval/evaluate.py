@@ -384,4 +384,4 @@ def evaluate(
 
 def read_evaluation(out: str, *, storage: StorageOptions | None = None):
     """Every evaluation table under OUT (all datasets and targets) as one Arrow table."""
-    return Catalog(out, storage=storage).read_table(EVALUATION_DIR, EVALUATION_SCHEMA)
+    return Catalog(out, storage=storage).evaluation()
