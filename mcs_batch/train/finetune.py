@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcs_batch.errors import ConfigError
-from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of
+from mcs_batch.io.storage import StorageOptions, filesystem_for, join, protocol_of
 from mcs_batch.models.biomedclip import CLIP_IMAGE_SIZE
 from mcs_batch.models.tiny import OPEN_CLIP_CONFIG
 from mcs_batch.models.weights import fetch
 from mcs_batch.train.config import FinetuneConfig
 from mcs_batch.train.dhn_nce import make_loss
-from mcs_batch.train.loop import MODEL_FILE, train_loop
+from mcs_batch.train.loop import MODEL_FILE, STATE_FILE, train_loop
 from mcs_batch.train.model_folder import check_output, write_model_folder
 from mcs_batch.train.optim import steps_per_epoch
 from mcs_batch.train.pairs import TRAIN, VAL, decoded, listing_digest, read_pairs, split_counts
@@ -56,6 +56,15 @@ def finetune_clip(
     cfg.check_required()
     start = time.perf_counter()
     check_output(cfg.output.uri, overwrite=cfg.output.overwrite, storage=storage)
+    resume = newest_checkpoint_state(cfg, storage=storage)
+    if resume is not None:
+        if resume.get("config_hash") != cfg.hash():
+            raise ConfigError(
+                f"run.name {cfg.run.name!r} at {cfg.run.storage_path} has checkpoints of another configuration "
+                f"(hash {resume.get('config_hash')}, now {cfg.hash()}): resume with the same model, data, loss "
+                "and optim settings, or start a new run under another run.name"
+            )
+        progress(f"resuming run {cfg.run.name} from its checkpoint at step {resume.get('step')}")
     base = fetch(
         cfg.model.uri,
         cache_dir=Path(os.path.expanduser(cfg.model.cache_dir)),
@@ -91,7 +100,7 @@ def finetune_clip(
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers,
             use_gpu=cfg.run.use_gpu,
-            resources_per_worker={"CPU": cfg.run.cpus_per_worker, **({"GPU": 1} if cfg.run.use_gpu else {})},
+            resources_per_worker={"CPU": cfg.run.cpus_per_worker},  # and 1 GPU each with use_gpu
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -165,6 +174,20 @@ def finetune_clip(
             storage=storage,
         )
     return FinetuneResult(output_uri=output_uri, card=card, summary=summary, checkpoint_path=result.checkpoint.path)
+
+
+def newest_checkpoint_state(cfg: FinetuneConfig, *, storage: StorageOptions | None = None) -> dict | None:
+    """state.json of the newest checkpoint of this run name on its storage path (None: a new run).
+
+    Checkpoint folders are named checkpoint_<step, 8 digits>[_final], so the last name is the newest.
+    """
+    fs, root = filesystem_for(join(cfg.run.storage_path, cfg.run.name), storage)
+    try:
+        fs.invalidate_cache(root)
+        states = sorted(fs.glob(f"{root.rstrip('/')}/checkpoint_*/{STATE_FILE}"))
+        return json.loads(fs.cat_file(states[-1])) if states else None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"run.storage_path {cfg.run.storage_path}: cannot read its checkpoints ({e})") from e
 
 
 def _image_size(folder: Path) -> int:

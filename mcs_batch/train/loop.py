@@ -57,6 +57,7 @@ class TrainState:
     history: list = field(default_factory=list)  # per-epoch records (epoch 0: before training)
     finished: bool = False
     resumed_from_step: int | None = None
+    config_hash: str = ""  # FinetuneConfig.hash() of the run that wrote the checkpoint
     skipped_small_batches: int = 0  # global batches of < 2 pairs (no negatives): no step taken
 
 
@@ -86,10 +87,17 @@ def train_loop(config: dict) -> dict:
     )
     schedule = _schedule(cfg, total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    state = TrainState()
+    state = TrainState(config_hash=cfg.hash())
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
+            saved = json.loads((Path(folder) / STATE_FILE).read_text())
+            if saved.get("config_hash") != cfg.hash():
+                raise ValueError(
+                    f"run {cfg.run.name!r} at {cfg.run.storage_path} was checkpointed with another configuration "
+                    f"(hash {saved.get('config_hash')}, now {cfg.hash()}): resume with the same model, data, loss "
+                    "and optim settings, or start a new run under another run.name"
+                )
             state = _restore(Path(folder), model, optimizer, scheduler)
         state.resumed_from_step = state.step
         logger.info("rank %d: resumed from step %d (epoch %d)", rank, state.step, state.epoch)

@@ -185,6 +185,10 @@ def test_interrupted_run_resumes_and_the_step_count_continues(
     clip, record = load_clip(job.models, storage=storage)
     assert record.files["open_clip_pytorch_model.bin"] == card["weights_sha256"] and clip.embed_dim == 32
 
-    # an existing model folder is never replaced unless asked to (checked before any training)
+    # an existing model folder is never replaced unless asked to, and a run is never resumed with
+    # another configuration (both checked before any training)
     with pytest.raises(ConfigError, match="already holds objects"):
         finetune_clip(cfg, storage=storage, progress=lambda m: None)
+    changed = load_finetune_config(TINY_YAML, overrides=[*overrides, "optim.lr=0.01", "output.overwrite=true"])
+    with pytest.raises(ConfigError, match="checkpoints of another configuration"):
+        finetune_clip(changed, storage=storage, progress=lambda m: None)

@@ -184,3 +184,11 @@ def test_the_tiny_yaml_loads_with_overrides_and_bad_keys_are_named():
             load_finetune_config(overrides=[override])
     with pytest.raises(ConfigError, match=r"data\.listing, run\.storage_path, output\.uri"):
         load_finetune_config().check_required()
+
+
+def test_cli_refuses_an_incomplete_config_with_exit_code_2(capsys):
+    from mcs_batch.cli import main
+
+    assert main(["finetune-clip", "--set", "data.listing=/x/pairs.parquet"]) == 2
+    assert "run.storage_path, output.uri must be set" in capsys.readouterr().err
+    assert main(["finetune-clip", "--config", str(REPO / "jobs/configs/finetune_tiny.yaml"), "--set", "optim.x=1"]) == 2
