@@ -112,6 +112,7 @@ class TestingConfig:
 
     kill_sam_actor_after_batches: int = 0  # > 0: a SAM actor exits hard once, after this many batches
     fault_marker: str = ""  # file that records that the fault fired (so it fires once)
+    exit_driver_after_commits: int = 0  # > 0: the driver exits hard (no clean-up) after this many commits
 
 
 @dataclass(frozen=True)

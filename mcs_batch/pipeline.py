@@ -15,6 +15,7 @@ commits every `outputs.catalog_flush_cases` cases, so first outputs appear while
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 from collections import Counter
@@ -251,6 +252,8 @@ class CaseWriter:
             row["committed_at"] = now
         self.catalog.commit(self.run_id, self.seq, self.case_rows, self.slice_rows)
         self.seq += 1
+        if self.seq == self.cfg.testing.exit_driver_after_commits:  # test-only: a crash right here
+            os._exit(137)
         self.case_rows, self.slice_rows, self.buffered_cases = [], [], 0
         self.last_flush = time.monotonic()
 

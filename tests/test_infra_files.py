@@ -76,7 +76,19 @@ def test_yaml_parses_into_mappings(path):
 # Job configs
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+SEGMENT_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("finetune"))
+FINETUNE_CONFIGS = sorted(CONFIGS.glob("finetune*.yaml"))
+
+
+@pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)
+def test_finetune_config_loads_and_says_how_to_run_it(path):
+    from mcs_batch.train.config import load_finetune_config
+
+    load_finetune_config(path)
+    assert "mcs-batch finetune-clip --config jobs/configs/" + path.name in path.read_text().split("\n\n", 1)[0]
+
+
+@pytest.mark.parametrize("path", SEGMENT_CONFIGS, ids=lambda p: p.name)
 def test_job_config_loads_and_says_how_to_run_it(path):
     from mcs_batch.config import load_config
 
