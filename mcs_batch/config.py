@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -237,6 +238,8 @@ def _coerce(hint: Any, value: Any, path: str):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -250,6 +253,29 @@ def _coerce(hint: Any, value: Any, path: str):
         except ValueError as e:
             raise ConfigError(f"{path}: {value!r} is not one of {[m.value for m in hint]}") from e
     return value
+
+
+_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def read_yaml_file(path: str | Path) -> dict:
+    """A YAML job / finetune file as a mapping; ConfigError naming the file when it is not one."""
+    try:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError as e:
+        raise ConfigError(f"config file {path} does not exist") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: invalid YAML ({e})") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    return loaded
+
+
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> None:
+    """`--set key=value` overrides, in order."""
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
 
 
 def _set_path(tree: dict, dotted: str, value: Any) -> None:
@@ -299,26 +325,17 @@ def load_config(
         for key, value in MODEL_PRESETS[preset].items():
             _set_path(tree, key, value)
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML ({e})") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        _merge(tree, loaded)
+        merge(tree, read_yaml_file(path))
     if prompts:
         tree["targets"] = [{"name": target or "target", "prompts": list(prompts)}]
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(tree, key, value)
+    apply_overrides(tree, overrides)
     return _build(JobConfig, tree, "")
 
 
-def _merge(base: dict, extra: dict) -> None:
+def merge(base: dict, extra: dict) -> None:
+    """Merge `extra` into `base`, recursively for mappings (lists and values replace)."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
+            merge(base[key], value)
         else:
             base[key] = value

@@ -81,3 +81,12 @@ def test_hash_is_stable_and_sensitive():
     assert a.hash() == b.hash() and len(a.hash()) == 16
     assert load_config(overrides=["seed=2"]).hash() != a.hash()
     assert isinstance(JobConfig().to_dict()["m2ib"]["precision"], str)  # plain JSON-able values
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path: Path):
+    """YAML 1.1 reads 1e-7 as a string; float fields accept it (in files and in --set)."""
+    (tmp_path / "job.yaml").write_text("m2ib: {cos_eps: 1e-7}\n")
+    assert load_config(tmp_path / "job.yaml").m2ib.cos_eps == 1e-7
+    assert load_config(overrides=["m2ib.lr=2e-1"]).m2ib.lr == 0.2
+    with pytest.raises(ConfigError, match=r"m2ib\.lr: expected a number"):
+        load_config(overrides=["m2ib.lr=fast"])

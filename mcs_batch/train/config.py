@@ -8,17 +8,12 @@ a.b=value` overrides (YAML scalars). Unknown keys and bad values raise ConfigErr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from mcs_batch.config import _build, _set_path, _to_plain, parse_override
+from mcs_batch.config import _build, _to_plain, apply_overrides, merge, read_yaml_file
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.window import WindowSettings
 from mcs_batch.train.dhn_nce import LossKind
@@ -199,41 +194,7 @@ def load_finetune_config(path: str | Path | None = None, *, overrides: list[str]
     """Defaults <- YAML file <- `--set key=value` overrides, validated."""
     tree: dict = FinetuneConfig().to_dict()
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except FileNotFoundError as e:
-            raise ConfigError(f"config file {path} does not exist") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path}: invalid YAML ({e})") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        _merge(tree, loaded)
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(tree, key, value)
-    _floats_from_text(FinetuneConfig, tree)
+        merge(tree, read_yaml_file(path))
+    apply_overrides(tree, overrides)
     return _build(FinetuneConfig, tree, "")
 
-
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def _floats_from_text(cls, tree: dict) -> None:
-    """YAML 1.1 reads `1e-5` (no dot) as a string: accept it for the float fields only."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        value, hint = tree.get(f.name), hints[f.name]
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-            _floats_from_text(hint, value)
-        elif float in typing.get_args(hint) and isinstance(value, list):  # tuple[float, float]
-            tree[f.name] = [float(v) if isinstance(v, str) and _SCIENTIFIC.match(v) else v for v in value]
-        elif (hint is float or float in typing.get_args(hint)) and isinstance(value, str) and _SCIENTIFIC.match(value):
-            tree[f.name] = float(value)
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
