@@ -25,7 +25,6 @@ class ErrorCode(StrEnum):
     INCONSISTENT_SERIES = "inconsistent_series"  # mixed sizes / orientations that cannot be split
     DUPLICATE_POSITION = "duplicate_position"  # two slices at the same position, different pixels
     DUPLICATE_INSTANCE = "duplicate_instance"  # another copy of a SOP instance already in the case list
-    MISSING_GEOMETRY = "missing_geometry"  # no usable position / orientation for a 3D series
     LOCALIZER = "localizer"  # scout / localizer images split off a series
     # -- volumes ---------------------------------------------------------------------------------
     UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"  # e.g. 5D NIfTI, 4D with several volumes
