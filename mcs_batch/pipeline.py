@@ -191,6 +191,7 @@ class CaseWriter:
         error = failed_from_slices(pending.slices)
         status = status_of(record, error)
         tiny = any(bool(r.get("models_tiny")) for r in pending.slices.values())
+        case_failed = status == Status.FAILED
         for j, target in enumerate(cfg.targets):
             if (record.case_id, target.name) in self.committed:
                 continue
@@ -200,10 +201,10 @@ class CaseWriter:
             if status == Status.OK:
                 try:
                     self._write_masks(record, pending, j, row, tiny)
-                except Exception as e:  # one unwritable case must not stop the job
+                except Exception as e:  # one unwritable target must not stop the job
                     message = f"writing masks of {record.case_id}/{target.name}: {type(e).__name__}: {e}"
                     row.update(status=Status.FAILED, error_code=ErrorCode.INTERNAL_ERROR, error_message=message)
-                    status = Status.FAILED
+                    case_failed = True
             self.case_rows.append(row)
             self.metrics.case(target.name, row["status"], row.get("error_code"))
             self.summary.by_status[row["status"]] = self.summary.by_status.get(row["status"], 0) + 1
@@ -216,7 +217,7 @@ class CaseWriter:
         self.buffered_cases += 1
         self.summary.cases += 1
         self.finished += 1
-        self.failed += status == Status.FAILED  # (a write failure above also counts)
+        self.failed += case_failed
         budget = cfg.failure_budget
         if self.finished >= budget.min_cases and self.failed / self.finished > budget.max_failed_fraction:
             self.flush(force=True)
