@@ -208,3 +208,22 @@ def test_retry_failed_redoes_only_failures_and_keeps_one_row(tmp_path: Path):
     assert retried.by_status == {"ok": 1}
     rows = Catalog(str(out)).cases(["case_id", "status"]).to_pylist()
     assert len(rows) == 3 and {r["status"] for r in rows} == {"ok"}
+
+
+def test_an_unwritable_mask_fails_only_its_own_target(tmp_path: Path):
+    from mcs_batch.records import make_case_id
+
+    cohort = small_cohort(tmp_path / "in", n_images=1)
+    (cohort / "ct").rename(tmp_path / "ct-not-used")
+    out = tmp_path / "out"
+    blocker = out / "masks" / make_case_id("file:img00.png") / "first.nii.gz"
+    blocker.mkdir(parents=True)  # a folder where the mask file should go: the write fails
+    cfg = job(
+        [cohort], out, tmp_path, "targets=[{name: first, prompts: [a lesion]}, {name: second, prompts: [a mass]}]"
+    )
+    summary = run_job(cfg, **QUIET)
+    rows = {r["target"]: r for r in Catalog(str(out)).cases().to_pylist()}
+    assert (rows["first"]["status"], rows["first"]["error_code"]) == ("failed", "internal_error")
+    assert "first" in rows["first"]["error_message"]
+    assert rows["second"]["status"] == "ok" and rows["second"]["mask_uri"].endswith("/second.nii.gz")
+    assert summary.by_status == {"failed": 1, "ok": 1}
