@@ -94,7 +94,8 @@ class ResourcesConfig:
     saliency_cpus: float = 0.5
     saliency_gpus: float = 0.0  # 1.0 on GPU workers
     prompts_cpus: float = 0.25
-    sam_batch: int = 4  # slices per SAM image-encoder call
+    sam_batch: int = 1  # slices per SAM image-encoder call: 1 on CPU (batching is slower there, see
+    # bench/sam_bench.py), 8-16 on GPUs
     sam_actors: int = 1
     sam_cpus: float = 0.5
     sam_gpus: float = 0.0
