@@ -39,15 +39,16 @@ def _stored_range(ds) -> tuple[float, float]:
 
 
 def _rescale(ds, frame_index: int) -> tuple[float, float] | None:
-    """Rescale slope/intercept of an enhanced object's frame (functional groups), if any."""
-    for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
-        if not groups:
-            continue
-        item = (
-            groups[frame_index]
-            if len(groups) > frame_index and groups is ds.get("PerFrameFunctionalGroupsSequence")
-            else groups[0]
-        )
+    """Rescale slope/intercept of an enhanced object's frame (its per-frame group, else the shared
+    group), or None when neither has a Pixel Value Transformation."""
+    items = []
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame and frame_index < len(per_frame):
+        items.append(per_frame[frame_index])
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if shared:
+        items.append(shared[0])
+    for item in items:
         seq = item.get("PixelValueTransformationSequence")
         if seq:
             return float(seq[0].get("RescaleSlope", 1.0)), float(seq[0].get("RescaleIntercept", 0.0))
