@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mcs_batch.cluster import start_ray
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.scan import scan
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.series import write_series
 
 
 def build_archive(root: Path, n_series: int, n_slices: int, size: int) -> int:

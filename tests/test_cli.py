@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.series import write_series
 
 CLI = [sys.executable, "-m", "mcs_batch.cli"]
 ENV = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}

@@ -13,7 +13,7 @@ from PIL import Image
 from mcs_batch.config import load_config
 from mcs_batch.explain import explain
 from mcs_batch.models.registry import load_models
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.series import write_series
 
 
 def make_inputs(folder: Path) -> None:

@@ -9,9 +9,9 @@ import pytest
 
 from mcs_batch.errors import ConfigError, ErrorCode
 from mcs_batch.io.storage import StorageOptions
-from mcs_batch.sample import build_sample_archive
 from mcs_batch.scan import read_manifest, scan
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.sample import build_sample_archive
+from mcs_batch.testdata.series import write_series
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 

@@ -16,7 +16,7 @@ from mcs_batch.cli import main
 from mcs_batch.eval.datasets import PAPER_DATASETS
 from mcs_batch.eval.evaluate import read_evaluation
 from mcs_batch.scan import discover_cases
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.series import write_series
 from tests.eval.cohort import blob_image, paper_dataset, save_mask_png, save_png
 
 

@@ -19,7 +19,7 @@ from mcs_batch.eval.evaluate import evaluate
 from mcs_batch.eval.truth import SEG_SOP_CLASS, TruthError, read_seg, seg_mask, seg_references
 from mcs_batch.io.volume import LPS_TO_RAS
 from mcs_batch.scan import discover_cases
-from mcs_batch.synthetic import synthetic_uid, write_series
+from mcs_batch.testdata.series import synthetic_uid, write_series
 from tests.eval.cohort import FakeRun
 
 

@@ -19,7 +19,7 @@ from mcs_batch.io.load import load_case
 from mcs_batch.io.volume import LPS_TO_RAS, corners_world
 from mcs_batch.records import CaseKind, CaseRecord, Status
 from mcs_batch.scan import discover_cases
-from mcs_batch.synthetic import oblique_orientation, write_series
+from mcs_batch.testdata.series import oblique_orientation, write_series
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"

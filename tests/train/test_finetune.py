@@ -20,11 +20,11 @@ from mcs_batch.models.biomedclip import load_biomedclip
 from mcs_batch.models.registry import load_models
 from mcs_batch.models.tiny import write_tiny_biomedclip
 from mcs_batch.models.weights import digest_files, load_state_dict, sha256_file
+from mcs_batch.testdata.pairs import ONE_PER_COLOUR, write_shape_pairs
 from mcs_batch.train.config import load_finetune_config
 from mcs_batch.train.finetune import FinetuneError, finetune_clip
 from mcs_batch.train.pairs import VAL, split_of
 from mcs_batch.train.retrieval import retrieval_metrics
-from mcs_batch.train.synthetic import ONE_PER_COLOUR, write_shape_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_YAML = REPO / "jobs/configs/finetune_tiny.yaml"

@@ -13,6 +13,7 @@ import torch
 from mcs_batch.errors import ConfigError
 from mcs_batch.models.biomedclip import load_biomedclip, to_clip_input
 from mcs_batch.models.tiny import write_tiny_biomedclip
+from mcs_batch.testdata.pairs import caption_for, shape_image
 from mcs_batch.train.config import PairsConfig, load_finetune_config
 from mcs_batch.train.optim import lr_factor, parameter_groups, select_trainable, set_train_mode, steps_per_epoch
 from mcs_batch.train.pairs import (
@@ -27,7 +28,6 @@ from mcs_batch.train.pairs import (
     split_of,
 )
 from mcs_batch.train.retrieval import retrieval_metrics
-from mcs_batch.train.synthetic import caption_for, shape_image
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.series import write_series
 
 
 def _pydicom_file(name: str) -> Path:
