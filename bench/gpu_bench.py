@@ -35,7 +35,7 @@ from mcs_batch.models.sam import SamSegmenter, load_sam, write_random_sam
 from mcs_batch.models.tiny import write_tiny_biomedclip
 from mcs_batch.pipeline import run_job
 from mcs_batch.seeding import torch_generator
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.series import write_series
 
 
 def sync(device: torch.device) -> None:

@@ -32,7 +32,8 @@ import torch
 
 from mcs_batch.models.biomedclip import load_biomedclip
 from mcs_batch.models.m2ib import M2IBSettings, m2ib_saliency
-from mcs_batch.models.tiny import read_marker, write_tiny_biomedclip
+from mcs_batch.models.open_clip_folder import read_marker
+from mcs_batch.models.tiny import write_tiny_biomedclip
 from mcs_batch.seeding import torch_generator
 
 PROMPTS = (

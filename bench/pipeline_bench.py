@@ -36,9 +36,9 @@ from mcs_batch.models.biomedclip import ensemble_prompts, load_biomedclip, map_t
 from mcs_batch.models.m2ib import m2ib_saliency
 from mcs_batch.models.sam import load_sam, write_random_sam
 from mcs_batch.models.tiny import write_tiny_biomedclip
+from mcs_batch.models.visual_prompts import largest_components, visual_prompts
 from mcs_batch.pipeline import run_job
 from mcs_batch.seeding import case_rng, torch_generator
-from mcs_batch.stages.prompts import largest_components, visual_prompts
 
 PROMPTS = ["a bright lesion", "a well defined bright mass"]
 

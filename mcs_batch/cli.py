@@ -7,42 +7,34 @@ an interrupted run exits 130; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from mcs_batch.cli_common import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_common_args,
+    progress,
+    start_ray,
+    storage_options,
+)
 from mcs_batch.errors import ConfigError
+from mcs_batch.eval.cli import add_commands as add_eval_commands
 from mcs_batch.io.storage import StorageOptions
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-
-def _storage_options(args: argparse.Namespace) -> StorageOptions:
-    """Endpoint and profile from flags or the standard AWS variables; keys only from the
-    environment / profile chain (never from flags, so they stay out of shell history and logs)."""
-    endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return StorageOptions(endpoint_url=endpoint, profile=args.profile, anon=args.anon)
-
-
-def _ray(args: argparse.Namespace):
-    from mcs_batch.cluster import start_ray
-
-    return start_ray(os.environ.get("RAY_ADDRESS"), num_cpus=args.num_cpus, object_store_mb=args.object_store_mb)
-
-
-def _progress(message: str) -> None:
-    print(f"mcs-batch: {message}", file=sys.stderr, flush=True)
+from mcs_batch.train.cli import add_commands as add_train_commands
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     from mcs_batch.scan import scan
 
-    storage = _storage_options(args)
-    _ray(args)
+    storage = storage_options(args)
+    start_ray(args)
     summary = scan(
-        args.inputs, args.out, storage=storage, include=args.include, exclude=args.exclude, progress=_progress
+        args.inputs, args.out, storage=storage, include=args.include, exclude=args.exclude, progress=progress
     )
     print("\n".join(summary.lines()))
     return EXIT_OK
@@ -61,12 +53,12 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from mcs_batch.models.registry import load_models
 
     cfg = _config(args)
-    storage = _storage_options(args)
+    storage = storage_options(args)
     models = load_models(cfg.models, storage=storage)
     if models.tiny:
-        _progress("TINY random models: the masks are meaningless (use --models real or a config with weights)")
+        progress("TINY random models: the masks are meaningless (use --models real or a config with weights)")
     slices = [int(k) for k in args.slices.split(",")] if args.slices else None
-    index = explain(args.inputs, Path(args.out), cfg, models, storage=storage, slices=slices, progress=_progress)
+    index = explain(args.inputs, Path(args.out), cfg, models, storage=storage, slices=slices, progress=progress)
     done = [i for i in index["images"] if i.get("targets")]
     failed = [i for i in index["images"] if i["status"] != "ok"]
     print(
@@ -81,7 +73,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
     from mcs_batch.models.weights import verify
 
     cfg = _config(args)
-    models = load_models(cfg.models, storage=_storage_options(args))
+    models = load_models(cfg.models, storage=storage_options(args))
     for name, record in sorted(models.weights.items()):
         for file, digest in sorted(record.files.items()):
             print(f"{name:5s} {record.uri}  {file}  sha256:{digest}")
@@ -91,7 +83,7 @@ def cmd_weights(args: argparse.Namespace) -> int:
                 verify(record, {"open_clip_pytorch_model.bin": pin} if name == "clip" else pin)
                 print(f"{name:5s} pinned digest verified")
     if models.tiny:
-        _progress("these are TINY random models (no download needed)")
+        progress("these are TINY random models (no download needed)")
     return EXIT_OK
 
 
@@ -104,16 +96,17 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def _job_config(args: argparse.Namespace):
-    """The job config: file / preset / prompts, then INPUT and --out as inputs.uris / outputs.uri."""
+    """The job config: file / preset / prompts, INPUT and --out, then --set."""
     from mcs_batch.config import load_config
 
-    overrides = list(args.set)
-    if args.inputs:
-        overrides.append("inputs.uris=" + json.dumps(list(args.inputs)))
-    if args.out:
-        overrides.append("outputs.uri=" + json.dumps(args.out))
     return load_config(
-        args.config, overrides=overrides, preset=args.models, prompts=args.prompt or (), target=args.target
+        args.config,
+        overrides=args.set,
+        preset=args.models,
+        prompts=args.prompt or (),
+        target=args.target,
+        inputs=args.inputs,
+        out=args.out,
     )
 
 
@@ -121,8 +114,8 @@ def run_segment(cfg, *, storage: StorageOptions, retry_failed: bool) -> int:
     from mcs_batch.pipeline import run_job
 
     if cfg.models.tiny:
-        _progress("TINY random models: the masks are meaningless (use --models real or a config with weights)")
-    summary = run_job(cfg, storage=storage, retry_failed=retry_failed, progress=_progress)
+        progress("TINY random models: the masks are meaningless (use --models real or a config with weights)")
+    summary = run_job(cfg, storage=storage, retry_failed=retry_failed, progress=progress)
     print("\n".join(summary.lines()))
     if summary.aborted:
         print(f"mcs-batch: error: {summary.aborted}", file=sys.stderr)
@@ -132,21 +125,21 @@ def run_segment(cfg, *, storage: StorageOptions, retry_failed: bool) -> int:
 
 def cmd_segment(args: argparse.Namespace) -> int:
     cfg = _job_config(args)
-    storage = _storage_options(args)
-    _ray(args)
+    storage = storage_options(args)
+    start_ray(args)
     return run_segment(cfg, storage=storage, retry_failed=args.retry_failed)
 
 
 def cmd_query(args: argparse.Namespace) -> int:
     from mcs_batch.query import format_table, query
 
-    names, rows = query(args.out, args.sql, storage=_storage_options(args))
+    names, rows = query(args.out, args.sql, storage=storage_options(args))
     print(format_table(names, rows))
     return EXIT_OK
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from mcs_batch.sample import build_sample_archive
+    from mcs_batch.testdata.sample import build_sample_archive
 
     dest = build_sample_archive(Path(args.dest))
     n = sum(1 for p in dest.rglob("*") if p.is_file())
@@ -159,42 +152,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     when they are configured or already cached, else tiny random models, said loudly)."""
     from mcs_batch.config import MODEL_PRESETS, load_config
     from mcs_batch.models.weights import cache_key
-    from mcs_batch.sample import build_sample_archive
     from mcs_batch.scan import scan
+    from mcs_batch.testdata.sample import build_sample_archive
 
     out = Path(args.out)
     archive = build_sample_archive(out / "sample-archive")
-    _progress(f"sample archive written to {archive}")
+    progress(f"sample archive written to {archive}")
     cache = Path(os.path.expanduser(load_config().models.cache_dir))
     real = MODEL_PRESETS["real"]
     cached = all((cache / cache_key(real[k])).exists() for k in ("models.clip", "models.sam"))
     preset = args.models or ("real" if cached else "tiny")
     if preset == "tiny":
-        _progress("no real weights configured or cached: using TINY random models (masks are meaningless); "
+        progress("no real weights configured or cached: using TINY random models (masks are meaningless); "
                   "`mcs-batch weights fetch --models real` where the network allows")  # fmt: skip
-    _ray(args)
-    summary = scan([str(archive)], str(out / "scan"), progress=_progress)
+    start_ray(args)
+    summary = scan([str(archive)], str(out / "scan"), progress=progress)
     print("\n".join(summary.lines()))
     segment_out = out / "segment"
     if segment_out.exists():
         shutil.rmtree(segment_out)  # the demo starts fresh each time
-    where = [f"inputs.uris={json.dumps([str(archive)])}", f"outputs.uri={json.dumps(str(segment_out))}"]
     cfg = load_config(
         args.config, preset=preset, prompts=["a lung", "the lungs in a chest image"], target="lungs",
-        overrides=[*where, *args.set],
+        inputs=[str(archive)], out=str(segment_out), overrides=args.set,
     )  # fmt: skip
     code = run_segment(cfg, storage=StorageOptions(), retry_failed=False)
     print(f"\nlook at: {segment_out}/masks/*/lungs.nii.gz (and .png for 2D images), {segment_out}/catalog/,")
     print(f'         mcs-batch query {segment_out} "SELECT kind, status, mask_voxels, source_keys FROM cases"')
     return code
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL[_S3] or AWS)")
-    p.add_argument("--profile", help="AWS profile for s3:// inputs and outputs")
-    p.add_argument("--anon", action="store_true", help="anonymous access to public buckets")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (ignored with RAY_ADDRESS)")
-    p.add_argument("--object-store-mb", type=int, default=None, help="object store size for a local Ray")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -217,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder or URI; the manifest goes to OUT/manifest/")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="only keys matching (repeatable)")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="skip keys matching (repeatable)")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_scan)
 
     p = sub.add_parser("explain", help="run the method on images / slices and write maps, prompts, masks, overlays")
@@ -227,13 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--slices", default=None, help="comma-separated slice indices of volumes (default: middle)")
     _add_model_args(p)
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("weights", help="fetch model weights into the cache, or verify their digests")
     p.add_argument("action", choices=["fetch", "verify"])
     _add_model_args(p)
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_weights, prompt=None, target=None)
 
     p = sub.add_parser("import-biomedclip-hf", help="convert HF-port BiomedCLIP weights into an open_clip folder")
@@ -249,13 +233,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder or URI (default: outputs.uri of --config)")
     p.add_argument("--retry-failed", action="store_true", help="redo the (case, target) pairs that failed before")
     _add_model_args(p)
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("query", help="run SQL over the catalog (tables cases, slices, manifest)")
     p.add_argument("out", help="output folder or URI of a segment run")
     p.add_argument("sql", help='e.g. "SELECT status, count(*) FROM cases GROUP BY status"')
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_query)
 
     p = sub.add_parser("sample", help="write the small real sample archive to a folder")
@@ -265,11 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="build the sample archive and run the pipeline on it")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     _add_model_args(p)
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_demo)
-    from mcs_batch.train.cli import add_commands as add_train_commands
     add_train_commands(sub)
-    from mcs_batch.eval.cli import add_commands as add_eval_commands
     add_eval_commands(sub)
     return parser
 

@@ -1,48 +1,30 @@
 """Frozen job configuration: every number visible, one way to override it.
 
-A config is built from the defaults below, then a YAML job file, then `--set a.b=value` overrides
-(values are parsed as YAML scalars). Unknown keys and bad values raise ConfigError naming the key.
+A config is built from the defaults below, then a YAML job file, then the command line's inputs,
+prompts and OUT, then `--set a.b=value` overrides (values are parsed as YAML scalars), by
+mcs_batch.yaml_config. Unknown keys and bad values (enum settings included) raise ConfigError naming
+the key. The settings of lower layers are defined there (models.settings, models.visual_prompts,
+io.window) and composed here; importing this module does not import torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import re
-import types
-import typing
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mcs_batch.errors import ConfigError
+from mcs_batch.faults import TestingConfig
 from mcs_batch.io.window import WindowSettings
-from mcs_batch.models.m2ib import M2IBSettings
-from mcs_batch.stages.prompts import PromptSettings
+from mcs_batch.models.settings import M2IBSettings, ModelsConfig, ResizeMode
+from mcs_batch.models.visual_prompts import PromptSettings
+from mcs_batch.yaml_config import load, merge, read_yaml_file, set_path, to_plain
 
 BIOMEDCLIP_HF = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
 SAM_VIT_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
-
-
-@dataclass(frozen=True)
-class ModelsConfig:
-    """Where the weights come from (URIs, see models/weights.py) and where they run."""
-
-    clip: str = "tiny"  # BiomedCLIP open_clip folder: hf-hub:..., s3://.../, /path, or "tiny"
-    clip_sha256: str | None = None  # pin of open_clip_pytorch_model.bin
-    sam: str = "tiny"  # SAM checkpoint (.pth state dict): s3://..., /path, https://..., or "tiny"
-    sam_variant: str = "vit_b"  # vit_b | vit_l | vit_h (ignored for sam "tiny")
-    sam_sha256: str | None = None  # pin of the checkpoint file
-    cache_dir: str = "~/.cache/mcs-batch/models"  # per-node cache for remote weights
-    device: str = "auto"  # auto (cuda when present) | cpu | cuda | cuda:N
-    sam_precision: str = "fp32"  # fp32 | bf16 | fp16 (the latter two on CUDA only)
-
-    @property
-    def tiny(self) -> bool:
-        return self.clip.startswith("tiny") or self.sam == "tiny"
 
 
 @dataclass(frozen=True)
@@ -64,7 +46,7 @@ class TargetConfig:
 
 @dataclass(frozen=True)
 class ClipConfig:
-    resize: str = "resize"  # resize (stretch whole image) | pad (pad to square); never crops
+    resize: ResizeMode = ResizeMode.RESIZE  # resize (stretch whole image) | pad (pad to square); never crops
 
 
 @dataclass(frozen=True)
@@ -108,13 +90,13 @@ class FailureBudget:
     min_cases: int = 20  # ... once at least this many cases have finished
 
 
-@dataclass(frozen=True)
-class TestingConfig:
-    """Fault injection for tests only (default off)."""
+class Ablation(StrEnum):
+    """The paper's ablation rows: how far through the method a mask is made."""
 
-    kill_sam_actor_after_batches: int = 0  # > 0: a SAM actor exits hard once, after this many batches
-    fault_marker: str = ""  # file that records that the fault fired (so it fires once)
-    exit_driver_after_commits: int = 0  # > 0: the driver exits hard (no clean-up) after this many commits
+    SALIENCY = "saliency"  # saliency map > coarse.threshold
+    POSTPROCESS = "postprocess"  # the coarse mask (k-means / Otsu / threshold)
+    COMPONENTS = "components"  # + the K largest connected components
+    FULL = "full"  # + SAM: the method
 
 
 @dataclass(frozen=True)
@@ -126,9 +108,7 @@ class JobConfig:
     targets: tuple[TargetConfig, ...] = (TargetConfig(),)
     seed: int = 0  # all randomness derives from this, per case and slice (mcs_batch.seeding)
     slice_axis: int = 2  # volumes are segmented slice by slice along this array axis
-    # Ablation (the paper's rows): saliency = map > coarse.threshold; postprocess = the coarse mask;
-    # components = + K largest components; full = + SAM (the method)
-    ablation: str = "full"
+    ablation: Ablation = Ablation.FULL  # the paper's ablation rows (see Ablation)
     inputs: InputsConfig = field(default_factory=InputsConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
@@ -141,11 +121,9 @@ class JobConfig:
             raise ConfigError(f"targets: names must be unique, got {names}")
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"slice_axis: must be 0, 1 or 2, got {self.slice_axis}")
-        if self.ablation not in ABLATIONS:
-            raise ConfigError(f"ablation: {self.ablation!r} is not one of {', '.join(ABLATIONS)}")
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
     def method_dict(self) -> dict:
         """The sections that determine the results (not where they come from or how fast)."""
@@ -158,7 +136,7 @@ class JobConfig:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-ABLATIONS = ("saliency", "postprocess", "components", "full")
+ABLATIONS = tuple(a.value for a in Ablation)
 RUN_SECTIONS = ("inputs", "outputs", "resources", "failure_budget", "testing")
 
 # Presets for --models: tiny random models (smoke runs, tests) or the published weights.
@@ -168,148 +146,6 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def _to_plain(value: Any) -> Any:
-    if dataclasses.is_dataclass(value):
-        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, tuple | list):
-        return [_to_plain(v) for v in value]
-    if hasattr(value, "value") and isinstance(value.value, str):  # StrEnum
-        return value.value
-    return value
-
-
-def _field_types(cls) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _build(cls, data: Any, path: str):
-    """Instantiate dataclass `cls` from a mapping, recursively, naming bad keys by their path."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
-    hints = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"{path}." if path else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]} (known: {', '.join(sorted(names))})")
-    kwargs = {}
-    for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
-    try:
-        return cls(**kwargs)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{path or 'config'}: {e}") from e
-
-
-def _coerce(hint: Any, value: Any, path: str):
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return value if isinstance(value, hint) else _build(hint, value, path)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if isinstance(value, str | dict) or not isinstance(value, list | tuple):
-            value = [value]
-        if Ellipsis in args or len(args) == 1:  # tuple[X, ...]: any length
-            items = [args[0]] * len(value)
-        elif len(value) != len(args):
-            raise ConfigError(f"{path}: expected {len(args)} values, got {len(value)}")
-        else:
-            items = list(args)
-        return tuple(_coerce(item, v, f"{path}[{i}]") for i, (item, v) in enumerate(zip(items, value, strict=True)))
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: {value!r} is not a valid {hint}")
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{path}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str) and _SCIENTIFIC.match(value.strip()):
-            value = float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{path}: expected a string, got {value!r}")
-        return value
-    if isinstance(hint, type) and issubclass(hint, str):  # StrEnum fields
-        try:
-            return hint(value)
-        except ValueError as e:
-            raise ConfigError(f"{path}: {value!r} is not one of {[m.value for m in hint]}") from e
-    return value
-
-
-_SCIENTIFIC = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
-
-
-def read_yaml_file(path: str | Path) -> dict:
-    """A YAML job / finetune file as a mapping; ConfigError naming the file when it is not one."""
-    try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-    except FileNotFoundError as e:
-        raise ConfigError(f"config file {path} does not exist") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path}: invalid YAML ({e})") from e
-    if not isinstance(loaded, dict):
-        raise ConfigError(f"config file {path}: expected a mapping at the top level")
-    return loaded
-
-
-def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> None:
-    """`--set key=value` overrides, in order."""
-    for text in overrides:
-        key, value = parse_override(text)
-        _set_path(tree, key, value)
-
-
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for key in keys[:-1]:
-        if isinstance(node, list):
-            if not key.isdigit() or int(key) >= len(node):
-                raise ConfigError(f"--set {dotted}: no item {key} (the list has {len(node)})")
-            node = node[int(key)]
-            continue
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict | list):
-            raise ConfigError(f"--set {dotted}: {key} is not a section")
-    last = keys[-1]
-    if last.isdigit() and isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """'a.b=value' -> ('a.b', YAML-parsed value)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text!r}: expected key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r} ({e})") from e
-    return key.strip(), value
-
-
 def load_config(
     path: str | Path | None = None,
     *,
@@ -317,26 +153,23 @@ def load_config(
     preset: str | None = None,
     prompts: list[str] | tuple[str, ...] = (),
     target: str | None = None,
+    inputs: list[str] | tuple[str, ...] = (),
+    out: str | None = None,
 ) -> JobConfig:
-    """Defaults <- preset <- YAML file <- --prompt/--target <- --set overrides, validated."""
+    """Defaults <- preset <- YAML file <- prompts / target / inputs / out (the command line's
+    arguments) <- --set overrides, validated."""
     tree: dict = JobConfig().to_dict()  # complete, so that --set can address any key (targets.0.name)
     if preset is not None:
         if preset not in MODEL_PRESETS:
             raise ConfigError(f"--models {preset!r}: choose from {', '.join(MODEL_PRESETS)} or use a config file")
         for key, value in MODEL_PRESETS[preset].items():
-            _set_path(tree, key, value)
+            set_path(tree, key, value)
     if path is not None:
         merge(tree, read_yaml_file(path))
     if prompts:
         tree["targets"] = [{"name": target or "target", "prompts": list(prompts)}]
-    apply_overrides(tree, overrides)
-    return _build(JobConfig, tree, "")
-
-
-def merge(base: dict, extra: dict) -> None:
-    """Merge `extra` into `base`, recursively for mappings (lists and values replace)."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
+    if inputs:
+        tree["inputs"]["uris"] = list(inputs)
+    if out:
+        tree["outputs"]["uri"] = out
+    return load(JobConfig, overrides=overrides, tree=tree)

@@ -23,20 +23,19 @@ from PIL import Image
 
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError
-from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for
-from mcs_batch.io.window import to_model_rgb
 from mcs_batch.models.registry import LoadedModels
 from mcs_batch.outputs.qc import overlay
-from mcs_batch.records import CaseRecord, Status
+from mcs_batch.records import CaseRecord, Status, slice_axis_for
 from mcs_batch.scan import discover_cases
+from mcs_batch.stages.load import load_chunk
 from mcs_batch.stages.zero_shot import ImageKey, TargetResult, segment_images
 
 BATCH = 4  # images per model call
 
 
 def _slices_for(record: CaseRecord, wanted: Sequence[int] | None, axis: int) -> list[int]:
-    n = record.shape[axis]
+    n = record.shape[slice_axis_for(record, axis)]
     if not wanted or n == 1:  # 2D images have one slice, whatever was asked for volumes
         return [n // 2]
     bad = [k for k in wanted if not 0 <= k < n]
@@ -109,10 +108,7 @@ def explain(
             continue
         try:
             for k in _slices_for(record, slices, cfg.slice_axis):
-                chunk = slice(k, k + 1)
-                volume = load_case(record, fs=fs, slices=chunk) if cfg.slice_axis == 2 else load_case(record, fs=fs)
-                plane = volume.slice_image(0 if cfg.slice_axis == 2 else k, axis=cfg.slice_axis)
-                image = to_model_rgb(plane, modality=record.modality, settings=cfg.window)
+                (image,) = load_chunk(record, k, k + 1, cfg, fs=fs)  # the job's reader: same plane, same window
                 item = {**base, "status": "ok", "slice_index": k, "image_size_hw": list(image.shape[:2])}
                 (out / record.case_id / f"k{k}").mkdir(parents=True, exist_ok=True)
                 items.append(item)

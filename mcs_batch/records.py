@@ -95,14 +95,7 @@ def failed_record(identity: str, kind: str, uri: str, key: str, code: str, messa
     )
 
 
-# -- pipeline rows ------------------------------------------------------------------------------------
-# Rows that flow through the segmentation pipeline are of two types, told apart by slice_index:
-#   a case row (slice_index == CASE_ROW): the case record as JSON and how many slice rows to expect;
-#   a slice row (slice_index >= 0): one 2D image of that case and, stage by stage, its results.
-# A row with a non-empty error_code carries no image; stages pass it through untouched.
-CASE_ROW = -1
-
-
-def target_column(index: int, what: str) -> str:
-    """Per-target columns are named by the target's position: t0_saliency, t1_mask, ..."""
-    return f"t{index}_{what}"
+def slice_axis_for(record: CaseRecord, axis: int) -> int:
+    """The array axis a case is segmented along: `axis` (config slice_axis) for volumes, always 2
+    (the one slice) for 2D images and cases without a shape."""
+    return 2 if record.shape is None or record.shape[2] == 1 else axis

@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 import pyarrow.dataset as pads
-import pyarrow.fs as pafs
 
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.dicom_header import DicomHeader
 from mcs_batch.io.discover import ObjectRef, Probe, group_key, list_objects, probe_object
 from mcs_batch.io.series import cases_from_headers
-from mcs_batch.io.storage import StorageOptions, filesystem_for, join
+from mcs_batch.io.storage import StorageOptions, arrow_filesystem, filesystem_for, join
 from mcs_batch.outputs.schema import MANIFEST_SCHEMA, manifest_table
 from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record
 
@@ -157,12 +156,6 @@ def cases_dataset(refs: Sequence[ObjectRef], *, storage: StorageOptions | None =
     return probes.groupby("group", num_partitions=partitions).map_groups(
         _assemble_group, batch_format="pyarrow", num_cpus=0.5
     )
-
-
-def arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem over the same fsspec filesystem (so S3 options apply identically)."""
-    fs, path = filesystem_for(uri, storage)
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def read_manifest(out: str, *, storage: StorageOptions | None = None) -> pa.Table:

@@ -11,24 +11,19 @@ import posixpath
 import sys
 from pathlib import Path
 
+from mcs_batch.cli_common import EXIT_FAILED, EXIT_OK, add_common_args, progress, start_ray, storage_options
 from mcs_batch.errors import ConfigError
 
-EXIT_OK, EXIT_FAILED = 0, 1
 SHOW_PROBLEMS = 10
 
 
-def _progress(message: str) -> None:
-    print(f"mcs-batch: {message}", file=sys.stderr, flush=True)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mcs_batch.cli import _storage_options
     from mcs_batch.errors import CaseError
     from mcs_batch.eval.datasets import list_truth, read_mapping
     from mcs_batch.eval.evaluate import evaluate
     from mcs_batch.io.storage import fetch_bytes, filesystem_for
 
-    storage = _storage_options(args)
+    storage = storage_options(args)
     listing = list_truth(args.truth, storage=storage)
     items = listing.items
     if args.mapping:
@@ -53,7 +48,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         tolerance=args.tolerance,
         label=args.truth_label,
         problems=listing.problems,
-        progress=_progress,
+        progress=progress,
     )
     print("\n".join(result.lines()))
     for line in listing.problems[:SHOW_PROBLEMS]:
@@ -66,7 +61,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from mcs_batch.cli import _ray, _storage_options
     from mcs_batch.config import ABLATIONS
     from mcs_batch.eval.reproduce import (
         ablation_lines,
@@ -79,7 +73,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     )
     from mcs_batch.pipeline import run_job
 
-    storage = _storage_options(args)
+    storage = storage_options(args)
     configs = Path(args.configs) if args.configs else default_configs_dir()
     if configs is None:
         raise ConfigError("cannot find jobs/configs/ (the paper's job files): run in the repository or pass --configs")
@@ -105,8 +99,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
             f"cannot reproduce: {len(missing)} thing(s) missing (listed above); nothing was run "
             "(--datasets runs a subset)"
         )
-    _ray(args)
-    report = run_reproduce(plan, run_job=run_job, storage=storage, tolerance=args.tolerance, progress=_progress)
+    start_ray(args)
+    report = run_reproduce(plan, run_job=run_job, storage=storage, tolerance=args.tolerance, progress=progress)
     lines = []
     for run in report.runs:  # each task's full evaluation (the method's row)
         if run.ablation == "full" and run.result is not None:
@@ -123,7 +117,6 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 def add_commands(sub) -> None:
     """Register `evaluate` and `reproduce` on the main parser's subparsers."""
-    from mcs_batch.cli import _add_common
 
     p = sub.add_parser("evaluate", help="score a segment run's masks against ground truth (Dice, NSD, HD95)")
     p.add_argument("out", help="output folder or URI of a segment run (its catalog and masks)")
@@ -133,7 +126,7 @@ def add_commands(sub) -> None:
     p.add_argument("--dataset", default=None, help="dataset name in the table (default: the truth folder's name)")
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance: mm, or pixels for 2D images (2)")
     p.add_argument("--truth-label", default=None, help="label value (or SEG segment number / label) to use")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("reproduce", help="the paper's zero-shot table (and ablation) on its four public datasets")
@@ -146,5 +139,5 @@ def add_commands(sub) -> None:
     p.add_argument("--configs", default=None, help="folder of the job files (default: jobs/configs/)")
     p.add_argument("--tolerance", type=float, default=2.0, help="NSD tolerance in pixels (default: 2, the paper's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a key in every job")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_reproduce)

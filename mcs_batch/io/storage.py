@@ -11,6 +11,7 @@ import posixpath
 from dataclasses import dataclass, field
 
 import fsspec
+import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
 from mcs_batch.errors import CaseError, ConfigError, ErrorCode
@@ -102,3 +103,9 @@ def fetch_bytes(fs: fsspec.AbstractFileSystem | None, uri: str) -> bytes:
         raise CaseError(f"{uri}: object not found", code=ErrorCode.UNREADABLE) from e
     except OSError as e:
         raise CaseError(f"{uri}: cannot read object ({e})", code=ErrorCode.UNREADABLE) from e
+
+
+def arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem over the same fsspec filesystem (so S3 options apply identically)."""
+    fs, path = filesystem_for(uri, storage)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

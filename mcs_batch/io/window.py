@@ -34,7 +34,7 @@ CT_WINDOWS: dict[CTWindow, tuple[float, float]] = {
 
 @dataclass(frozen=True)
 class WindowSettings:
-    ct_window: CTWindow | str = CTWindow.MEDIASTINUM  # preset for CT
+    ct_window: CTWindow = CTWindow.MEDIASTINUM  # preset for CT
     ct_level_width: tuple[float, float] | None = None  # explicit (level, width) overrides the preset
     percentiles: tuple[float, float] = (0.5, 99.5)  # clipping for MR, US, X-ray, PNG, ...
 

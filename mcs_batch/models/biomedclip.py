@@ -22,18 +22,18 @@ import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 
-from mcs_batch.models.tiny import (
+from mcs_batch.models.open_clip_folder import (
     CLIP_MEAN,
     CLIP_STD,
     OPEN_CLIP_CONFIG,
     quiet_open_clip_random_init,
     read_marker,
 )
+from mcs_batch.models.settings import ResizeMode
 from mcs_batch.models.weights import WeightsError, WeightsRecord, digest_files, load_state_dict
 
 CLIP_IMAGE_SIZE = 224
@@ -67,13 +67,6 @@ KNOWN_TEXT_TOWERS = {
     "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract": _BERT_BASE,
     "microsoft/BiomedNLP-PubMedBERT-base-uncased-abstract": _BERT_BASE,
 }
-
-
-class ResizeMode(StrEnum):
-    """How a non-square image enters the 224 x 224 CLIP input (see the module docstring)."""
-
-    RESIZE = "resize"
-    PAD = "pad"
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from mcs_batch.models.tiny import MARKER_FILE, OPEN_CLIP_CONFIG, WEIGHTS_FILE, point_text_tower_at, read_marker
+from mcs_batch.models.open_clip_folder import (
+    MARKER_FILE,
+    OPEN_CLIP_CONFIG,
+    WEIGHTS_FILE,
+    point_text_tower_at,
+    read_marker,
+)
 from mcs_batch.models.weights import WeightsError, load_state_dict, sha256_file
 
 IMPORT_RECORD = "mcs_batch_import.json"

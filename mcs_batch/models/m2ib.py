@@ -26,57 +26,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mcs_batch.errors import ConfigError
-
-
-class Precision(StrEnum):
-    """Arithmetic of the network passes. Alpha, the KL and the loss are always float32."""
-
-    FP32 = "fp32"
-    BF16 = "bf16"  # torch.autocast, CUDA only
-    FP16 = "fp16"  # torch.autocast, CUDA only
-
-
-class M2IBMode(StrEnum):
-    FAST = "fast"  # prefix once, alpha-only gradients, batched (same map as the reference)
-    REFERENCE = "reference"  # the public code's way: everything, every step, one image at a time
-
+from mcs_batch.models.settings import M2IBMode, M2IBSettings, Precision
 
 _AUTOCAST_DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
-
-
-@dataclass(frozen=True)
-class M2IBSettings:
-    """M2IB hyperparameters; defaults are the method's (METHOD.md step 3)."""
-
-    layer: int = 9  # 0-based ViT block whose output R is bottlenecked (BiomedCLIP: 12 blocks)
-    beta: float = 1.0  # weight of the compression term (reference runs: breast 1.0, brain 2.0)
-    steps: int = 10  # forward passes; the map is the KL of the last one (alpha after steps-1 updates)
-    samples: int = 10  # noise samples per image and step
-    lr: float = 1.0  # Adam learning rate on alpha (other Adam settings: torch defaults)
-    alpha_init: float = 5.0  # initial alpha: lambda = sigmoid(5) ~ 0.993, little noise at first
-    cos_eps: float = 1e-6  # eps of the cosine similarity in the fitting term
-    precision: Precision | str = Precision.FP32  # network arithmetic; bf16/fp16 need CUDA
-
-    def __post_init__(self) -> None:
-        try:
-            object.__setattr__(self, "precision", Precision(self.precision))
-        except ValueError as e:
-            choices = ", ".join(p.value for p in Precision)
-            raise ConfigError(f"m2ib precision {self.precision!r}: expected one of {choices}") from e
-        if self.layer < 0:
-            raise ConfigError(f"m2ib layer {self.layer}: must be >= 0")
-        if self.steps < 1 or self.samples < 1:
-            raise ConfigError(f"m2ib steps {self.steps}, samples {self.samples}: both must be >= 1")
-        if not self.lr > 0 or not self.cos_eps > 0:
-            raise ConfigError(f"m2ib lr {self.lr}, cos_eps {self.cos_eps}: both must be > 0")
 
 
 TextEncoder = Callable[[int], torch.Tensor]

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from mcs_batch.config import ModelsConfig
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.storage import StorageOptions, protocol_of
 from mcs_batch.models.biomedclip import BiomedCLIP, load_biomedclip
-from mcs_batch.models.sam import SamSegmenter, SamVariant, write_random_sam
+from mcs_batch.models.sam import SamSegmenter, write_random_sam
+from mcs_batch.models.settings import ModelsConfig, SamVariant
 from mcs_batch.models.weights import WeightsRecord, fetch
 
 TINY_SAM_SEED = 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from enum import StrEnum
 from functools import partial
 from pathlib import Path
 
@@ -21,21 +20,9 @@ from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncode
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from mcs_batch.errors import ConfigError
+from mcs_batch.models.settings import Precision, SamVariant
+from mcs_batch.models.visual_prompts import largest_components
 from mcs_batch.models.weights import load_state_dict
-from mcs_batch.stages.prompts import largest_components
-
-
-class SamVariant(StrEnum):
-    VIT_B = "vit_b"  # sam_vit_b_01ec64.pth; default for throughput
-    VIT_L = "vit_l"  # sam_vit_l_0b3195.pth
-    VIT_H = "vit_h"  # sam_vit_h_4b8939.pth; the paper's choice
-    TINY = "tiny"  # 2-block, 64-wide encoder with the full-size decoder; random weights for tests
-
-
-class Precision(StrEnum):
-    FP32 = "fp32"
-    BF16 = "bf16"  # autocast of the image encoder, CUDA only
-    FP16 = "fp16"  # autocast of the image encoder, CUDA only
 
 
 def _assemble_sam(
@@ -359,39 +346,6 @@ class SamSegmenter:
             union = largest_components(union, k_components)
         scores = iou[:, 0].float().cpu().numpy()
         return SamResult(union, float(scores.mean()), scores)
-
-    def segment_batch(
-        self,
-        images: Sequence[np.ndarray],
-        boxes_per_image: Sequence[np.ndarray],
-        points_per_image: Sequence[np.ndarray | None] | None = None,
-        *,
-        k_components: int | None = 1,
-    ) -> list[SamResult]:
-        """One target per image: embed the images that have prompts in one call, then segment each.
-
-        Images without any prompt skip the encoder and get an empty mask.
-        """
-        if len(boxes_per_image) != len(images):
-            raise ValueError(f"{len(images)} images but {len(boxes_per_image)} box arrays")
-        if points_per_image is None:
-            points_per_image = [None] * len(images)
-        if len(points_per_image) != len(images):
-            raise ValueError(f"{len(images)} images but {len(points_per_image)} point arrays")
-        boxes = [_as_array(b, 4, f"boxes of image {i}") for i, b in enumerate(boxes_per_image)]
-        points = [_as_array(p, 2, f"points of image {i}") for i, p in enumerate(points_per_image)]
-        prompted = [i for i in range(len(images)) if len(boxes[i]) or len(points[i])]
-        rows = {image_index: row for row, image_index in enumerate(prompted)}
-        embeddings = self.embed([images[i] for i in prompted]) if prompted else None
-        results = []
-        for i, image in enumerate(images):
-            if i in rows:
-                result = self.segment(embeddings, rows[i], boxes[i], points[i], k_components=k_components)
-                results.append(result)
-            else:
-                shape = _check_image(image, i).shape[:2]
-                results.append(SamResult(np.zeros(shape, dtype=bool), 0.0, np.zeros(0, dtype=np.float32)))
-        return results
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(array, dtype=torch.float, device=self.device)

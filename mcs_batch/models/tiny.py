@@ -29,20 +29,18 @@ norms are not all 0 / 1, which would hide layout bugs in weight conversions).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-WEIGHTS_FILE = "open_clip_pytorch_model.bin"
-MARKER_FILE = "mcs_batch_model.json"
-
-# METHOD.md step 2 (OpenAI CLIP statistics; BiomedCLIP's preprocess_cfg).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+from mcs_batch.models.open_clip_folder import (
+    CLIP_MEAN,
+    CLIP_STD,
+    MARKER_FILE,
+    OPEN_CLIP_CONFIG,
+    WEIGHTS_FILE,
+    quiet_open_clip_random_init,
+)
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
@@ -161,30 +159,6 @@ def write_tiny_biomedclip(folder: Path, *, seed: int = 0, size: str = "tiny") ->
     return folder
 
 
-def read_marker(folder: Path) -> dict | None:
-    """The `mcs_batch_model.json` marker of a folder, or None for real (non-tiny) weights."""
-    path = Path(folder) / MARKER_FILE
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def point_text_tower_at(folder: Path, target: Path | None = None) -> None:
-    """Rewrite `hf_model_name` / `hf_tokenizer_name` in folder's open_clip config to `target`.
-
-    target defaults to the folder itself. Needed whenever a folder is written in one place and used
-    in another (atomic temp-dir publishing, `import_biomedclip_hf` copying a base folder's config).
-    """
-    folder = Path(folder)
-    path = folder / OPEN_CLIP_CONFIG
-    config = json.loads(path.read_text())
-    where = str(Path(target if target is not None else folder).absolute())
-    text_cfg = config["model_cfg"]["text_cfg"]
-    text_cfg["hf_model_name"] = where
-    text_cfg["hf_tokenizer_name"] = where
-    path.write_text(json.dumps(config, indent=2) + "\n")
-
-
 # -- the parts -------------------------------------------------------------------------------------
 
 
@@ -290,23 +264,3 @@ def _random_state_dict(folder: Path, spec: TinySize, seed: int) -> dict:
                 tensor += 0.02 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
             out[name] = tensor.contiguous()
     return out
-
-
-class _DropRandomInitWarnings(logging.Filter):
-    """open_clip warns "initialized randomly" when built with load_weights=False; callers load next."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not ("initialized randomly" in message or "no CLIP weights found" in message)
-
-
-@contextlib.contextmanager
-def quiet_open_clip_random_init() -> Iterator[None]:
-    """Drop open_clip's (root logger) warnings about random initialisation while building a model."""
-    root = logging.getLogger()
-    quiet = _DropRandomInitWarnings()
-    root.addFilter(quiet)
-    try:
-        yield
-    finally:
-        root.removeFilter(quiet)

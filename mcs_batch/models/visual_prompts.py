@@ -53,10 +53,10 @@ class BoxMode(StrEnum):
 class PromptSettings:
     """How a saliency map becomes SAM prompts. Strings are accepted and converted to the enums once."""
 
-    method: CoarseMethod | str = CoarseMethod.KMEANS  # see CoarseMethod
+    method: CoarseMethod = CoarseMethod.KMEANS  # see CoarseMethod
     threshold: float = 0.3  # only for method "threshold" (the reference's default 0.3)
     k_components: int = 1  # K largest connected components kept (2 for paired organs, e.g. lungs)
-    box_mode: BoxMode | str = BoxMode.UNION  # see BoxMode
+    box_mode: BoxMode = BoxMode.UNION  # see BoxMode
     n_points: int = 0  # positive points sampled from the coarse mask (0: boxes only)
 
     def __post_init__(self) -> None:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mcs_batch.errors import ConfigError
-from mcs_batch.models.tiny import read_marker
+from mcs_batch.models.open_clip_folder import read_marker
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +268,8 @@ def _evict(cache_dir: Path, uri: str) -> None:
 
 
 def _fetch_tiny(uri: str, cache_dir: Path) -> Path:
-    from mcs_batch.models.tiny import point_text_tower_at, write_tiny_biomedclip
+    from mcs_batch.models.open_clip_folder import point_text_tower_at
+    from mcs_batch.models.tiny import write_tiny_biomedclip
 
     size = TINY_URIS[uri]
     entry = cache_dir / cache_key(uri)

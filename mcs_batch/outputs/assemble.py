@@ -5,16 +5,14 @@ Pure functions of a finished case (its record and its slice rows); the pipeline'
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
 
 from mcs_batch.config import JobConfig
-from mcs_batch.outputs.masks import unpack_mask
-from mcs_batch.records import CaseRecord, Status, target_column
-from mcs_batch.stages.load import slice_axis_for
+from mcs_batch.records import CaseRecord, Status, slice_axis_for
+from mcs_batch.rows import PromptRecord, target_column, unpack_mask
 
 
 @dataclass
@@ -39,22 +37,22 @@ def assemble_target(record: CaseRecord, slices: dict[int, dict], j: int, cfg: Jo
     n_empty_saliency = n_with_mask = 0
     for k in sorted(slices):
         row = slices[k]
-        prompts = json.loads(row[target_column(j, "prompts")])
+        prompts = PromptRecord.decode(row[target_column(j, "prompts")])
         pixels = int(row[target_column(j, "pixels")])
         if pixels:
             place(mask, k, axis, unpack_mask(row[target_column(j, "mask")], (int(row["height"]), int(row["width"]))))
             scores.append(float(row[target_column(j, "score")]))
             n_with_mask += 1
-        if prompts["reason"]:
+        if prompts.reason:
             n_empty_saliency += 1
-        means.append(prompts["saliency_mean"])
-        maxima.append(prompts["saliency_max"])
+        means.append(prompts.saliency_mean)
+        maxima.append(prompts.saliency_max)
         slice_rows.append({
             "case_id": record.case_id, "target": cfg.targets[j].name, "slice_index": k,
-            "boxes_xyxy": prompts["boxes_xyxy"], "points_xy": prompts["points_xy"],
+            "boxes_xyxy": prompts.boxes_xyxy, "points_xy": prompts.points_xy,
             "sam_score": float(row[target_column(j, "score")]), "mask_pixels": pixels,
-            "saliency_mean": prompts["saliency_mean"], "saliency_max": prompts["saliency_max"],
-            "reason": prompts["reason"],
+            "saliency_mean": prompts.saliency_mean, "saliency_max": prompts.saliency_max,
+            "reason": prompts.reason,
         })  # fmt: skip
     voxels = int(mask.sum())
     spacing = np.asarray(record.spacing_mm or (1.0, 1.0, 1.0), float)

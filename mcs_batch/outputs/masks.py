@@ -25,13 +25,3 @@ def png_bytes(mask_hw: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray((np.asarray(mask_hw) > 0).astype(np.uint8) * 255).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def pack_mask(mask_hw: np.ndarray) -> bytes:
-    """bool [H, W] -> bit-packed bytes (8x smaller while slices travel to the writer)."""
-    return np.packbits(np.asarray(mask_hw, bool).ravel()).tobytes()
-
-
-def unpack_mask(data: bytes, shape_hw: tuple[int, int]) -> np.ndarray:
-    n = shape_hw[0] * shape_hw[1]
-    return np.unpackbits(np.frombuffer(data, np.uint8), count=n).astype(bool).reshape(shape_hw)

@@ -1,12 +1,12 @@
 """CPU stages: plan each case into a case row plus chunks of slices, then decode chunks into images.
 
 Pure functions on records and arrays, wrapped as Ray Data batch functions at the bottom. A volume
-is decoded `slice_chunk` slices at a time, so no worker holds a whole long series.
+is decoded `slice_chunk` slices at a time, so no worker holds a whole long series. Row format:
+mcs_batch.rows.
 """
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -16,29 +16,20 @@ from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.io.window import to_model_rgb
-from mcs_batch.records import CASE_ROW, CaseRecord, Status
-
-NO_IMAGE = np.zeros((1, 1, 3), np.uint8)  # placeholder in rows without an image (Arrow needs a value)
-
-
-def slice_axis_for(record: CaseRecord, axis: int) -> int:
-    return 2 if record.shape is None or record.shape[2] == 1 else axis
+from mcs_batch.records import CaseRecord, Status, slice_axis_for
+from mcs_batch.rows import CASE_ROW, NO_IMAGE, case_of, case_row, chunk_row, columns, slice_row
 
 
 def plan_case(record: CaseRecord, *, slice_chunk: int, axis: int) -> list[dict]:
     """One case row, then one chunk row per `slice_chunk` slices (none for cases that are not ok)."""
     n = record.shape[slice_axis_for(record, axis)] if record.status == Status.OK else 0
-    rows = [
-        {"case_id": record.case_id, "slice_index": CASE_ROW, "n_slices": n, "case_json": json.dumps(record.to_row())}
-    ]
-    for k0 in range(0, n, slice_chunk):
-        rows.append({"case_id": record.case_id, "slice_index": k0, "n_slices": min(k0 + slice_chunk, n) - k0,
-                     "case_json": rows[0]["case_json"]})  # fmt: skip
-    return rows
+    head = case_row(record, n)
+    return [head] + [chunk_row(head, k0, min(k0 + slice_chunk, n) - k0) for k0 in range(0, n, slice_chunk)]
 
 
 def load_chunk(record: CaseRecord, k0: int, k1: int, cfg: JobConfig, *, fs) -> list[np.ndarray]:
-    """Slices k0..k1-1 as model input: uint8 RGB [H, W, 3] each (windowed for the modality)."""
+    """Slices k0..k1-1 along the case's slice axis as model input: uint8 RGB [H, W, 3] each
+    (windowed for the modality). The job and `explain` both read slices through this."""
     axis = slice_axis_for(record, cfg.slice_axis)
     if axis == 2:
         volume = load_case(record, fs=fs, slices=slice(k0, k1))
@@ -47,19 +38,6 @@ def load_chunk(record: CaseRecord, k0: int, k1: int, cfg: JobConfig, *, fs) -> l
         volume = load_case(record, fs=fs)
         planes = [volume.slice_image(k, axis=axis) for k in range(k0, k1)]
     return [to_model_rgb(p, modality=record.modality, settings=cfg.window) for p in planes]
-
-
-def _slice_row(case_id: str, k: int, image: np.ndarray, seconds: float, code: str = "", message: str = "") -> dict:
-    return {
-        "case_id": case_id,
-        "slice_index": k,
-        "n_slices": 1,
-        "case_json": "",
-        "image": image,
-        "error_code": code,
-        "error_message": message,
-        "load_s": seconds,
-    }
 
 
 # -- Ray Data wrappers ------------------------------------------------------------------------------
@@ -82,22 +60,21 @@ def load_batch(batch: dict, *, cfg: JobConfig, storage: StorageOptions | None) -
     ):
         k0, n = int(k0), int(n)
         if k0 == CASE_ROW:
-            rows.append({**_slice_row(case_id, CASE_ROW, NO_IMAGE, 0.0), "n_slices": n, "case_json": case_json})
+            rows.append({**slice_row(case_id, CASE_ROW, NO_IMAGE, 0.0), "n_slices": n, "case_json": case_json})
             continue
-        record = CaseRecord.from_row(json.loads(case_json))
+        record = case_of({"case_json": case_json})
         start = time.perf_counter()
         try:
             fs = filesystem_for(record.source_uris[0], storage)[0]
             images = load_chunk(record, k0, k0 + n, cfg, fs=fs)
         except CaseError as e:
-            rows.extend(_slice_row(case_id, k, NO_IMAGE, 0.0, e.code, e.message) for k in range(k0, k0 + n))
+            rows.extend(slice_row(case_id, k, NO_IMAGE, 0.0, e.code, e.message) for k in range(k0, k0 + n))
             continue
         except Exception as e:  # a decoder bug must not kill the job: this case fails, with the cause
             message = f"{record.source_uris[0]}: {type(e).__name__}: {e}"
-            rows.extend(
-                _slice_row(case_id, k, NO_IMAGE, 0.0, ErrorCode.DECODE_ERROR, message) for k in range(k0, k0 + n)
-            )
+            code = ErrorCode.DECODE_ERROR
+            rows.extend(slice_row(case_id, k, NO_IMAGE, 0.0, code, message) for k in range(k0, k0 + n))
             continue
         seconds = (time.perf_counter() - start) / max(n, 1)
-        rows.extend(_slice_row(case_id, k0 + i, image, seconds) for i, image in enumerate(images))
-    return {key: [r[key] for r in rows] for key in rows[0]} if rows else {}
+        rows.extend(slice_row(case_id, k0 + i, image, seconds) for i, image in enumerate(images))
+    return columns(rows)

@@ -2,30 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from mcs_batch.config import JobConfig
+from mcs_batch.config import Ablation, JobConfig
 from mcs_batch.errors import ErrorCode
+from mcs_batch.faults import fire_once
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.models.registry import load_sam_segmenter
-from mcs_batch.outputs.masks import pack_mask, unpack_mask
-from mcs_batch.records import target_column
-from mcs_batch.stages.prompts import VisualPrompts
-from mcs_batch.stages.saliency import fail_rows, model_rows
+from mcs_batch.models.visual_prompts import VisualPrompts
+from mcs_batch.rows import PromptRecord, fail_rows, model_rows, pack_mask, target_column, unpack_mask
 from mcs_batch.stages.zero_shot import sam_masks
 
 
-def _prompts(text: str) -> VisualPrompts:
-    d = json.loads(text)
-    boxes = np.asarray(d["boxes_xyxy"], np.float32).reshape(-1, 4)
-    points = np.asarray(d["points_xy"], np.float32).reshape(-1, 2)
-    return VisualPrompts(np.zeros((0, 0), bool), boxes, points, d["n_components"], d["reason"])
+def _visual_prompts(text: str) -> VisualPrompts:
+    """The prompts SAM needs (boxes, points, reason) from a row's PromptRecord."""
+    p = PromptRecord.decode(text)
+    return VisualPrompts(np.zeros((0, 0), bool), p.boxes(), p.points(), p.n_components, p.reason)
 
 
 class SamStage:
@@ -42,11 +38,9 @@ class SamStage:
     def _maybe_fail_for_tests(self) -> None:
         """Test-only fault hook (config `testing`): exit hard once, as a crashed GPU worker would."""
         t = self.cfg.testing
-        if t.kill_sam_actor_after_batches and self.batches >= t.kill_sam_actor_after_batches:
-            marker = Path(t.fault_marker)
-            if t.fault_marker and not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os._exit(1)
+        due = t.kill_sam_actor_after_batches and self.batches >= t.kill_sam_actor_after_batches
+        if due and t.fault_marker and fire_once(t.fault_marker):
+            os._exit(1)
 
     def __call__(self, batch: dict) -> dict:
         self.batches += 1
@@ -61,8 +55,11 @@ class SamStage:
             start = time.perf_counter()
             try:
                 images = [batch["image"][i] for i in rows]
-                prompts = [[_prompts(batch[target_column(j, "prompts")][i]) for j in range(len(targets))] for i in rows]
-                if self.cfg.ablation == "full":
+                if self.cfg.ablation == Ablation.FULL:
+                    prompts = [
+                        [_visual_prompts(batch[target_column(j, "prompts")][i]) for j in range(len(targets))]
+                        for i in rows
+                    ]
                     results = sam_masks(self.sam, images, prompts, targets)
                 else:  # an ablation row: the mask made from the saliency map, no SAM
                     results = [
@@ -82,7 +79,6 @@ class SamStage:
         del batch["image"]
         for j in range(len(targets)):
             batch.pop(target_column(j, "premask"), None)
-        for j in range(len(targets)):
             batch[target_column(j, "mask")] = np.array(masks[j], dtype=object)
             batch[target_column(j, "score")] = scores[j]
             batch[target_column(j, "pixels")] = pixels[j]

@@ -11,26 +11,8 @@ from mcs_batch.config import JobConfig
 from mcs_batch.errors import ErrorCode
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.models.registry import load_clip
-from mcs_batch.records import target_column
+from mcs_batch.rows import NO_MAP, fail_rows, model_rows, target_column
 from mcs_batch.stages.zero_shot import ImageKey, saliency_maps
-
-NO_MAP = np.zeros((1, 1), np.float16)
-
-
-def model_rows(batch: dict) -> list[int]:
-    """Indices of the rows that carry an image to process (slice rows without an error)."""
-    return [
-        i
-        for i, (k, code) in enumerate(zip(batch["slice_index"], batch["error_code"], strict=True))
-        if k >= 0 and not code
-    ]
-
-
-def fail_rows(batch: dict, rows: list[int], code: ErrorCode, message: str) -> None:
-    codes, messages = list(batch["error_code"]), list(batch["error_message"])
-    for i in rows:
-        codes[i], messages[i] = str(code), message
-    batch["error_code"], batch["error_message"] = np.array(codes, dtype=object), np.array(messages, dtype=object)
 
 
 class SaliencyStage:

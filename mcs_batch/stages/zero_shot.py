@@ -1,8 +1,12 @@
-"""Zero-shot segmentation of a batch of 2D images for several targets (METHOD.md steps 1-6).
+"""The method on a batch of 2D images for several targets (METHOD.md steps 1-6): its one implementation.
 
-Per image, the work that does not depend on the target is done once: the CLIP blocks up to the M2IB
-layer and the SAM image embedding. Per (image, target): M2IB from the shared prefix (all pairs of the
-batch in one batched M2IB problem), the map back into the image frame, visual prompts, SAM decoding.
+Three steps, each a function, composed by `segment_images` (what `explain` runs) and called one by one
+by the job's stages (saliency, prompts, masking), so the two cannot drift apart:
+
+    saliency_maps   M2IB per (image, target), from a CLIP prefix computed once per image
+    prompts_for     coarse mask, K components, boxes, seeded points per (image, target)
+    sam_masks       one SAM image embedding per image, decoded per target
+    (ablation rows: ablation_mask replaces SAM)
 """
 
 from __future__ import annotations
@@ -13,20 +17,20 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mcs_batch.config import JobConfig, TargetConfig
+from mcs_batch.config import Ablation, JobConfig, TargetConfig
 from mcs_batch.errors import ErrorCode
 from mcs_batch.models.biomedclip import BiomedCLIP, map_to_image
 from mcs_batch.models.m2ib import m2ib_from_prefix, vision_prefix
 from mcs_batch.models.registry import LoadedModels
 from mcs_batch.models.sam import SamSegmenter
-from mcs_batch.seeding import case_rng, torch_generator
-from mcs_batch.stages.prompts import (
+from mcs_batch.models.visual_prompts import (
     PromptSettings,
     VisualPrompts,
     coarse_mask,
     largest_components,
     visual_prompts,
 )
+from mcs_batch.seeding import case_rng, torch_generator
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,21 @@ def sam_masks(
     return out
 
 
-def ablation_mask(saliency: np.ndarray, coarse: PromptSettings, ablation: str) -> np.ndarray:
+def prompts_for(
+    maps: Sequence[Sequence[np.ndarray]], keys: Sequence[ImageKey], targets: Sequence[TargetConfig], *, seed: int
+) -> list[list[VisualPrompts]]:
+    """Visual prompts per (image, target) from saliency maps[image][target]; points drawn from a
+    generator seeded by (seed, case_id, slice_index), the same for every target of an image."""
+    return [
+        [
+            visual_prompts(np.asarray(m, np.float32), t.coarse, rng=case_rng(seed, k.case_id, k.slice_index))
+            for m, t in zip(row, targets, strict=True)
+        ]
+        for row, k in zip(maps, keys, strict=True)
+    ]
+
+
+def ablation_mask(saliency: np.ndarray, coarse: PromptSettings, ablation: Ablation | str) -> np.ndarray:
     """The mask of an ablation row (config `ablation`), bool [H, W]; "full" is SAM's, not made here.
 
     saliency: map > coarse.threshold; postprocess: the coarse mask (k-means / Otsu / threshold);
@@ -139,14 +157,8 @@ def segment_images(
     """The whole method on a batch of RGB uint8 [H, W, 3] images (sizes may differ): results[image][target]."""
     targets = list(targets if targets is not None else cfg.targets)
     maps = saliency_maps(models.clip, images, keys, cfg, targets)
-    prompts = [
-        [
-            visual_prompts(m, t.coarse, rng=case_rng(cfg.seed, k.case_id, k.slice_index))
-            for m, t in zip(row, targets, strict=True)
-        ]
-        for row, k in zip(maps, keys, strict=True)
-    ]
-    if cfg.ablation == "full":
+    prompts = prompts_for(maps, keys, targets, seed=cfg.seed)
+    if cfg.ablation == Ablation.FULL:
         masks = sam_masks(models.sam, images, prompts, targets)
     else:  # an ablation row of the paper: no SAM
         masks = [

@@ -13,22 +13,19 @@ import argparse
 import json
 import sys
 
-
-def _progress(message: str) -> None:
-    print(f"mcs-batch: {message}", file=sys.stderr, flush=True)
+from mcs_batch.cli_common import EXIT_FAILED, EXIT_OK, add_common_args, progress, start_ray, storage_options
 
 
 def cmd_finetune_clip(args: argparse.Namespace) -> int:
-    from mcs_batch.cli import EXIT_FAILED, EXIT_OK, _ray, _storage_options
     from mcs_batch.train.config import load_finetune_config
     from mcs_batch.train.finetune import FinetuneError, finetune_clip
 
     cfg = load_finetune_config(args.config, overrides=args.set)
     cfg.check_required()
-    storage = _storage_options(args)
-    _ray(args)
+    storage = storage_options(args)
+    start_ray(args)
     try:
-        result = finetune_clip(cfg, storage=storage, progress=_progress)
+        result = finetune_clip(cfg, storage=storage, progress=progress)
     except FinetuneError as e:
         print(f"mcs-batch: error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -42,10 +39,9 @@ def cmd_finetune_clip(args: argparse.Namespace) -> int:
 
 def add_commands(subparsers) -> None:
     """Register `finetune-clip` on the main parser's subcommands."""
-    from mcs_batch.cli import _add_common
 
     p = subparsers.add_parser("finetune-clip", help="fine-tune BiomedCLIP on image-caption pairs (DHN-NCE, Ray Train)")
     p.add_argument("--config", default=None, help="finetune YAML file (see jobs/configs/finetune_tiny.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    _add_common(p)
+    add_common_args(p)
     p.set_defaults(func=cmd_finetune_clip)

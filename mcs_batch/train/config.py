@@ -1,6 +1,6 @@
 """Frozen fine-tuning configuration: every number visible, one way to override it.
 
-Built like the segmentation job's config (mcs_batch.config): defaults below <- a YAML file <- `--set
+Built like the segmentation job's config, by mcs_batch.yaml_config: defaults below <- a YAML file <- `--set
 a.b=value` overrides (YAML scalars). Unknown keys and bad values raise ConfigError naming the key.
 
     cfg = load_finetune_config("jobs/configs/finetune_tiny.yaml", overrides=["optim.lr=1e-4"])
@@ -11,15 +11,37 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
-from mcs_batch.config import _build, _to_plain, apply_overrides, merge, read_yaml_file
 from mcs_batch.errors import ConfigError
+from mcs_batch.faults import TestingConfig
 from mcs_batch.io.window import WindowSettings
-from mcs_batch.train.dhn_nce import LossKind
+from mcs_batch.models.settings import ResizeMode
+from mcs_batch.yaml_config import load, to_plain
 
-TOWERS = ("both", "vision", "text", "projection")
-LISTING_FORMATS = ("auto", "parquet", "csv", "jsonl")
+
+class LossKind(StrEnum):
+    DHN_NCE = "dhn_nce"
+    HN_NCE = "hn_nce"
+    DCL = "dcl"
+    INFONCE = "infonce"
+
+
+class Towers(StrEnum):
+    """Which parameters fine-tuning trains."""
+
+    BOTH = "both"
+    VISION = "vision"
+    TEXT = "text"
+    PROJECTION = "projection"  # the two projection heads only
+
+
+class ListingFormat(StrEnum):
+    AUTO = "auto"  # by file extension
+    PARQUET = "parquet"
+    CSV = "csv"
+    JSONL = "jsonl"
 
 
 @dataclass(frozen=True)
@@ -36,24 +58,20 @@ class PairsConfig:
     """Image-caption pairs: a listing (Parquet / CSV / JSONL) of image URIs and captions."""
 
     listing: tuple[str, ...] = ()  # listing files (or folders of them): /path, s3://bucket/key, ...
-    format: str = "auto"  # auto (by file extension) | parquet | csv | jsonl
+    format: ListingFormat = ListingFormat.AUTO  # auto (by file extension) | parquet | csv | jsonl
     image_column: str = "image"  # image URI; relative paths are relative to the listing's folder
     caption_column: str = "caption"
     min_caption_chars: int = 8  # captions shorter than this (after trimming whitespace) are dropped
     min_caption_words: int = 2  # ... and captions with fewer words
     val_fraction: float = 0.1  # share of images in the validation split (by a stable hash of the URI)
     split_salt: str = "mcs-batch-v1"  # part of the hash: another salt draws another split
-    resize: str = "resize"  # CLIP geometry as in the segmentation job: resize | pad
+    resize: ResizeMode = ResizeMode.RESIZE  # CLIP geometry as in the segmentation job: resize | pad
     window: WindowSettings = field(default_factory=WindowSettings)  # DICOM -> RGB, as in the job
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0 = listing order
 
     def __post_init__(self):
-        if self.format not in LISTING_FORMATS:
-            raise ConfigError(f"data.format: {self.format!r} is not one of {', '.join(LISTING_FORMATS)}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"data.val_fraction: must be in [0, 1), got {self.val_fraction}")
-        if self.resize not in ("resize", "pad"):
-            raise ConfigError(f"data.resize: {self.resize!r} is not one of resize, pad")
         if self.min_caption_chars < 0 or self.min_caption_words < 0 or self.shuffle_buffer < 0:
             raise ConfigError("data: min_caption_chars, min_caption_words and shuffle_buffer must be >= 0")
 
@@ -62,14 +80,12 @@ class PairsConfig:
 class LossConfig:
     """The contrastive loss (mcs_batch.train.dhn_nce); METHOD.md's defaults."""
 
-    kind: str = "dhn_nce"  # dhn_nce (the method) | hn_nce | dcl | infonce
+    kind: LossKind = LossKind.DHN_NCE  # dhn_nce (the method) | hn_nce | dcl | infonce
     temperature: float = 0.6  # tau
     beta1: float = 0.15  # hard-negative weighting, image -> text
     beta2: float = 0.15  # hard-negative weighting, text -> image
 
     def __post_init__(self):
-        if self.kind not in {k.value for k in LossKind}:
-            raise ConfigError(f"loss.kind: {self.kind!r} is not one of {', '.join(k.value for k in LossKind)}")
         if not self.temperature > 0:
             raise ConfigError(f"loss.temperature: must be > 0, got {self.temperature}")
         if self.beta1 < 0 or self.beta2 < 0:
@@ -90,13 +106,11 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
     grad_clip_norm: float = 1.0  # max L2 norm of all trainable gradients; 0 = no clipping
-    towers: str = "both"  # both | vision | text | projection (the two projection heads only)
+    towers: Towers = Towers.BOTH  # both | vision | text | projection (the two projection heads only)
     amp: bool = True  # bf16 autocast on GPU workers (CPU workers run fp32)
     seed: int = 0  # model-side randomness (dropout) and data shuffling derive from it
 
     def __post_init__(self):
-        if self.towers not in TOWERS:
-            raise ConfigError(f"optim.towers: {self.towers!r} is not one of {', '.join(TOWERS)}")
         if self.batch_size < 2:
             raise ConfigError(f"optim.batch_size: a contrastive batch needs >= 2 pairs, got {self.batch_size}")
         if self.epochs < 1 or self.max_steps < 0 or self.warmup_steps < 0:
@@ -136,14 +150,6 @@ class OutputConfig:
 
 
 @dataclass(frozen=True)
-class TestingConfig:
-    """Fault injection for tests only (default off)."""
-
-    interrupt_after_step: int = 0  # > 0: rank 0 raises once right after this step's checkpoint ...
-    fault_marker: str = ""  # ... recorded in this file, so that it fires only once
-
-
-@dataclass(frozen=True)
 class FinetuneConfig:
     model: BaseModelConfig = field(default_factory=BaseModelConfig)
     data: PairsConfig = field(default_factory=PairsConfig)
@@ -166,7 +172,7 @@ class FinetuneConfig:
         return self.optim.batch_size // self.run.num_workers
 
     def to_dict(self) -> dict:
-        return _to_plain(self)
+        return to_plain(self)
 
     def hash(self) -> str:
         """sha256 (16 hex) of what determines the model: base, data, loss, optimisation."""
@@ -192,9 +198,4 @@ class FinetuneConfig:
 
 def load_finetune_config(path: str | Path | None = None, *, overrides: list[str] | tuple[str, ...] = ()):
     """Defaults <- YAML file <- `--set key=value` overrides, validated."""
-    tree: dict = FinetuneConfig().to_dict()
-    if path is not None:
-        merge(tree, read_yaml_file(path))
-    apply_overrides(tree, overrides)
-    return _build(FinetuneConfig, tree, "")
-
+    return load(FinetuneConfig, path, overrides=overrides)

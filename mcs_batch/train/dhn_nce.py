@@ -30,19 +30,12 @@ loss, which cancels DDP's division by the world size.
 from __future__ import annotations
 
 import math
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-class LossKind(StrEnum):
-    DHN_NCE = "dhn_nce"
-    HN_NCE = "hn_nce"
-    DCL = "dcl"
-    INFONCE = "infonce"
-
+from mcs_batch.train.config import LossKind
 
 # kind -> (positive pair in the denominator, hard-negative weighting)
 _VARIANTS: dict[LossKind, tuple[bool, bool]] = {

@@ -23,7 +23,7 @@ from pathlib import Path
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join, protocol_of
 from mcs_batch.models.biomedclip import CLIP_IMAGE_SIZE
-from mcs_batch.models.tiny import OPEN_CLIP_CONFIG
+from mcs_batch.models.open_clip_folder import OPEN_CLIP_CONFIG
 from mcs_batch.models.weights import fetch
 from mcs_batch.train.config import FinetuneConfig
 from mcs_batch.train.dhn_nce import make_loss

@@ -31,6 +31,7 @@ import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from mcs_batch.faults import fire_once
 from mcs_batch.io.storage import StorageOptions, protocol_of
 from mcs_batch.train.config import FinetuneConfig
 from mcs_batch.train.dhn_nce import make_loss
@@ -298,12 +299,7 @@ def _restore(folder: Path, model, optimizer, scheduler) -> TrainState:
 
 def _maybe_interrupt(cfg: FinetuneConfig, step: int, rank: int) -> None:
     t = cfg.testing
-    if t.interrupt_after_step and step == t.interrupt_after_step and rank == 0:
-        marker = Path(t.fault_marker) if t.fault_marker else None
-        if marker is not None and marker.exists():
-            return
-        if marker is not None:
-            marker.write_text(f"interrupted after step {step}\n")
+    if t.interrupt_after_step and step == t.interrupt_after_step and rank == 0 and fire_once(t.fault_marker):
         raise SimulatedInterruption(f"testing: interrupted after the checkpoint of step {step}")
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of
 from mcs_batch.models.biomedclip import WEIGHT_FILE_NAMES, load_biomedclip
-from mcs_batch.models.tiny import MARKER_FILE, WEIGHTS_FILE, point_text_tower_at
+from mcs_batch.models.open_clip_folder import MARKER_FILE, WEIGHTS_FILE, point_text_tower_at
 from mcs_batch.models.weights import sha256_file
 
 CARD_JSON, CARD_MD = "model_card.json", "MODEL_CARD.md"
