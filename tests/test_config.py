@@ -9,7 +9,7 @@ import pytest
 from mcs_batch.config import BIOMEDCLIP_HF, JobConfig, load_config
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.window import CTWindow
-from mcs_batch.stages.prompts import CoarseMethod
+from mcs_batch.models.visual_prompts import CoarseMethod
 
 
 def test_defaults_are_the_method_defaults():
@@ -53,12 +53,21 @@ def test_presets_and_prompt_flags():
     [
         (["m2ib.lyer=3"], "unknown config key m2ib.lyer"),
         (["m2ib.layer=abc"], "m2ib.layer: expected an integer"),
-        (["window.ct_window=soft"], "unknown CT window 'soft'"),
+        (["window.ct_window=soft"], r"window\.ct_window: 'soft' is not one of lung"),
         (["targets.0.coarse.k_components=0"], "k_components must be >= 1"),
         (["slice_axis=5"], "slice_axis"),
         (["nonsense"], "expected key=value"),
         (["targets=[{name: a b, prompts: [x]}]"], "name 'a b'"),
         (["targets=[{name: a, prompts: [x]}, {name: a, prompts: [y]}]"], "names must be unique"),
+        # every string setting is an enum, checked at load (not deep inside a run)
+        (["clip.resize=crop"], r"clip\.resize: 'crop' is not one of resize, pad"),
+        (["models.sam_precision=fp8"], r"models\.sam_precision: 'fp8' is not one of fp32, bf16, fp16"),
+        (["models.sam_variant=vit_x"], r"models\.sam_variant: 'vit_x' is not one of vit_b"),
+        (["models.device=gpu"], "models.device 'gpu'"),
+        (["m2ib.precision=int8"], r"m2ib\.precision: 'int8'"),
+        (["ablation=most"], r"ablation: 'most' is not one of saliency, postprocess, components, full"),
+        (["targets.0.coarse.method=watershed"], r"targets\[0\]\.coarse\.method: 'watershed'"),
+        (["targets.0.coarse.box_mode=all"], r"targets\[0\]\.coarse\.box_mode: 'all'"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str):
@@ -74,6 +83,19 @@ def test_bad_files_are_config_errors(tmp_path: Path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="--models 'huge'"):
         load_config(preset="huge")
+
+
+def test_hash_is_pinned():
+    """Outputs record the hash and refuse to mix configurations: a refactor must not change it."""
+    assert JobConfig().hash() == "0bfcc494eaf02685"
+    assert load_config(preset="tiny").hash() == "4175ac861afcb24e"
+    assert load_config(preset="real", prompts=["a lung"], target="lungs").hash() == "72638a2e9af75876"
+
+
+def test_command_line_inputs_and_out_are_config_fields():
+    cfg = load_config(prompts=["a lung"], inputs=["s3://a/", "/b"], out="s3://c/out")
+    assert cfg.inputs.uris == ("s3://a/", "/b") and cfg.outputs.uri == "s3://c/out"
+    assert load_config(inputs=["/b"], overrides=["inputs.uris=[/x]"]).inputs.uris == ("/x",)  # --set wins
 
 
 def test_hash_is_stable_and_sensitive():

@@ -19,7 +19,8 @@ from mcs_batch.models.biomedclip import (
     resize_for_clip,
     to_clip_input,
 )
-from mcs_batch.models.tiny import CLIP_MEAN, CLIP_STD, read_marker, write_tiny_biomedclip
+from mcs_batch.models.open_clip_folder import CLIP_MEAN, CLIP_STD, read_marker
+from mcs_batch.models.tiny import write_tiny_biomedclip
 from mcs_batch.models.weights import WeightsError, fetch, sha256_file
 
 # A 300 x 180 (W x H) image with a bright 60 x 60 rectangle at rows 40..99, columns 200..259.

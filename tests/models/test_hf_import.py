@@ -16,7 +16,8 @@ from mcs_batch.models.hf_import import (
     import_biomedclip_hf,
     open_clip_to_hf,
 )
-from mcs_batch.models.tiny import read_marker, write_tiny_biomedclip
+from mcs_batch.models.open_clip_folder import read_marker
+from mcs_batch.models.tiny import write_tiny_biomedclip
 from mcs_batch.models.weights import WeightsError, load_state_dict, sha256_file
 
 PROMPTS = ["a lung", "a breast tumor", "an enhancing brain tumor on mri"]

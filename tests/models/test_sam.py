@@ -19,7 +19,7 @@ from mcs_batch.models.sam import (
     random_sam,
     write_random_sam,
 )
-from mcs_batch.stages.prompts import largest_components
+from mcs_batch.models.visual_prompts import largest_components
 
 # Images of different, non-square sizes in one batch; image 1 gets 3 boxes, image 2 none.
 SIZES = [(120, 200), (301, 170), (64, 96)]
@@ -58,8 +58,21 @@ def _predictor_union(predictor: SamPredictor, image, boxes, points=None):
     return union, np.asarray(scores, dtype=np.float32)
 
 
+def _segment_each(segmenter: SamSegmenter, images, boxes_per_image, k_components=None):
+    """One target per image: the prompted images embedded in one call, then each decoded."""
+    prompted = [i for i, boxes in enumerate(boxes_per_image) if len(boxes)]
+    embeddings = segmenter.embed([images[i] for i in prompted])
+    at = {i: n for n, i in enumerate(prompted)}
+    return [
+        segmenter.segment(embeddings, at[i], boxes, k_components=k_components)
+        if i in at
+        else segmenter.segment(embeddings, 0, np.zeros((0, 4)), k_components=k_components)
+        for i, boxes in enumerate(boxes_per_image)
+    ]
+
+
 def _assert_matches_predictor(model, images, boxes_per_image):
-    results = SamSegmenter(model).segment_batch(images, boxes_per_image, k_components=None)
+    results = _segment_each(SamSegmenter(model), images, boxes_per_image)
     predictor = SamPredictor(model)
     for image, boxes, result in zip(images, boxes_per_image, results, strict=True):
         if len(boxes) == 0:
@@ -146,18 +159,6 @@ def test_k_largest_components_of_the_union(tiny, tiny_embeddings):
         np.testing.assert_array_equal(kept, largest_components(union, k))
 
 
-def test_images_without_prompts_skip_the_encoder(tiny, monkeypatch):
-    segmenter = SamSegmenter(tiny)
-
-    def refuse(_images):
-        raise AssertionError("the encoder ran for images without prompts")
-
-    monkeypatch.setattr(segmenter, "embed", refuse)
-    results = segmenter.segment_batch(_images()[:2], [np.zeros((0, 4)), None])
-    assert [r.mask.shape for r in results] == SIZES[:2]
-    assert not any(r.mask.any() for r in results) and all(r.score == 0.0 for r in results)
-
-
 def test_bad_inputs_are_refused(tiny):
     segmenter = SamSegmenter(tiny)
     with pytest.raises(ValueError, match="RGB uint8"):
@@ -169,8 +170,6 @@ def test_bad_inputs_are_refused(tiny):
         segmenter.segment(embeddings, 0, np.array([1.0, 2.0, 3.0]))
     with pytest.raises(IndexError):
         segmenter.segment(embeddings, 1, BOXES[0])
-    with pytest.raises(ValueError, match="images but"):
-        segmenter.segment_batch(_images(), BOXES[:2])
     with pytest.raises(ConfigError, match="CUDA"):
         SamSegmenter(tiny, precision="bf16")
     with pytest.raises(ConfigError, match="variant"):
@@ -195,8 +194,8 @@ def test_random_checkpoint_round_trip(tmp_path, tiny):
     )
     loaded = load_sam("tiny", path)
     images = _images()[:1]
-    a = SamSegmenter(tiny).segment_batch(images, BOXES[:1])
-    b = SamSegmenter(loaded).segment_batch(images, BOXES[:1])
+    a = _segment_each(SamSegmenter(tiny), images, BOXES[:1], k_components=1)
+    b = _segment_each(SamSegmenter(loaded), images, BOXES[:1], k_components=1)
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x.mask, y.mask)
         np.testing.assert_array_equal(x.per_box_scores, y.per_box_scores)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from mcs_batch.errors import CaseError, ConfigError, ErrorCode
-from mcs_batch.stages.prompts import (
+from mcs_batch.models.visual_prompts import (
     BoxMode,
     CoarseMethod,
     PromptSettings,

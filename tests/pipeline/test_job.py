@@ -21,9 +21,9 @@ from mcs_batch.errors import ConfigError
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.pipeline import run_job
-from mcs_batch.sample import build_sample_archive
 from mcs_batch.scan import discover_cases
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.sample import build_sample_archive
+from mcs_batch.testdata.series import write_series
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 QUIET = {"progress": lambda message: None}

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from mcs_batch.config import load_config
+from mcs_batch.errors import ErrorCode
 from mcs_batch.models.registry import load_models
-from mcs_batch.stages.zero_shot import ImageKey, segment_images
+from mcs_batch.models.visual_prompts import VisualPrompts
+from mcs_batch.stages.zero_shot import ImageKey, sam_masks, segment_images
 
 TWO_TARGETS = "targets=[{name: lungs, prompts: [a lung, both lungs]}, {name: heart, prompts: [the heart]}]"
 
@@ -82,7 +84,7 @@ def test_deterministic_per_seed_case_and_slice(models):
 
 
 def test_ablation_masks_follow_the_papers_rows():
-    from mcs_batch.stages.prompts import PromptSettings
+    from mcs_batch.models.visual_prompts import PromptSettings
     from mcs_batch.stages.zero_shot import ablation_mask
 
     saliency = np.zeros((40, 60), np.float32)
@@ -105,3 +107,16 @@ def test_ablation_run_skips_sam(models, monkeypatch):
     (row,) = segment_images(models, images()[:1], [ImageKey("c", 0)], cfg)
     assert row[0].mask.shape == (90, 160) and row[0].sam_score == 0.0
     np.testing.assert_array_equal(row[0].mask, row[0].prompts.coarse_mask)  # components = the coarse mask kept
+
+
+def test_images_without_prompts_skip_the_sam_encoder(models, monkeypatch):
+    def refuse(_images):
+        raise AssertionError("the encoder ran for images without prompts")
+
+    monkeypatch.setattr(models.sam, "embed", refuse)
+    cfg = load_config(preset="tiny", overrides=[TWO_TARGETS])
+    empty = VisualPrompts(np.zeros((0, 0), bool), np.zeros((0, 4)), np.zeros((0, 2)), 0, ErrorCode.EMPTY_SALIENCY)
+    imgs = images()[:2]
+    results = sam_masks(models.sam, imgs, [[empty, empty], [empty, empty]], cfg.targets)
+    assert [[m.shape for m, _ in row] for row in results] == [[i.shape[:2]] * 2 for i in imgs]
+    assert not any(m.any() or score for row in results for m, score in row)

@@ -14,10 +14,10 @@ from mcs_batch.io.storage import StorageOptions
 from mcs_batch.io.window import to_model_rgb
 from mcs_batch.models.biomedclip import resize_for_clip
 from mcs_batch.scan import discover_cases
-from mcs_batch.synthetic import write_series
+from mcs_batch.testdata.pairs import write_shape_pairs
+from mcs_batch.testdata.series import write_series
 from mcs_batch.train.config import PairsConfig
-from mcs_batch.train.pairs import TRAIN, VAL, decoded, listing_digest, read_pairs, split_counts
-from mcs_batch.train.synthetic import write_shape_pairs
+from mcs_batch.train.pairs import TRAIN, VAL, decoded, listing_digest, read_pairs, split_counts, split_of
 
 
 def _rows(ds) -> list[dict]:
@@ -34,7 +34,10 @@ def test_every_listing_format_gives_the_same_pairs(ray_local, tmp_path: Path, fm
     assert rows[0]["image_uri"] == str(tmp_path / "images" / "00000.png")  # relative to the listing
     assert rows[0]["caption"] == "a red round mass on the left"
     counts = split_counts(pairs)
-    assert counts[TRAIN] + counts[VAL] == 20 and counts[VAL] > 0 and counts[TRAIN] > 0
+    # the split is a pure function of (salt, uri): what split_of says for each row, in every format
+    expected = [split_of(r["image_uri"], val_fraction=0.3, salt=cfg.split_salt) for r in rows]
+    assert [r["split"] for r in rows] == expected
+    assert counts[TRAIN] == expected.count(TRAIN) and counts[VAL] == expected.count(VAL)
 
 
 def test_decoding_png_and_dicom_matches_the_segmentation_job(ray_local, tmp_path: Path):
@@ -43,7 +46,7 @@ def test_decoding_png_and_dicom_matches_the_segmentation_job(ray_local, tmp_path
     rng = np.random.default_rng(0)
     from PIL import Image
 
-    from mcs_batch.train.synthetic import shape_image
+    from mcs_batch.testdata.pairs import shape_image
 
     Image.fromarray(shape_image("blue", "square", "left", size=70, rng=rng)[:, :50]).save(tmp_path / "a.png")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
