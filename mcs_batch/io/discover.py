@@ -41,7 +41,7 @@ class ObjectRef:
         return asdict(self)
 
 
-def _matches(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+def matches(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     name = rel.rsplit("/", 1)[-1]
     if include and not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in include):
         return False
@@ -83,7 +83,7 @@ def list_objects(
             if info.get("type", "file") != "file":
                 continue
             rel = relative_key(path, root_dir)
-            if not _matches(rel, include, exclude):
+            if not matches(rel, include, exclude):
                 continue
             full = to_uri(fs, path)
             refs[full] = ObjectRef(uri=full, rel=rel, size=int(info.get("size") or 0))

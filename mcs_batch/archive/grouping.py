@@ -1,0 +1,200 @@
+"""Grouping probed objects into cases as they stream in, without waiting for the whole archive.
+
+Every object that is not DICOM (NIfTI, PNG/JPEG, unreadable, ...) is a case of its own and leaves at
+once. DICOM headers are held per SeriesInstanceUID until the series is complete, judged by waves (the
+archive in key order, cut between folders, see listing.py): a series is released once every wave up to
+the one after its last file has been probed. A series whose files are contiguous in key order (one
+folder, or neighbouring folders: how archives are laid out) is therefore assembled once, with all its
+files, while later waves are still being read. Files of an already released series that turn up
+further on (a series scattered across the archive) become failure rows naming the reason, never a
+second case with the same id.
+
+CaseGrouper is a Ray Data actor of a pool of size one (it holds the open series), placed on the
+driver's node. It also appends what it learnt to the archive index and reports progress to the job's
+board.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+
+import pyarrow as pa
+
+from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.io.dicom_header import DicomHeader
+from mcs_batch.io.series import cases_from_headers
+from mcs_batch.io.storage import StorageOptions
+from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.index import ArchiveIndex
+from mcs_batch.outputs.schema import manifest_table
+from mcs_batch.records import CaseKind, CaseRecord, failed_record
+
+INDEX_FLUSH_ROWS = 5000  # index rows buffered per prefix before a part is written
+
+
+def cases_of_series(headers: list[DicomHeader]) -> list[CaseRecord]:
+    """All cases of one series' headers; a bug fails the series' objects (one row each), never loses them."""
+    try:
+        return cases_from_headers(headers)
+    except Exception as e:
+        code = e.code if isinstance(e, CaseError) else ErrorCode.INTERNAL_ERROR
+        return [
+            failed_record(
+                f"file:{h.rel}", CaseKind.DICOM_SERIES, h.uri, h.rel, code, f"{h.uri}: {type(e).__name__}: {e}"
+            )
+            for h in headers
+        ]
+
+
+class CaseGrouper:
+    """Probe rows (archive/probe.py) in, case rows (the manifest schema) out, as series complete.
+
+    wave_sizes: objects per wave, in wave order (the job's listing). committed_out: for a segmentation
+    job, its OUT: cases whose every target is committed there are dropped (counted as skipped), others
+    carry the targets already done in `done_targets`. None for `scan`, which keeps every case.
+    """
+
+    def __init__(
+        self,
+        wave_sizes: list[int],
+        *,
+        index_uri: str,
+        run_id: str,
+        storage: StorageOptions | None = None,
+        committed_out: str | None = None,
+        targets: tuple[str, ...] = (),
+        board: str | None = None,
+    ):
+        self.expected = list(wave_sizes)
+        self.seen = [0] * len(self.expected)
+        self.frontier = 0  # the first wave not yet fully probed
+        self._advance()
+        self.open: dict[str, list[DicomHeader]] = defaultdict(list)
+        self.open_index: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+        self.last_wave: dict[str, int] = {}
+        self.released: set[str] = set()
+        self.index = ArchiveIndex(index_uri, storage=storage)
+        self.index_rows: dict[str, list[dict]] = defaultdict(list)
+        self.index_seq = 0
+        self.run_id = run_id
+        self.targets = frozenset(targets)
+        self.done: dict[str, set[str]] = defaultdict(set)
+        if committed_out is not None:
+            for (case_id, target), _status in Catalog(committed_out, storage=storage).committed().items():
+                self.done[case_id].add(target)
+        self.board = None
+        if board:
+            import ray
+
+            self.board = ray.get_actor(board)
+            context = ray.get_runtime_context()
+            info = {"stage": "grouper", "node": context.get_node_id(), "pid": os.getpid(), "gpu_ids": []}
+            self.board.register_actor.remote(info, context.current_actor)
+        self.counts = {"probed": 0, "cached": 0, "cases": 0, "skipped_committed": 0}
+        self.scan_finished = False
+
+    # -- the stream ---------------------------------------------------------------------------------
+    def __call__(self, table: pa.Table) -> pa.Table:
+        out: list[CaseRecord] = []
+        delta = {"objects": table.num_rows, "probed": 0, "cached": 0}
+        for row in table.to_pylist():
+            self.seen[row["wave"]] += 1
+            delta["probed" if row["probed"] else "cached"] += 1
+            index_row = None
+            if row["probed"]:
+                index_row = {k: row[k] for k in ("uri", "rel", "size", "version", "payload")}
+            item = json.loads(row["payload"])
+            if "record" in item:
+                record = CaseRecord.from_row(item["record"])
+                self._index(row["prefix_id"], index_row, record.case_id)
+                out.append(record)
+                continue
+            header = DicomHeader.from_dict(item["header"])
+            uid = header.series_uid
+            if not uid:  # a DICOM object without a series: a case of its own
+                records = cases_of_series([header])
+                self._index(row["prefix_id"], index_row, records[0].case_id if records else None)
+                out.extend(records)
+            elif uid in self.released:
+                out.append(self._late(header))
+                self._index(row["prefix_id"], index_row, out[-1].case_id)
+            else:
+                self.open[uid].append(header)
+                self.open_index[uid].append((row["prefix_id"], index_row))
+                self.last_wave[uid] = max(self.last_wave.get(uid, -1), row["wave"])
+        if self._advance() or self.frontier == len(self.expected):
+            out.extend(self._release())
+        if self.frontier == len(self.expected):
+            self._flush_index(force=True)
+            if not self.scan_finished:
+                self.scan_finished = True
+                delta["scan_finished_at"] = time.time()
+        else:
+            self._flush_index()
+        kept = self._not_committed(out, delta)
+        self._report(delta)
+        return self._table(kept)
+
+    def _advance(self) -> bool:
+        before = self.frontier
+        while self.frontier < len(self.expected) and self.seen[self.frontier] >= self.expected[self.frontier]:
+            self.frontier += 1
+        return self.frontier != before
+
+    def _release(self) -> list[CaseRecord]:
+        """Series whose last file is at least one fully probed wave behind the frontier (all when done)."""
+        everything = self.frontier == len(self.expected)
+        ready = [uid for uid, last in self.last_wave.items() if everything or last + 1 < self.frontier]
+        out = []
+        for uid in ready:
+            records = cases_of_series(self.open.pop(uid))
+            case_of = {uri: r.case_id for r in records for uri in r.source_uris}
+            for prefix_id, index_row in self.open_index.pop(uid):
+                if index_row is not None:
+                    self._index(prefix_id, index_row, case_of.get(index_row["uri"]))
+            del self.last_wave[uid]
+            self.released.add(uid)
+            out.extend(records)
+        return out
+
+    def _late(self, header: DicomHeader) -> CaseRecord:
+        return failed_record(
+            f"file:{header.rel}", CaseKind.DICOM_SERIES, header.uri, header.rel, ErrorCode.INCONSISTENT_SERIES,
+            f"{header.uri}: a file of series {header.series_uid} found far (in key order) from the rest of the "
+            "series, which was already segmented; move it beside the series' other files and re-run",
+        )  # fmt: skip
+
+    # -- committed pairs, index, board --------------------------------------------------------------
+    def _not_committed(self, records: list[CaseRecord], delta: dict) -> list[tuple[CaseRecord, list[str]]]:
+        kept = []
+        for record in records:
+            done = self.done.get(record.case_id, set())
+            if self.targets and self.targets <= done:
+                delta["skipped_committed"] = delta.get("skipped_committed", 0) + 1
+                continue
+            kept.append((record, sorted(done & self.targets)))
+        delta["cases"] = len(kept)
+        return kept
+
+    def _index(self, prefix_id: str, row: dict | None, case_id: str | None) -> None:
+        if row is not None:
+            self.index_rows[prefix_id].append({**row, "case_id": case_id})
+
+    def _flush_index(self, force: bool = False) -> None:
+        for prefix_id in list(self.index_rows):
+            rows = self.index_rows[prefix_id]
+            if rows and (force or len(rows) >= INDEX_FLUSH_ROWS):
+                self.index.append(prefix_id, rows, run_id=self.run_id, seq=self.index_seq)
+                self.index_seq += 1
+                del self.index_rows[prefix_id]
+
+    def _report(self, delta: dict) -> None:
+        if self.board is not None:
+            self.board.scan_progress.remote(delta)
+
+    def _table(self, kept: list[tuple[CaseRecord, list[str]]]) -> pa.Table:
+        table = manifest_table([r.to_row() for r, _ in kept])
+        return table.append_column("done_targets", pa.array([d for _, d in kept], pa.list_(pa.string())))

@@ -1,0 +1,214 @@
+"""Listing an archive in parallel: top-level prefixes on the driver, each prefix listed in a Ray task.
+
+The driver only lists each input's top level (`fs.ls`): a few entries. Every sub-prefix is listed
+recursively by its own task, which sorts its objects by key, attaches what the archive index knows of
+each (header, case) when the object's size and version are unchanged, splits them into waves of
+`wave_objects` to twice as many objects (between folders where it can) and writes each wave as a
+Parquet file under the run's staging folder. The driver receives one small
+descriptor per wave: its memory grows with the number of waves, not of objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mcs_batch.errors import ConfigError
+from mcs_batch.io.discover import matches
+from mcs_batch.io.storage import StorageOptions, filesystem_for, relative_key, to_uri
+from mcs_batch.outputs.index import ArchiveIndex
+
+WAVE_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string()),
+        pa.field("rel", pa.string()),
+        pa.field("size", pa.int64()),
+        pa.field("version", pa.string()),  # ETag on object stores, mtime on file systems
+        pa.field("prefix_id", pa.string()),
+        pa.field("payload", pa.string()),  # the indexed probe result when unchanged, else ""
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """One unit of listing: a folder under an input, listed recursively, or an input's own files."""
+
+    input_uri: str
+    root: str  # the input root on its filesystem (keys are relative to it)
+    path: str  # what to list
+    recursive: bool  # False: only the files directly in `path` (or `path` itself when it is a file)
+
+    @property
+    def prefix_id(self) -> str:
+        """Stable name of this prefix in the archive index (same input, same id, every run)."""
+        text = f"{self.input_uri.rstrip('/')}|{relative_key(self.path, self.root)}|{int(self.recursive)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Wave:
+    """A slice of the archive in key order, as listed: `path` holds its objects (WAVE_SCHEMA)."""
+
+    index: int
+    path: str  # a Parquet file under the run's staging folder (URI)
+    objects: int
+    cached: int  # of which the index already knows the header
+
+
+def top_prefixes(inputs: Sequence[str], *, storage: StorageOptions | None) -> list[Prefix]:
+    """The listing units of every input (driver side: one `ls` per input).
+
+    Raises ConfigError when an input does not exist or cannot be listed (unreachable bucket, missing
+    credentials): a job-level problem, said in one line.
+    """
+    prefixes: list[Prefix] = []
+    for uri in inputs:
+        fs, root = filesystem_for(uri, storage)
+        try:
+            if fs.isfile(root):
+                prefixes.append(Prefix(uri, root.rsplit("/", 1)[0], root, recursive=False))
+                continue
+            entries = fs.ls(root, detail=True)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{uri}: input does not exist") from e
+        except Exception as e:  # botocore / aiohttp errors: unreachable endpoint, denied, ...
+            raise ConfigError(f"{uri}: cannot list input ({type(e).__name__}: {e})") from e
+        if not entries and not fs.exists(root):
+            raise ConfigError(f"{uri}: input does not exist")
+        folders = sorted(e["name"] for e in entries if e.get("type") == "directory")
+        if any(e.get("type", "file") == "file" for e in entries):
+            prefixes.append(Prefix(uri, root, root, recursive=False))
+        prefixes.extend(Prefix(uri, root, folder, recursive=True) for folder in folders)
+    return prefixes
+
+
+def _version(info: dict) -> str:
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
+        if info.get(key):
+            return str(info[key]).strip('"')
+    return ""
+
+
+def list_prefix_objects(
+    prefix: Prefix, *, storage: StorageOptions | None, include: Sequence[str], exclude: Sequence[str]
+) -> list[dict]:
+    """Every object under one prefix (filtered), sorted by key: uri, rel, size, version."""
+    fs, _ = filesystem_for(prefix.input_uri, storage)
+    if prefix.recursive:
+        found = fs.find(prefix.path, detail=True)
+    elif fs.isfile(prefix.path):
+        found = {prefix.path: fs.info(prefix.path)}
+    else:
+        found = {e["name"]: e for e in fs.ls(prefix.path, detail=True)}
+    rows = []
+    for path, info in found.items():
+        if info.get("type", "file") != "file":
+            continue
+        rel = relative_key(path, prefix.root)
+        if matches(rel, include, exclude):
+            rows.append({"uri": to_uri(fs, path), "rel": rel, "size": int(info.get("size") or 0),
+                         "version": _version(info)})  # fmt: skip
+    return sorted(rows, key=lambda r: r["uri"])
+
+
+def split_into_waves(rows: list[dict], wave_objects: int) -> list[list[dict]]:
+    """Consecutive runs of rows (sorted by key) of `wave_objects` to 2 x `wave_objects` objects, cut
+    between folders where one ends in that range, else inside a folder (a series cut there is still
+    assembled once: the grouper waits for the next wave before releasing it)."""
+    waves: list[list[dict]] = []
+    current: list[dict] = []
+    folder = None
+    for row in rows:
+        row_folder = posixpath.dirname(row["rel"])
+        full = len(current) >= wave_objects and (row_folder != folder or len(current) >= 2 * wave_objects)
+        if current and full:
+            waves.append(current)
+            current = []
+        current.append(row)
+        folder = row_folder
+    if current:
+        waves.append(current)
+    return waves
+
+
+def list_prefix(
+    prefix: dict,
+    *,
+    storage: StorageOptions | None,
+    include: Sequence[str],
+    exclude: Sequence[str],
+    wave_objects: int,
+    index_uri: str,
+    staging_uri: str,
+) -> list[dict]:
+    """Ray task: list one prefix, look its objects up in the index, write its waves; returns their
+    descriptors (path, objects, cached) in key order."""
+    p = Prefix(**prefix)
+    rows = list_prefix_objects(p, storage=storage, include=include, exclude=exclude)
+    known = ArchiveIndex(index_uri, storage=storage).read_prefix(p.prefix_id)
+    cached = 0
+    for row in rows:
+        entry = known.get(row["uri"])
+        hit = entry is not None and row["version"] and entry["version"] == row["version"]
+        hit = hit and entry["size"] == row["size"]
+        row["payload"] = entry["payload"] if hit else ""
+        row["prefix_id"] = p.prefix_id
+        cached += bool(hit)
+    out_fs, out_root = filesystem_for(staging_uri, storage)
+    out_fs.makedirs(out_root, exist_ok=True)
+    waves = []
+    for n, wave in enumerate(split_into_waves(rows, wave_objects)):
+        path = posixpath.join(out_root, f"wave-{p.prefix_id}-{n:06d}.parquet")
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(wave, schema=WAVE_SCHEMA), sink, compression="zstd")
+        out_fs.pipe_file(path, sink.getvalue().to_pybytes())
+        waves.append(
+            {"path": to_uri(out_fs, path), "objects": len(wave), "cached": sum(bool(r["payload"]) for r in wave)}
+        )
+    return waves
+
+
+def list_archive(
+    inputs: Sequence[str],
+    *,
+    storage: StorageOptions | None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    wave_objects: int,
+    index_uri: str,
+    staging_uri: str,
+) -> list[Wave]:
+    """All waves of the inputs, in key order: one listing task per top-level prefix, run in parallel."""
+    import ray
+
+    prefixes = top_prefixes(inputs, storage=storage)
+    task = ray.remote(num_cpus=0.25, max_retries=3)(list_prefix)
+    kwargs = {"storage": storage, "include": tuple(include), "exclude": tuple(exclude), "wave_objects": wave_objects,
+              "index_uri": index_uri, "staging_uri": staging_uri}  # fmt: skip
+    refs = [task.remote(p.to_dict(), **kwargs) for p in prefixes]
+    waves: list[Wave] = []
+    for prefix_waves in ray.get(refs):
+        for w in prefix_waves:
+            waves.append(Wave(len(waves), w["path"], w["objects"], w["cached"]))
+    return waves
+
+
+def read_wave(batch: dict, *, storage: StorageOptions | None, rows_per_block: int):
+    """map_batches generator: wave descriptors -> their objects, in blocks of `rows_per_block` rows,
+    each row tagged with its wave index."""
+    for wave, path in zip(batch["wave"], batch["path"], strict=True):
+        fs, file_path = filesystem_for(str(path), storage)
+        with fs.open(file_path, "rb") as f:
+            table = pq.read_table(f, schema=WAVE_SCHEMA)
+        table = table.append_column("wave", pa.array([int(wave)] * table.num_rows, pa.int64()))
+        for offset in range(0, table.num_rows, rows_per_block):
+            yield table.slice(offset, rows_per_block)

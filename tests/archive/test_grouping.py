@@ -1,0 +1,103 @@
+"""Streaming grouping of probed objects into cases: series released once complete, by waves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from mcs_batch.archive.grouping import CaseGrouper
+from mcs_batch.archive.listing import WAVE_SCHEMA
+from mcs_batch.archive.probe import probe_refs
+from mcs_batch.io.discover import list_objects
+from mcs_batch.outputs.index import ArchiveIndex
+from mcs_batch.testdata.series import write_series
+
+
+def probe_rows(root: Path, files: list[Path], wave: int) -> pa.Table:
+    """Probe rows as archive/probe.py emits them, for these files, tagged with a wave."""
+    refs = [r for r in list_objects([str(root)]) if Path(r.uri.removeprefix("file://")) in set(files)]
+    payloads = probe_refs(refs, storage=None, threads=1)
+    rows = [{"uri": r.uri, "rel": r.rel, "size": r.size, "version": "v1", "prefix_id": "p0", "payload": p}
+            for r, p in zip(refs, payloads, strict=True)]  # fmt: skip
+    table = pa.Table.from_pylist(rows, schema=WAVE_SCHEMA)
+    table = table.append_column("wave", pa.array([wave] * len(rows), pa.int64()))
+    table = table.append_column("probed", pa.array([True] * len(rows)))
+    return table.append_column("probed_at", pa.array([0.0] * len(rows)))
+
+
+def archive(root: Path) -> dict[str, list[Path]]:
+    files = {
+        "a1": write_series(root / "a1", n_slices=3, series_seed="A", prefix="a"),  # one series in two folders
+        "a2": [],
+        "b": write_series(root / "b", n_slices=4, series_seed="B"),
+        "c": write_series(root / "c", n_slices=3, series_seed="C"),
+    }
+    moved = []
+    for p in files["a1"][1:]:  # 2 of series A's 3 files to the neighbouring folder
+        target = root / "a2" / p.name
+        target.parent.mkdir(exist_ok=True)
+        p.rename(target)
+        moved.append(target)
+    files["a1"], files["a2"] = files["a1"][:1], moved
+    (root / "png").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "png" / "x.png")
+    files["png"] = [root / "png" / "x.png"]
+    return files
+
+
+def test_series_are_released_once_complete_and_singles_at_once(tmp_path: Path):
+    root = tmp_path / "in"
+    f = archive(root)
+    c_late = f["c"][-1]
+    waves = [
+        f["a1"] + f["b"] + f["c"][:-1],  # wave 0
+        f["a2"],  # wave 1: the rest of series A
+        f["png"],  # wave 2
+        [c_late],  # wave 3: a file of series C far from the others
+    ]
+    grouper = CaseGrouper([len(w) for w in waves], index_uri=str(tmp_path / "index"), run_id="r1")
+    out0 = grouper(probe_rows(root, waves[0], 0)).to_pylist()
+    assert out0 == []  # nothing released: series may continue in wave 1
+    out1 = grouper(probe_rows(root, waves[1], 1)).to_pylist()
+    # wave 1 is done: B and C (last seen in wave 0) are released; A continues into wave 1, so it waits
+    assert sorted(len(r["source_uris"]) for r in out1) == [2, 4]
+    out2 = grouper(probe_rows(root, waves[2], 2)).to_pylist()
+    # the PNG is a case of its own, at once; wave 2 is done without series A: A is released, with all
+    # 3 of its files from two folders
+    assert sorted((r["kind"], len(r["source_uris"])) for r in out2) == [("dicom_series", 3), ("image", 1)]
+    out3 = grouper(probe_rows(root, waves[3], 3)).to_pylist()
+    # C's far file is a failure row, never a second case with C's id
+    assert [(r["kind"], r["status"], len(r["source_uris"])) for r in out3] == [("dicom_series", "failed", 1)]
+    late = out3[0]
+    assert late["error_code"] == "inconsistent_series" and "far" in late["error_message"]
+    every = out1 + out2 + out3
+    assert sorted(u for r in every for u in r["source_uris"]) == sorted(
+        f"file://{p}" for w in waves for p in w
+    )  # every object in exactly one row
+    index = ArchiveIndex(str(tmp_path / "index")).read_prefix("p0")
+    assert len(index) == sum(len(w) for w in waves)
+    case_of = {u: r["case_id"] for r in every for u in r["source_uris"]}
+    assert all(index[u]["case_id"] == case_of[u] for u in index)  # the index knows each object's case
+
+
+def test_committed_cases_are_dropped_and_partial_ones_carry_their_done_targets(tmp_path: Path):
+    from mcs_batch.outputs.catalog import Catalog
+
+    root = tmp_path / "in"
+    (root / "png").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "png" / f"{i}.png")
+    files = sorted((root / "png").glob("*.png"))
+    first = CaseGrouper([3], index_uri=str(tmp_path / "index"), run_id="r1")(probe_rows(root, files, 0)).to_pylist()
+    ids = [r["case_id"] for r in first]
+    out = tmp_path / "out"
+    Catalog(str(out)).commit("r0", 0, [{"case_id": ids[0], "target": "a", "status": "ok"},
+                                       {"case_id": ids[0], "target": "b", "status": "ok"},
+                                       {"case_id": ids[1], "target": "a", "status": "failed"}], [])  # fmt: skip
+    grouper = CaseGrouper([3], index_uri=str(tmp_path / "index"), run_id="r2", committed_out=str(out),
+                          targets=("a", "b"))  # fmt: skip
+    rows = {r["case_id"]: r["done_targets"] for r in grouper(probe_rows(root, files, 0)).to_pylist()}
+    assert rows == {ids[1]: ["a"], ids[2]: []}  # case 0 is done; case 1 still needs target b
