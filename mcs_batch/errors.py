@@ -28,6 +28,7 @@ class ErrorCode(StrEnum):
     LOCALIZER = "localizer"  # scout / localizer images split off a series
     # -- volumes ---------------------------------------------------------------------------------
     UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"  # e.g. 5D NIfTI, 4D with several volumes
+    TOO_LARGE = "too_large"  # slices or a volume past the configured limits (resources.max_*)
     # -- segmentation stages (issue 3+) ----------------------------------------------------------
     EMPTY_SALIENCY = "empty_saliency"  # the coarse mask from the saliency map is empty
     MODEL_ERROR = "model_error"  # a model stage raised on this case

@@ -9,12 +9,18 @@ Rows that flow through the pipeline are of two types, told apart by `slice_index
 
 Columns of a slice row, stage by stage (j is a target's position in the config's targets):
 
-    load       image (uint8 RGB [H, W, 3]), error_code, error_message, load_s
-    saliency   t{j}_saliency (float16 [H, W] in [0, 1], image frame), saliency_s, clip_sha256, models_tiny
+    load       image (uint8 RGB [H, W, 3]), error_code, error_message, load_s, load_at
+    saliency   t{j}_saliency (float32 [H, W] in [0, 1], image frame), saliency_s, saliency_at,
+               clip_sha256, models_tiny; then, in the same actor (the maps never leave it):
     prompts    t{j}_prompts (PromptRecord as JSON), t{j}_premask (bit-packed ablation mask, or b"");
                t{j}_saliency dropped
-    masking    t{j}_mask (bit-packed bool [H, W]), t{j}_score, t{j}_pixels, height, width, sam_s,
+    masking    t{j}_mask (bit-packed bool [H, W]), t{j}_score, t{j}_pixels, height, width, sam_s, sam_at,
                sam_sha256; image and t{j}_premask dropped
+    parts      (stages/assemble.write_parts) slice rows leave the stream into staging parts; what goes
+               on is one row per part: case_id, row_kind ("part" / "case"), n_slices, case_json,
+               part_uri, first_/last_ of each *_at (seconds since the epoch: when a stage finished)
+
+*_s are seconds spent per slice in a stage; *_at wall-clock times (for the stages' overlap).
 
 A row with a non-empty error_code carries no image (NO_IMAGE); stages pass it through untouched.
 """
@@ -22,6 +28,7 @@ A row with a non-empty error_code carries no image (NO_IMAGE); stages pass it th
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -31,7 +38,7 @@ from mcs_batch.records import CaseRecord
 
 CASE_ROW = -1
 NO_IMAGE = np.zeros((1, 1, 3), np.uint8)  # placeholder in rows without an image (Arrow needs a value)
-NO_MAP = np.zeros((1, 1), np.float16)  # placeholder saliency map of a row without an image
+NO_MAP = np.zeros((1, 1), np.float32)  # placeholder saliency map of a row without an image
 
 
 def target_column(index: int, what: str) -> str:
@@ -42,12 +49,13 @@ def target_column(index: int, what: str) -> str:
 # -- rows -------------------------------------------------------------------------------------------
 
 
-def case_row(record: CaseRecord, n_slices: int) -> dict:
+def case_row(record: CaseRecord, n_slices: int, done_targets: list[str] | tuple[str, ...] = ()) -> dict:
+    """The case row: the record as JSON, with the targets a previous run already committed."""
     return {
         "case_id": record.case_id,
         "slice_index": CASE_ROW,
         "n_slices": n_slices,
-        "case_json": json.dumps(record.to_row()),
+        "case_json": json.dumps({**record.to_row(), "done_targets": list(done_targets)}),
     }
 
 
@@ -67,6 +75,7 @@ def slice_row(case_id: str, k: int, image: np.ndarray, seconds: float, code: str
         "error_code": str(code),
         "error_message": message,
         "load_s": seconds,
+        "load_at": time.time(),
     }
 
 

@@ -59,8 +59,9 @@ class Volume:
         For axis 2 (axial for an axial DICOM series) this is exactly the stored DICOM frame:
         H runs along j (rows), W along i (columns).
         """
-        plane = np.take(self.array, index, axis=axis)
-        return np.swapaxes(plane, 0, 1)
+        where: list = [slice(None)] * self.array.ndim
+        where[axis] = index  # a view: np.take copies the whole (Fortran-ordered, NIfTI) volume first
+        return np.swapaxes(self.array[tuple(where)], 0, 1)
 
 
 def corners_world(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:

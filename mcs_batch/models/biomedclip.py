@@ -259,6 +259,8 @@ class BiomedCLIP:
     def to_clip_input(self, images: Sequence[np.ndarray], mode: ResizeMode | str = "resize"):
         """`to_clip_input` with this model's image size / mean / std, on its device."""
         pixels, geometries = to_clip_input(images, mode, size=self.image_size, mean=self.mean, std=self.std)
+        if self.device.type == "cuda":  # page-locked host memory: an asynchronous copy
+            return pixels.pin_memory().to(self.device, non_blocking=True), geometries
         return pixels.to(self.device), geometries
 
     def provenance(self) -> dict:

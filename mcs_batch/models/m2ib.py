@@ -152,8 +152,9 @@ def _kl(mu: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 
 
 def _noise(generators: Sequence[torch.Generator], shape: tuple[int, ...], device) -> torch.Tensor:
-    """[B, *shape] standard normal, one draw per image from its own generator."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    """[B, *shape] standard normal, one draw per image from its own generator, on the generator's
+    device (a CUDA generator draws on the GPU: no CPU time, see mcs_batch.seeding)."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
 def _kl_to_saliency(kl: torch.Tensor, trunk: nn.Module) -> torch.Tensor:

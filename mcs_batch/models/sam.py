@@ -283,7 +283,9 @@ class SamSegmenter:
         inputs, original_sizes, input_sizes = [], [], []
         for i, image in enumerate(images):
             image = _check_image(image, i)
-            resized = torch.as_tensor(self.transform.apply_image(image), device=self.device)
+            resized = torch.from_numpy(self.transform.apply_image(image))
+            if self.device.type == "cuda":  # page-locked host memory: an asynchronous copy
+                resized = resized.pin_memory().to(self.device, non_blocking=True)
             resized = resized.permute(2, 0, 1).contiguous()[None]
             inputs.append(self.model.preprocess(resized))  # normalise, pad to 1024 x 1024
             original_sizes.append((int(image.shape[0]), int(image.shape[1])))

@@ -15,6 +15,7 @@ from mcs_batch.io.storage import StorageOptions
 from mcs_batch.models.registry import load_sam_segmenter
 from mcs_batch.models.visual_prompts import VisualPrompts
 from mcs_batch.rows import PromptRecord, fail_rows, model_rows, pack_mask, target_column, unpack_mask
+from mcs_batch.stages.actors import ModelGuard, actor_record, announce
 from mcs_batch.stages.zero_shot import sam_masks
 
 
@@ -26,14 +27,19 @@ def _visual_prompts(text: str) -> VisualPrompts:
 
 class SamStage:
     """Adds t{j}_mask (bit-packed bool [H, W]), t{j}_score, t{j}_pixels, and the slice's height /
-    width; drops the image (nothing downstream needs the pixels)."""
+    width; drops the image (nothing downstream needs the pixels).
 
-    def __init__(self, cfg: JobConfig, storage: StorageOptions | None = None):
-        if cfg.resources.torch_threads:
-            torch.set_num_threads(cfg.resources.torch_threads)
+    threads: torch threads of this actor (0: torch's default); board: the job board to register with.
+    """
+
+    def __init__(self, cfg: JobConfig, storage: StorageOptions | None = None, *, threads: int = 0, board=None):
+        if threads:
+            torch.set_num_threads(threads)
         self.cfg = cfg
         self.sam, self.record = load_sam_segmenter(cfg.models, storage=storage)
         self.batches = 0
+        self.guard = ModelGuard("sam")
+        announce(board, actor_record("sam", self.sam.device))
 
     def _maybe_fail_for_tests(self) -> None:
         """Test-only fault hook (config `testing`): exit hard once, as a crashed GPU worker would."""
@@ -42,7 +48,11 @@ class SamStage:
         if due and t.fault_marker and fire_once(t.fault_marker):
             os._exit(1)
 
+    def _masks(self, items: list[tuple[np.ndarray, list[VisualPrompts]]]) -> list[list[tuple[np.ndarray, float]]]:
+        return sam_masks(self.sam, [image for image, _ in items], [p for _, p in items], self.cfg.targets)
+
     def __call__(self, batch: dict) -> dict:
+        self.guard.before_call()
         self.batches += 1
         self._maybe_fail_for_tests()
         n, targets = len(batch["case_id"]), self.cfg.targets
@@ -53,28 +63,32 @@ class SamStage:
         rows = model_rows(batch)
         if rows:
             start = time.perf_counter()
-            try:
-                images = [batch["image"][i] for i in rows]
-                if self.cfg.ablation == Ablation.FULL:
-                    prompts = [
-                        [_visual_prompts(batch[target_column(j, "prompts")][i]) for j in range(len(targets))]
-                        for i in rows
+            images = [batch["image"][i] for i in rows]
+            if self.cfg.ablation == Ablation.FULL:
+                items = [
+                    (image, [_visual_prompts(batch[target_column(j, "prompts")][i]) for j in range(len(targets))])
+                    for i, image in zip(rows, images, strict=True)
+                ]
+                results = self.guard.run(self._masks, items)
+            else:  # an ablation row: the mask made from the saliency map, no SAM
+                results = [
+                    [
+                        (unpack_mask(batch[target_column(j, "premask")][i], image.shape[:2]), 0.0)
+                        for j in range(len(targets))
                     ]
-                    results = sam_masks(self.sam, images, prompts, targets)
-                else:  # an ablation row: the mask made from the saliency map, no SAM
-                    results = [
-                        [
-                            (unpack_mask(batch[target_column(j, "premask")][i], image.shape[:2]), 0.0)
-                            for j in range(len(targets))
-                        ]
-                        for i, image in zip(rows, images, strict=True)
-                    ]
-                for i, image, row in zip(rows, images, results, strict=True):
-                    heights[i], widths[i] = image.shape[:2]
-                    for j, (mask, score) in enumerate(row):
-                        masks[j][i], scores[j][i], pixels[j][i] = pack_mask(mask), score, int(mask.sum())
-            except Exception as e:
-                fail_rows(batch, rows, ErrorCode.MODEL_ERROR, f"sam: {type(e).__name__}: {e}")
+                    for i, image in zip(rows, images, strict=True)
+                ]
+            failed: dict[int, BaseException] = {}
+            for i, image, row in zip(rows, images, results, strict=True):
+                if isinstance(row, BaseException):
+                    failed[i] = row
+                    continue
+                heights[i], widths[i] = image.shape[:2]
+                for j, (mask, score) in enumerate(row):
+                    masks[j][i], scores[j][i], pixels[j][i] = pack_mask(mask), score, int(mask.sum())
+            for error in {type(e): e for e in failed.values()}.values():
+                fail_rows(batch, [i for i, e in failed.items() if type(e) is type(error)], ErrorCode.MODEL_ERROR,
+                          f"sam: {type(error).__name__}: {error}")  # fmt: skip
             seconds[rows] = (time.perf_counter() - start) / len(rows)
         del batch["image"]
         for j in range(len(targets)):
@@ -83,6 +97,7 @@ class SamStage:
             batch[target_column(j, "score")] = scores[j]
             batch[target_column(j, "pixels")] = pixels[j]
         batch["height"], batch["width"], batch["sam_s"] = heights, widths, seconds
+        batch["sam_at"] = np.full(n, time.time())
         batch["sam_sha256"] = np.array([self.record.digest] * n, dtype=object)
         batch["models_tiny"] = np.asarray(batch["models_tiny"], bool) | self.record.tiny
         return batch

@@ -6,7 +6,7 @@ import numpy as np
 
 from mcs_batch.config import Ablation, JobConfig
 from mcs_batch.rows import PromptRecord, model_rows, pack_mask, target_column
-from mcs_batch.stages.zero_shot import ImageKey, ablation_mask, prompts_for
+from mcs_batch.stages.coarse import ImageKey, ablation_mask, prompts_for
 
 
 def prompts_batch(batch: dict, *, cfg: JobConfig) -> dict:

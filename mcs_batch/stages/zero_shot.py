@@ -4,9 +4,9 @@ Three steps, each a function, composed by `segment_images` (what `explain` runs)
 by the job's stages (saliency, prompts, masking), so the two cannot drift apart:
 
     saliency_maps   M2IB per (image, target), from a CLIP prefix computed once per image
-    prompts_for     coarse mask, K components, boxes, seeded points per (image, target)
+    prompts_for     coarse mask, K components, boxes, seeded points per (image, target)  (stages/coarse.py)
     sam_masks       one SAM image embedding per image, decoded per target
-    (ablation rows: ablation_mask replaces SAM)
+    (ablation rows: ablation_mask replaces SAM; stages/coarse.py)
 """
 
 from __future__ import annotations
@@ -23,22 +23,11 @@ from mcs_batch.models.biomedclip import BiomedCLIP, map_to_image
 from mcs_batch.models.m2ib import m2ib_from_prefix, vision_prefix
 from mcs_batch.models.registry import LoadedModels
 from mcs_batch.models.sam import SamSegmenter
-from mcs_batch.models.visual_prompts import (
-    PromptSettings,
-    VisualPrompts,
-    coarse_mask,
-    largest_components,
-    visual_prompts,
-)
-from mcs_batch.seeding import case_rng, torch_generator
+from mcs_batch.models.visual_prompts import VisualPrompts
+from mcs_batch.seeding import torch_generator
+from mcs_batch.stages.coarse import ImageKey, ablation_mask, prompts_for
 
-
-@dataclass(frozen=True)
-class ImageKey:
-    """Which image this is: the seed of everything random about it."""
-
-    case_id: str
-    slice_index: int
+__all__ = ["ImageKey", "TargetResult", "ablation_mask", "prompts_for", "saliency_maps", "sam_masks", "segment_images"]
 
 
 @dataclass
@@ -80,7 +69,8 @@ def saliency_maps(
     n_tgt = len(targets)
     pair_prefix = prefix.repeat_interleave(n_tgt, dim=0)  # image-major (image, target) pairs
     pair_text = texts.repeat(len(images), 1)
-    generators = [torch_generator(cfg.seed, k.case_id, k.slice_index) for k in keys for _ in targets]
+    device = prefix.device  # noise drawn where the model runs (see mcs_batch.seeding)
+    generators = [torch_generator(cfg.seed, k.case_id, k.slice_index, device) for k in keys for _ in targets]
     maps224 = m2ib_from_prefix(visual, pair_prefix, pair_text, generators, cfg.m2ib).cpu()
     return [[map_to_image(maps224[i * n_tgt + j], geometries[i]) for j in range(n_tgt)] for i in range(len(images))]
 
@@ -113,38 +103,6 @@ def sam_masks(
             results.append((r.mask, float(r.score)))
         out.append(results)
     return out
-
-
-def prompts_for(
-    maps: Sequence[Sequence[np.ndarray]], keys: Sequence[ImageKey], targets: Sequence[TargetConfig], *, seed: int
-) -> list[list[VisualPrompts]]:
-    """Visual prompts per (image, target) from saliency maps[image][target]; points drawn from a
-    generator seeded by (seed, case_id, slice_index), the same for every target of an image."""
-    return [
-        [
-            visual_prompts(np.asarray(m, np.float32), t.coarse, rng=case_rng(seed, k.case_id, k.slice_index))
-            for m, t in zip(row, targets, strict=True)
-        ]
-        for row, k in zip(maps, keys, strict=True)
-    ]
-
-
-def ablation_mask(saliency: np.ndarray, coarse: PromptSettings, ablation: Ablation | str) -> np.ndarray:
-    """The mask of an ablation row (config `ablation`), bool [H, W]; "full" is SAM's, not made here.
-
-    saliency: map > coarse.threshold; postprocess: the coarse mask (k-means / Otsu / threshold);
-    components: the K largest connected components of the coarse mask.
-    """
-    if ablation == "saliency":
-        return saliency > coarse.threshold
-    if saliency.max() <= saliency.min():
-        return np.zeros(saliency.shape, bool)
-    mask = coarse_mask(saliency, method=coarse.method, threshold=coarse.threshold)
-    if ablation == "postprocess":
-        return mask
-    if ablation == "components":
-        return largest_components(mask, coarse.k_components)
-    raise ValueError(f"ablation {ablation!r} has no mask of its own")
 
 
 def segment_images(

@@ -1,0 +1,187 @@
+"""Finished slices back into cases, in the cluster: staging parts, then masks and catalog rows.
+
+    write_parts     (Ray Data task after SAM) the slice rows of a block, grouped by case, each group
+                    written as one staging part OUT/staging/<run_id>/parts/<case_id>/<uuid>.parquet;
+                    out: one small row per part (case id, slices, part URI, stage times) and the case
+                    rows as they came (record JSON, slices to expect).
+    assemble_cases  (a Ray task per few finished cases, launched by the driver) reads a case's parts,
+                    builds its masks in the source geometry, writes them (NIfTI, PNG for 2D images)
+                    and returns its catalog rows: small per-case rows and an Arrow table of slice rows.
+
+The driver only counts slices per case, launches assembly and commits what comes back: no mask, no
+image and no per-slice Python work passes through it. Staging lies outside catalog/, so readers of the
+catalog never see it; a run removes its parts as it assembles them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import posixpath
+import time
+import uuid
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mcs_batch.config import JobConfig
+from mcs_batch.errors import ErrorCode
+from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
+from mcs_batch.outputs.assemble import assemble_target, base_case_row, failed_from_slices, status_of
+from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.masks import nifti_bytes, png_bytes
+from mcs_batch.outputs.schema import SLICES_SCHEMA, table_from_rows
+from mcs_batch.records import CaseRecord, Status
+from mcs_batch.rows import CASE_ROW, case_of, target_column
+
+STAGE_TIMES = ("load_at", "saliency_at", "sam_at")  # wall-clock end of each stage, per slice row
+_DROPPED = {"image", "case_json", "n_slices"}  # slice-row columns not kept in a part
+
+
+def part_columns(n_targets: int) -> list[str]:
+    per_target = [target_column(j, w) for j in range(n_targets) for w in ("prompts", "mask", "score", "pixels")]
+    return ["case_id", "slice_index", "error_code", "error_message", "height", "width", "load_s", "saliency_s",
+            "sam_s", *STAGE_TIMES, "clip_sha256", "sam_sha256", "models_tiny", *per_target]  # fmt: skip
+
+
+def _sink_row(case_id: str, kind: str, n: int, case_json: str = "", part_uri: str = "", times=None) -> dict:
+    times = times or {}
+    row = {"case_id": case_id, "row_kind": kind, "n_slices": n, "case_json": case_json, "part_uri": part_uri}
+    for name in STAGE_TIMES:
+        row[f"first_{name}"] = float(times.get(name, (0.0, 0.0))[0])
+        row[f"last_{name}"] = float(times.get(name, (0.0, 0.0))[1])
+    return row
+
+
+def write_parts(batch: dict, *, staging_uri: str, storage: StorageOptions | None, n_targets: int) -> dict:
+    """map_batches (numpy): slice rows -> one staging part per case of the block; case rows pass."""
+    out: list[dict] = []
+    by_case: dict[str, list[int]] = defaultdict(list)
+    for i, (case_id, k) in enumerate(zip(batch["case_id"], batch["slice_index"], strict=True)):
+        if int(k) == CASE_ROW:
+            out.append(_sink_row(str(case_id), "case", int(batch["n_slices"][i]), str(batch["case_json"][i])))
+        else:
+            by_case[str(case_id)].append(i)
+    if by_case:
+        fs, root = filesystem_for(staging_uri, storage)
+        columns = part_columns(n_targets)
+        for case_id, rows in by_case.items():
+            table = pa.table({c: [_plain(batch[c][i]) for i in rows] for c in columns})
+            folder = posixpath.join(root, case_id)
+            path = posixpath.join(folder, f"{uuid.uuid4().hex}.parquet")
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, compression="zstd")
+            fs.makedirs(folder, exist_ok=True)
+            fs.pipe_file(path, sink.getvalue().to_pybytes())
+            times = {}
+            for name in STAGE_TIMES:
+                values = [float(batch[name][i]) for i in rows if float(batch[name][i]) > 0]
+                times[name] = (min(values), max(values)) if values else (0.0, 0.0)
+            out.append(_sink_row(case_id, "part", len(rows), part_uri=to_uri(fs, path), times=times))
+    if not out:
+        return {}
+    return {key: [r[key] for r in out] for key in out[0]}
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# -- assembly (a Ray task) ----------------------------------------------------------------------------
+
+
+def _read_parts(uris: list[str], storage: StorageOptions | None) -> dict[int, dict]:
+    slices: dict[int, dict] = {}
+    for uri in uris:
+        fs, path = filesystem_for(uri, storage)
+        with fs.open(path, "rb") as f:
+            for row in pq.read_table(f).to_pylist():
+                slices[int(row["slice_index"])] = row
+    return slices
+
+
+def _remove_parts(uris: list[str], storage: StorageOptions | None) -> None:
+    for uri in uris:
+        fs, path = filesystem_for(uri, storage)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path)
+
+
+def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, storage: StorageOptions | None) -> dict:
+    """One finished case: masks written, its rows returned (see assemble_cases)."""
+    info = json.loads(case["case_json"])
+    record = case_of(case)
+    done = set(info.get("done_targets") or ())
+    slices = _read_parts(case["parts"], storage) if case["parts"] else {}
+    error = failed_from_slices(slices)
+    status = status_of(record, error)
+    tiny = any(bool(r.get("models_tiny")) for r in slices.values())
+    case_rows, slice_rows = [], []
+    case_failed = status == Status.FAILED
+    for j, target in enumerate(cfg.targets):
+        if target.name in done:
+            continue
+        row = {**base_case_row(record, j, cfg), "status": status, "run_id": run_id, "tiny_models": tiny}
+        if error:
+            row["error_code"], row["error_message"] = error
+        if status == Status.OK:
+            try:
+                slice_rows.extend(_write_masks(record, slices, j, row, cfg, catalog, tiny))
+            except Exception as e:  # one unwritable target must not stop the job
+                message = f"writing masks of {record.case_id}/{target.name}: {type(e).__name__}: {e}"
+                row.update(status=Status.FAILED, error_code=ErrorCode.INTERNAL_ERROR, error_message=message)
+                case_failed = True
+        case_rows.append(row)
+    rows = list(slices.values())
+    return {
+        "case_id": record.case_id,
+        "case_rows": case_rows,
+        "slice_rows": slice_rows,
+        "failed": case_failed,
+        "slices": len(rows),
+        "ok_slices": sum(1 for r in rows if not r["error_code"]),
+        "stage_seconds": {s: float(sum(float(r[f"{s}_s"]) for r in rows)) for s in ("load", "saliency", "sam")},
+        "models": {n: sorted({str(r[f"{n}_sha256"]) for r in rows if r.get(f"{n}_sha256")}) for n in ("clip", "sam")},
+    }
+
+
+def _write_masks(
+    record: CaseRecord, slices: dict[int, dict], j: int, row: dict, cfg: JobConfig, catalog: Catalog, tiny: bool
+) -> list[dict]:
+    """Masks of target j (NIfTI in the source geometry; PNG too for 2D), its row fields; slice rows."""
+    target = cfg.targets[j]
+    built = assemble_target(record, slices, j, cfg)
+    affine = np.asarray(record.affine, float).reshape(4, 4)
+    nifti_path, png_path = catalog.mask_paths(record.case_id, target.name)
+    catalog.write_bytes(nifti_path, nifti_bytes(built.mask, affine, tiny=tiny))
+    row["mask_uri"] = catalog.fs.unstrip_protocol(nifti_path)
+    if record.shape[2] == 1 and cfg.outputs.png_masks_for_2d:
+        catalog.write_bytes(png_path, png_bytes(built.mask[:, :, 0].T))
+        row["mask_png_uri"] = catalog.fs.unstrip_protocol(png_path)
+    any_slice = next(iter(slices.values()), {})
+    row.update(built.case_row, clip_sha256=any_slice.get("clip_sha256"), sam_sha256=any_slice.get("sam_sha256"))
+    return built.slice_rows
+
+
+def assemble_cases(cases: list[dict], *, cfg: JobConfig, storage: StorageOptions | None, run_id: str) -> dict:
+    """Ray task: finished cases ({case_json, parts}) -> masks written, and for the driver to commit:
+    per-case results (rows, counts, model digests) and one Arrow table of all their slice rows. The
+    staging parts are removed once read (a crash before the commit redoes the case in the next run)."""
+    catalog = Catalog(cfg.outputs.uri, storage=storage)
+    results, slice_rows = [], []
+    started = time.time()
+    for case in cases:
+        result = assemble_case(case, cfg, catalog, run_id, storage)
+        slice_rows.extend({**s, "run_id": run_id} for s in result.pop("slice_rows"))
+        results.append(result)
+        _remove_parts(case["parts"], storage)
+    return {
+        "cases": results,
+        "slices": table_from_rows(slice_rows, SLICES_SCHEMA),
+        "started_at": started,
+        "finished_at": time.time(),
+    }

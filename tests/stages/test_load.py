@@ -1,0 +1,33 @@
+"""Planning refuses what a worker could not hold, before any pixel is decoded."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mcs_batch.config import load_config
+from mcs_batch.records import CaseRecord
+from mcs_batch.stages.load import check_size, plan_case
+
+
+def record(shape, kind: str = "dicom_series") -> CaseRecord:
+    return CaseRecord(case_id="c" * 24, kind=kind, source_uris=["file:///big.nii"], source_keys=["big.nii"],
+                      shape=list(shape), spacing_mm=[1.0, 1.0, 1.0], affine=np.eye(4).ravel().tolist())  # fmt: skip
+
+
+def test_slices_past_the_pixel_limit_fail_as_too_large():
+    cfg = load_config(overrides=["resources.max_image_pixels=1000000"])
+    ok = check_size(record((1000, 1000, 3)), cfg)
+    assert ok.status == "ok"
+    big = check_size(record((1001, 1000, 3)), cfg)
+    assert (big.status, big.error_code) == ("failed", "too_large")
+    assert "max_image_pixels" in big.error_message and "big.nii" in big.error_message
+    assert plan_case(big, slice_chunk=16, axis=2)[0]["n_slices"] == 0  # nothing to decode, a failure row
+
+
+def test_whole_volume_loads_past_the_voxel_limit_fail():
+    cfg = load_config(overrides=["resources.max_volume_voxels=1000", "slice_axis=0"])
+    assert check_size(record((10, 10, 10)), cfg).status == "ok"
+    assert check_size(record((10, 10, 11)), cfg).error_code == "too_large"  # loaded whole along axis 0
+    along_k = load_config(overrides=["resources.max_volume_voxels=1000"])
+    assert check_size(record((10, 10, 11)), along_k).status == "ok"  # a series: decoded in chunks along axis 2
+    assert check_size(record((10, 10, 11), kind="nifti"), along_k).error_code == "too_large"  # NIfTI: whole
