@@ -1,4 +1,5 @@
-"""Connecting to Ray: a running cluster when an address is given, else a local instance."""
+"""Ray plumbing: connecting to a cluster (a running one when an address is given, else a local
+instance), and streaming re-blocking of Ray Data datasets."""
 
 from __future__ import annotations
 
@@ -23,3 +24,23 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, object
             log_to_driver=False,
         )
     return ray
+
+
+def rechunk(ds, rows: int, *, num_cpus: float):
+    """Blocks of at most `rows` rows, streamed (no barrier), fused into the map before it.
+
+    Dataset.repartition(target_num_rows_per_block=...) does this but asks 1 CPU per task, so Ray Data
+    does not fuse it with a map of fewer CPUs, and on a small node whose CPUs the model actors hold it
+    never gets scheduled (a deadlock seen on 2 CPUs). This is the same logical operator with the
+    upstream map's CPUs (Ray 2.60's API; tests/pipeline/test_graph.py checks the fusion).
+    """
+    from ray.data import Dataset
+    from ray.data._internal.logical.interfaces import LogicalPlan
+    from ray.data._internal.logical.operators import StreamingRepartition
+
+    op = StreamingRepartition(
+        target_num_rows_per_block=rows,
+        input_dependencies=[ds._logical_plan.dag],
+        ray_remote_args={"num_cpus": num_cpus},
+    )
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))

@@ -54,34 +54,78 @@ class InputsConfig:
     uris: tuple[str, ...] = ()  # files or prefixes: /path, file://, s3://bucket/prefix, ...
     include: tuple[str, ...] = ()  # glob patterns on keys relative to each input (empty: everything)
     exclude: tuple[str, ...] = ()
+    index: str = ""  # the archive index (objects, versions, headers, cases): default OUT/index
+    wave_objects: int = 2000  # objects per scan wave: a DICOM series is released for segmentation once
+    # the wave after the last one holding its files has been read (series contiguous in key order)
+
+    def __post_init__(self):
+        if self.wave_objects < 1:
+            raise ConfigError(f"inputs.wave_objects: must be >= 1, got {self.wave_objects}")
 
 
 @dataclass(frozen=True)
 class OutputsConfig:
     uri: str = ""  # OUT: local folder or s3://bucket/prefix
     png_masks_for_2d: bool = True  # 2D images also get masks/<case_id>/<target>.png at the image's size
-    catalog_flush_cases: int = 32  # cases per catalog part file (a commit); smaller = earlier visibility
-    catalog_flush_seconds: float = 60.0  # ... or at least this often
+    catalog_flush_cases: int = 256  # cases per catalog part file (a commit) at most ...
+    catalog_flush_seconds: float = 10.0  # ... and a commit at least this often (the first case at once)
     metrics_port: int = 0  # > 0: the driver serves Prometheus metrics on this port (infra/ uses 9500)
+
+
+AUTO = "auto"
+
+
+def _auto_or(value, kind: type, minimum: float, key: str):
+    """'auto', or a number >= minimum (ints for counts)."""
+    if value == AUTO:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float) or (kind is int and not isinstance(value, int)):
+        raise ConfigError(f"resources.{key}: expected 'auto' or a{'n integer' if kind is int else ' number'}, "
+                          f"got {value!r}")  # fmt: skip
+    if value < minimum:
+        raise ConfigError(f"resources.{key}: must be >= {minimum}, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    """How the pipeline uses the cluster; does not change results (not part of the config hash)."""
+    """How the job uses the cluster; does not change results (not part of the config hash).
 
+    "auto" values are resolved against the cluster when a job starts (mcs_batch/pipeline/resources.py)
+    and recorded in its run record; explicit values override. With GPUs in the cluster each GPU holds
+    one M2IB and one SAM actor (0.5 GPU each); without, the model pools autoscale over the CPUs.
+    """
+
+    gpus: float | str = AUTO  # GPUs the model pools use: auto = the cluster's GPUs at start; 0 = CPU only
     slice_chunk: int = 16  # slices of a volume decoded per load task (bounds worker memory)
-    load_cpus: float = 0.5  # per load task; <= 0.5 keeps 2-CPU machines from deadlocking
-    saliency_batch: int = 8  # slices per M2IB call
-    saliency_actors: int = 1
+    block_rows: int = 32  # slice rows per block after decoding: the unit of parallel work for the models
+    # CPUs reserved per task (a concurrency limit, not a cap): small, so that on a 2-CPU machine the
+    # model actors (0.5 each) never take every slot and leave the decoding without one
+    load_cpus: float = 0.25  # per task planning and decoding cases
+    parts_cpus: float = 0.25  # per task writing a block's slice results to staging
+    assemble_cpus: float = 0.25  # per task assembling finished cases into masks (in the cluster)
+    saliency_batch: int | str = AUTO  # slices per M2IB call: auto = 8 on CPU, 32 on GPU
+    saliency_actors: int | str = AUTO  # auto: one per GPU; on CPU an autoscaling pool of 1..CPUs/2 (SAM: 1..CPUs)
     saliency_cpus: float = 0.5
-    saliency_gpus: float = 0.0  # 1.0 on GPU workers
-    prompts_cpus: float = 0.25
-    sam_batch: int = 1  # slices per SAM image-encoder call: 1 on CPU (batching is slower there, see
-    # bench/sam_bench.py), 8-16 on GPUs
-    sam_actors: int = 1
+    saliency_gpus: float | str = AUTO  # auto: 0.5 when the pools have GPUs, else 0
+    sam_batch: int | str = AUTO  # slices per SAM image-encoder call: auto = 1 on CPU (batching is slower
+    # there, see bench/sam_bench.py), 8 on GPU
+    sam_actors: int | str = AUTO
     sam_cpus: float = 0.5
-    sam_gpus: float = 0.0
-    torch_threads: int = 0  # per model actor; 0 = torch's default
+    sam_gpus: float | str = AUTO
+    torch_threads: int | str = AUTO  # per model actor: auto = 1 on CPU (actors x threads = cores), 4 on GPU
+    max_image_pixels: int = 64_000_000  # larger slices fail as too_large (a 2-CPU node stays alive)
+    max_volume_voxels: int = 512_000_000  # whole-volume loads (slice_axis other than 2) larger than this fail
+
+    def __post_init__(self):
+        _auto_or(self.gpus, float, 0, "gpus")
+        for key in ("saliency_batch", "sam_batch", "saliency_actors", "sam_actors"):
+            _auto_or(getattr(self, key), int, 1, key)
+        for key in ("saliency_gpus", "sam_gpus"):
+            _auto_or(getattr(self, key), float, 0, key)
+        _auto_or(self.torch_threads, int, 0, "torch_threads")
+        if self.slice_chunk < 1 or self.block_rows < 1 or self.max_image_pixels < 1 or self.max_volume_voxels < 1:
+            raise ConfigError("resources: slice_chunk, block_rows, max_image_pixels and max_volume_voxels must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -83,7 +83,8 @@ def _coerce(hint: Any, value: Any, path: str):
                 return _coerce(arg, value, path)
             except ConfigError:
                 continue
-        raise ConfigError(f"{path}: {value!r} is not a valid {hint}")
+        kinds = " or ".join(_describe(a) for a in args if a is not type(None))
+        raise ConfigError(f"{path}: expected {kinds}, got {value!r}")
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
@@ -108,6 +109,15 @@ def _coerce(hint: Any, value: Any, path: str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
     return value
+
+
+def _describe(hint: Any) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true/false"}
+    if hint in names:
+        return names[hint]
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        return "one of " + ", ".join(str(m.value) for m in hint)
+    return getattr(hint, "__name__", str(hint))
 
 
 def read_yaml_file(path: str | Path) -> dict:

@@ -21,7 +21,7 @@ PACKAGE = Path(mcs_batch.__file__).parent
 # (relative to mcs_batch; the longest matching prefix places a module).
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli", ("cli", "cli_common", "eval.cli", "train.cli")),
-    ("apps", ("pipeline", "explain", "scan", "query", "eval", "train", "testdata", "cluster", "telemetry")),
+    ("apps", ("pipeline", "archive", "explain", "scan", "query", "eval", "train", "testdata", "cluster", "telemetry")),
     ("stages", ("stages",)),
     ("outputs", ("outputs",)),
     ("config", ("config",)),

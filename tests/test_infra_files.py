@@ -318,3 +318,16 @@ def test_grafana_dashboard_shows_cases_stages_and_gpus():
     assert "mcs_batch_slices_total" in joined and "by (stage)" in joined
     assert "ray_node_gpus_utilization" in joined
     assert any(v["type"] == "datasource" for v in dashboard["templating"]["list"])
+
+
+def test_the_rayjob_lets_its_model_actors_ask_for_every_gpu_the_cluster_may_launch():
+    """The GPU workers start at zero: resources.gpus in the entrypoint is what makes the job ask for them."""
+    rayjob = _one(KUBERAY / "rayjob.yaml", "RayJob")["spec"]
+    argv = shlex.split(rayjob["entrypoint"])
+    sets = dict(argv[i + 1].split("=", 1) for i, a in enumerate(argv) if a == "--set")
+    gpu_group = next(g for g in rayjob["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    per_pod = int(gpu_group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert int(sets["resources.gpus"]) == gpu_group["maxReplicas"] * per_pod
+    from mcs_batch.config import load_config
+
+    assert load_config(REPO / argv[argv.index("--config") + 1], overrides=[f"resources.gpus={sets['resources.gpus']}"])

@@ -20,8 +20,7 @@ def test_metrics_endpoint_counts_cases_and_slices():
     try:
         metrics.case("lungs", "ok", None)
         metrics.case("lungs", "failed", "truncated")
-        metrics.slice_done({"load": 0.5, "saliency": 2.0, "sam": 1.0})
-        metrics.slice_done({"load": 0.25, "saliency": 2.0, "sam": 1.0})
+        metrics.slices_done(2, {"load": 0.75, "saliency": 4.0, "sam": 2.0})  # one case of two slices
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:
         metrics.close()

@@ -5,6 +5,8 @@
     OUT/catalog/cases/failed-<run_id>-<seq>.parquet   failed rows (dropped and redone by --retry-failed)
     OUT/catalog/slices/part-<run_id>-<seq>.parquet    slice rows of the cases committed by the same seq
     OUT/masks/<case_id>/<target>.nii.gz (+ .png for 2D images)
+    OUT/staging/<run_id>/               a running job's listing waves and slice parts (removed at its end)
+    OUT/index/                          the archive index (mcs_batch.outputs.index)
 
 A (case, target) is committed when its row is in a cases file. Every file is written atomically
 (local: temporary name then rename; S3: one PUT), masks before the slices file before the cases file,
@@ -28,6 +30,7 @@ from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.schema import CASES_SCHEMA, SLICES_SCHEMA, table_from_rows
 
 CASES_DIR, SLICES_DIR, MASKS_DIR, RUNS_DIR = "catalog/cases", "catalog/slices", "masks", "runs"
+STAGING_DIR = "staging"  # per run: listing waves and slice parts awaiting assembly (never read as catalog)
 EVALUATION_DIR = "catalog/evaluation"  # written by mcs_batch.eval.evaluate
 
 
@@ -115,6 +118,12 @@ class Catalog:
             if posixpath.basename(path).removeprefix("part-") not in committed_names:
                 self.fs.rm(path)
                 removed.append(path)
+        try:  # staging of runs that are not running any more (one writer per OUT; see pipeline/job.py)
+            for folder in self.fs.ls(self.path(STAGING_DIR), detail=False):
+                self.fs.rm(folder, recursive=True)
+                removed.append(folder)
+        except FileNotFoundError:
+            pass
         if self.local:
             for folder in (CASES_DIR, SLICES_DIR):
                 directory = self.path(folder)
@@ -142,16 +151,18 @@ class Catalog:
         base = self.path(MASKS_DIR, case_id, target)
         return base + ".nii.gz", base + ".png"
 
-    def commit(self, run_id: str, seq: int, case_rows: Iterable[dict], slice_rows: Iterable[dict]) -> None:
-        """Commit finished cases: slice rows first, then the cases rows (the commit itself).
-        Failed rows go to their own file so that --retry-failed can drop them whole."""
-        case_rows, slice_rows = list(case_rows), list(slice_rows)
+    def commit(self, run_id: str, seq: int, case_rows: Iterable[dict], slice_rows: Iterable[dict] | pa.Table) -> None:
+        """Commit finished cases: slice rows first (dicts, or a table with SLICES_SCHEMA), then the cases
+        rows (the commit itself). Failed rows go to their own file so that --retry-failed can drop them."""
+        case_rows = list(case_rows)
+        if not isinstance(slice_rows, pa.Table):
+            slice_rows = table_from_rows(list(slice_rows), SLICES_SCHEMA)
         ok = [r for r in case_rows if r["status"] != "failed"]
         failed = [r for r in case_rows if r["status"] == "failed"]
         name = f"{run_id}-{seq:06d}.parquet"
         if ok:
-            if slice_rows:
-                self._write_table(self.path(SLICES_DIR, "part-" + name), table_from_rows(slice_rows, SLICES_SCHEMA))
+            if slice_rows.num_rows:
+                self._write_table(self.path(SLICES_DIR, "part-" + name), slice_rows)
             self._write_table(self.path(CASES_DIR, "part-" + name), table_from_rows(ok, CASES_SCHEMA))
         if failed:
             self._write_table(self.path(CASES_DIR, "failed-" + name), table_from_rows(failed, CASES_SCHEMA))

@@ -1,48 +1,104 @@
-"""The Ray Data graph of the job, from case rows to per-slice results (lazy until consumed).
+"""The Ray Data graph of the job, from case rows to per-part rows (lazy until consumed).
 
-    plan (tasks) -> load (CPU tasks) -> saliency (actor pool) -> prompts (CPU tasks) -> masking (actor pool)
+    cases (archive/source.py: waves -> probe -> grouper)
+      -> plan       case row + chunk rows                    tasks (fused with load)
+      -> load       decode, window: one slice row per image   CPU tasks
+      -> (blocks of resources.block_rows slice rows)
+      -> saliency   BiomedCLIP + M2IB, then boxes / points    actor pool (GPUs when the cluster has them)
+      -> masking    SAM                                       actor pool
+      -> parts      slice results into staging parts          CPU tasks
+    out: one small row per (block, case) and the case rows, for the driver to count and assemble.
 
-Every stage's function lives in mcs_batch.stages; this module only wires them with their resources.
+Blocks: the grouper hands on the cases of each probe block (tens of 2D images, or a series); decoding
+yields a chunk of slices at a time, and a streaming repartition cuts the decoded slices into blocks of
+resources.block_rows rows (a 600-slice series moves as many blocks, not one), so every stage runs as
+many tasks or actors as its resources allow and the stages overlap. Every stage's function lives in
+mcs_batch.stages; this module wires them.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from mcs_batch.cluster import rechunk
 from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions
+from mcs_batch.pipeline.resources import Pool, Resolved
+from mcs_batch.stages.assemble import write_parts
 from mcs_batch.stages.load import load_batch, plan_batch
-from mcs_batch.stages.masking import SamStage
-from mcs_batch.stages.prompts import prompts_batch
-from mcs_batch.stages.saliency import SaliencyStage
 
 
-def _model_stage(rows, stage, cfg: JobConfig, storage, *, batch: int, actors: int, cpus: float, gpus: float):
+class SaliencyStage:
+    """The M2IB actor (mcs_batch.stages.saliency.SaliencyStage), imported in the actor: the driver
+    that builds the graph never imports torch or the models."""
+
+    def __init__(self, **kwargs):
+        from mcs_batch.stages.saliency import SaliencyStage as Stage
+
+        self.stage = Stage(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.stage(batch)
+
+
+class SamStage:
+    """The SAM actor (mcs_batch.stages.masking.SamStage), imported in the actor (see SaliencyStage)."""
+
+    def __init__(self, **kwargs):
+        from mcs_batch.stages.masking import SamStage as Stage
+
+        self.stage = Stage(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.stage(batch)
+
+
+@dataclass(frozen=True)
+class ModelStages:
+    """The model actor classes; benchmarks may pass stand-ins (the job always uses the real ones)."""
+
+    saliency: type = SaliencyStage
+    masking: type = SamStage
+
+
+def _model_stage(rows, stage: type, pool: Pool, cfg: JobConfig, storage, board: str | None):
     """An actor pool that loads its model once per actor; a crashed actor is restarted and its batch
-    retried, so no case is lost or duplicated."""
+    retried (Ray Data's defaults for actor pools: max_restarts and max_task_retries -1), so no case is
+    lost or duplicated."""
     import ray
 
     return rows.map_batches(
         stage,
-        fn_constructor_kwargs={"cfg": cfg, "storage": storage},
-        batch_size=batch,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus,
-        num_gpus=gpus,
-        max_restarts=-1,
-        max_task_retries=-1,
+        fn_constructor_kwargs={"cfg": cfg, "storage": storage, "threads": pool.torch_threads, "board": board},
+        batch_size=pool.batch,
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        num_cpus=pool.cpus,
+        num_gpus=pool.gpus,
     )
 
 
-def build_pipeline(cases, cfg: JobConfig, *, storage: StorageOptions | None, skip: frozenset[str]):
-    """The Ray Data graph from case rows to per-slice results (lazy; nothing runs until consumed)."""
-    res = cfg.resources
-    rows = cases.flat_map(plan_batch, fn_kwargs={"cfg": cfg, "skip": skip}, num_cpus=0.25)
-    rows = rows.map_batches(
-        load_batch, fn_kwargs={"cfg": cfg, "storage": storage}, batch_size=1, num_cpus=res.load_cpus
+def build_pipeline(
+    cases,
+    cfg: JobConfig,
+    resources: Resolved,
+    *,
+    storage: StorageOptions | None,
+    staging_uri: str,
+    board: str | None = None,
+    stages: ModelStages | None = None,
+):
+    """The graph from case rows (archive stream) to part rows."""
+    r, stages = resources, stages or ModelStages()
+    rows = cases.map_batches(plan_batch, fn_kwargs={"cfg": cfg}, batch_size=None, batch_format="pyarrow",
+                             num_cpus=r.load_cpus)  # fmt: skip
+    rows = rows.map_batches(load_batch, fn_kwargs={"cfg": cfg, "storage": storage}, batch_size=None,
+                            num_cpus=r.load_cpus)  # fmt: skip
+    rows = rechunk(rows, r.block_rows, num_cpus=r.load_cpus)
+    rows = _model_stage(rows, stages.saliency, r.saliency, cfg, storage, board)  # maps, then prompts
+    rows = _model_stage(rows, stages.masking, r.sam, cfg, storage, board)
+    return rows.map_batches(
+        write_parts,
+        fn_kwargs={"staging_uri": staging_uri, "storage": storage, "n_targets": len(cfg.targets)},
+        batch_size=None,
+        num_cpus=r.parts_cpus,
     )
-    rows = _model_stage(rows, SaliencyStage, cfg, storage, batch=res.saliency_batch, actors=res.saliency_actors,
-                        cpus=res.saliency_cpus, gpus=res.saliency_gpus)  # fmt: skip
-    rows = rows.map_batches(
-        prompts_batch, fn_kwargs={"cfg": cfg}, batch_size=res.saliency_batch, num_cpus=res.prompts_cpus
-    )
-    return _model_stage(rows, SamStage, cfg, storage, batch=res.sam_batch, actors=res.sam_actors,
-                        cpus=res.sam_cpus, gpus=res.sam_gpus)  # fmt: skip

@@ -1,36 +1,47 @@
-"""The cohort segmentation job: a streaming Ray Data pipeline from an archive to masks and a catalog.
+"""The cohort segmentation job: an archive streamed through the models into masks and a catalog.
 
-    list objects -> probe headers + group into cases (tasks, one shuffle)
-      -> plan: case row + chunks of slices       (tasks)
-      -> load: decode, window, slice              (CPU tasks, ahead of the models)
-      -> saliency: BiomedCLIP + M2IB              (actor pool; GPUs when configured)
-      -> prompts: coarse mask, components, boxes  (CPU tasks)
-      -> masks: SAM                               (actor pool; restarts on failure)
-      -> writer (this process): slices back into cases, masks in source geometry, atomic commits
+    list the archive in parallel tasks into waves            archive/listing.py
+    waves -> probe headers -> group into cases (streaming)   archive/source.py
+      -> plan -> load -> saliency -> prompts -> masking -> parts   graph.py (mcs_batch.stages)
+      -> driver: count slices per case, assemble finished cases in the cluster, commit   writer.py
 
-The graph is built in graph.py from the stages in mcs_batch.stages; the writer is writer.py.
+Nothing on the driver grows with the archive: it holds one descriptor per wave and the cases in flight.
+The run record (OUT/runs/<run_id>.json) holds the resolved resources, the model actors that ran (with
+the GPU ids Ray gave them), the scan's counts (header reads vs headers reused from the index), when
+the scan finished and the first commit landed, each stage's first and last activity, and Ray Data's
+own per-operator statistics.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import re
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from importlib import metadata
 
+from mcs_batch.archive.board import start_board
+from mcs_batch.archive.listing import list_archive
+from mcs_batch.archive.source import cases_stream
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import ConfigError
-from mcs_batch.io.discover import list_objects
-from mcs_batch.io.storage import StorageOptions
+from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.outputs.catalog import Catalog
-from mcs_batch.pipeline.graph import build_pipeline
+from mcs_batch.pipeline.graph import ModelStages, build_pipeline
+from mcs_batch.pipeline.resources import cluster_view, resolve
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
-from mcs_batch.scan import cases_dataset
 from mcs_batch.telemetry import JobMetrics
 
 PACKAGES = ("mcs-batch", "ray", "torch", "open_clip_torch", "segment-anything", "pydicom", "nibabel", "pyarrow")
 PROGRESS_SECONDS = 10.0
+POLL_SECONDS = 0.25  # how often the driver looks at finished assemblies while no rows arrive
+NODE_CHECK_SECONDS = 2.0  # how often the driver checks that no node of the cluster has died
+MAX_ATTEMPTS = 4  # a run plans again after losing nodes, this many times at most
+SCAN_CPU_SHARE = 4  # waves scanned at once: one per this many CPUs of the cluster (each with I/O threads)
 
 
 def new_run_id() -> str:
@@ -47,14 +58,85 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+_END = object()
+
+
+def _batches(ds, poll_seconds: float) -> Iterator[dict | None]:
+    """Ray Data's batches, iterated in a thread; None every `poll_seconds` without one, so that the
+    driver can take in finished assemblies and commit while the models work."""
+    items: queue.Queue = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.5)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def pump() -> None:
+        iterator = ds.iter_batches(batch_size=None, batch_format="numpy")
+        try:
+            for batch in iterator:
+                if not put(batch):
+                    return
+            put(_END)
+        except BaseException as e:  # re-raised in the driver's thread
+            put(e)
+
+    thread = threading.Thread(target=pump, name="mcs-batch-rows", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = items.get(timeout=poll_seconds)
+            except queue.Empty:
+                yield None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+_OPERATOR = re.compile(
+    r"^Operator \d+ (?P<name>.+): (?P<tasks>\d+) tasks executed, (?P<blocks>\d+) blocks produced in (?P<wall>[\d.]+)s"
+)
+
+
+def ray_data_stats(ds) -> dict:
+    """Per-operator task and block counts and wall time, from Ray Data's own statistics."""
+    try:
+        text = ds.stats()
+    except Exception as e:  # statistics must never fail a job
+        return {"error": f"{type(e).__name__}: {e}"}
+    operators = []
+    for line in text.splitlines():
+        m = _OPERATOR.match(line.strip())
+        if m:
+            operators.append({"name": m["name"], "tasks": int(m["tasks"]), "blocks": int(m["blocks"]),
+                              "wall_s": float(m["wall"])})  # fmt: skip
+        elif line.strip().startswith("* Tasks per node") and operators:
+            operators[-1]["nodes"] = line.strip().split(";")[-1].strip()
+    return {"operators": operators, "text": text}
+
+
 def run_job(
     cfg: JobConfig,
     *,
     storage: StorageOptions | None = None,
     retry_failed: bool = False,
     progress: Callable[[str], None] = print,
+    stages: ModelStages | None = None,
 ) -> JobSummary:
     """Run the job on the current Ray cluster (ray.init() must have been called)."""
+    import ray
+
     start = time.perf_counter()
     if not cfg.inputs.uris:
         raise ConfigError("inputs.uris: no inputs given")
@@ -72,15 +154,9 @@ def run_job(
         progress(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
     if retry_failed:
         progress(f"retrying {len(catalog.drop_failed())} failed (case, target) pair(s)")
-    committed = set(catalog.committed())
-    targets = {t.name for t in cfg.targets}
-    per_case: dict[str, set[str]] = {}
-    for case_id, target in committed:
-        per_case.setdefault(case_id, set()).add(target)
-    skip = frozenset(c for c, ts in per_case.items() if targets <= ts)
 
     summary = JobSummary(run_id=run_id, out=cfg.outputs.uri, config_hash=config_hash, tiny_models=cfg.models.tiny)
-    summary.skipped_committed = len(skip)
+    resources = resolve(cfg.resources, cluster_view())
     document = {
         "run_id": run_id,
         "status": "running",
@@ -89,26 +165,35 @@ def run_job(
         "config_hash": config_hash,
         "packages": package_versions(),
         "tiny_models": cfg.models.tiny,
+        "resources": resources.to_dict(),
+        "attempts": [],
     }
     summary.run_uri = catalog.write_run(run_id, document)
-    refs = list_objects(cfg.inputs.uris, storage=storage, include=cfg.inputs.include, exclude=cfg.inputs.exclude)
-    progress(f"run {run_id}: {len(refs)} objects listed; {len(skip)} case(s) already committed")
+    index_uri = cfg.inputs.index or join(cfg.outputs.uri, "index")
+    staging = catalog.uri("staging", run_id)
+    board_name = f"mcs-batch-board-{run_id}"
+    board = start_board(board_name)
     metrics = JobMetrics(cfg.outputs.metrics_port)
-    writer = CaseWriter(catalog, cfg, run_id, committed, summary, metrics)
+    writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources)
     try:
-        if refs:
-            rows = build_pipeline(cases_dataset(refs, storage=storage), cfg, storage=storage, skip=skip)
-            last = time.monotonic()
-            for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
-                writer.add_batch(batch)
-                if time.monotonic() - last >= PROGRESS_SECONDS:
-                    last = time.monotonic()
-                    rate = summary.slices / (time.perf_counter() - start)
-                    progress(
-                        f"{summary.cases} case(s) done ({writer.failed} failed), {summary.slices} slice(s), "
-                        f"{rate:.2f} slices/s, {len(writer.pending)} in flight"
-                    )
-        writer.flush(force=True)
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            if attempt > 1:  # the cluster changed under the previous attempt: plan again on what is there
+                resources = resolve(cfg.resources, cluster_view())
+                writer.resources_changed(resources)
+            record = {"attempt": attempt, "started_at": datetime.now(UTC).isoformat(), "resources": resources.to_dict()}
+            document["attempts"].append(record)
+            outcome = _attempt(
+                cfg, resources, writer, board, board_name, storage=storage, index_uri=index_uri,
+                staging=join(staging, f"attempt-{attempt}"), stages=stages or ModelStages(),
+                progress=progress, start=start, record=record, document=document,
+            )  # fmt: skip
+            if outcome == "done":
+                break
+            lost = ", ".join(sorted(outcome))
+            progress(f"node(s) {lost} left the cluster: {len(writer.abandoned)} case(s) in flight will be redone; "
+                     f"planning again on the remaining nodes (attempt {attempt + 1})")  # fmt: skip
+        else:
+            raise RuntimeError(f"the cluster lost nodes during each of {MAX_ATTEMPTS} attempts; giving up")
         if writer.pending:  # an invariant: every planned slice must come back
             raise RuntimeError(f"{len(writer.pending)} case(s) did not complete: {sorted(writer.pending)[:3]}")
         document["status"] = "succeeded"
@@ -119,6 +204,16 @@ def run_job(
     finally:
         metrics.close()
         summary.seconds = time.perf_counter() - start
+        try:
+            snapshot = ray.get(board.snapshot.remote(), timeout=30)
+        except Exception as e:  # the record must be written whatever happened
+            snapshot = {"error": f"{type(e).__name__}: {e}"}
+        ray.kill(board)
+        fake = [a for a in snapshot.get("actors") or () if a.get("gpu_ids") and not a.get("cuda_available")]
+        if fake:
+            progress(f"{len(fake)} model actor(s) were given GPU(s) by Ray but CUDA is not available on their "
+                     "node(s): their models ran on CPU")  # fmt: skip
+        summary.skipped_committed = int(snapshot.get("scan", {}).get("skipped_committed", 0))
         document.update(
             finished_at=datetime.now(UTC).isoformat(),
             wall_seconds=round(summary.seconds, 3),
@@ -127,10 +222,134 @@ def run_job(
                 "slices": summary.slices,
                 "by_status": summary.by_status,
                 "by_error": summary.by_error,
+                "skipped_committed": summary.skipped_committed,
             },
+            scan=snapshot.get("scan"),
+            actors=snapshot.get("actors"),
+            timeline={
+                "scan_started_at": _iso(snapshot.get("scan_started_at")),
+                "scan_finished_at": _iso(snapshot.get("scan_finished_at")),
+                "first_commit_at": _iso(writer.first_commit_at),
+                "stages": {k: {e: _iso(t) for e, t in v.items()} for k, v in writer.timeline().items()},
+            },
+            assembly_seconds=round(writer.assembly_seconds, 3),
             model_sha256={k: sorted(v) for k, v in writer.models.items()},
         )
         if document["status"] == "running":
             document["status"] = "failed"
+        _remove_staging(staging, storage)
         catalog.write_run(run_id, document)
     return summary
+
+
+class NodesLost(Exception):
+    """Nodes that ran the attempt's work left the cluster (their actors cannot come back)."""
+
+
+def _alive_nodes() -> set[str]:
+    import ray
+
+    return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
+
+
+def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, staging, stages, progress, start,
+             record, document) -> str | set[str]:  # fmt: skip
+    """One pass over the archive: "done", or the ids of the nodes lost meanwhile.
+
+    A lost node's model actors cannot restart while the remaining GPUs are taken, and their batches
+    would wait for them forever: the attempt is stopped (its actors killed, which fails the batches in
+    flight), what was assembled is committed, and the job plans again on the remaining cluster.
+    Committed cases are skipped by the next attempt, as by a next run.
+    """
+
+    waves = list_archive(
+        cfg.inputs.uris, storage=storage, include=cfg.inputs.include, exclude=cfg.inputs.exclude,
+        wave_objects=cfg.inputs.wave_objects, index_uri=index_uri, staging_uri=join(staging, "waves"),
+    )  # fmt: skip
+    objects, cached = sum(w.objects for w in waves), sum(w.cached for w in waves)
+    record["listing"] = {"objects": objects, "waves": len(waves), "indexed": cached,
+                         "listed_at": datetime.now(UTC).isoformat()}  # fmt: skip
+    document.setdefault("listing", record["listing"])
+    progress(f"run {writer.run_id}: {objects} objects in {len(waves)} wave(s), {cached} already indexed; "
+             f"model pools: {resources.saliency.max_actors} M2IB + {resources.sam.max_actors} SAM actor(s), "
+             f"{resources.gpus:g} GPU(s)")  # fmt: skip
+    if not waves:
+        return "done"
+    nodes, since = _alive_nodes(), time.time()
+    cases = cases_stream(
+        waves, storage=storage, index_uri=index_uri, run_id=writer.run_id, committed_out=cfg.outputs.uri,
+        targets=tuple(t.name for t in cfg.targets), board=board_name,
+        scan_tasks=max(1, int(resources.cluster.get("cpus", 1) // SCAN_CPU_SHARE)),
+    )  # fmt: skip
+    rows = build_pipeline(cases, cfg, resources, storage=storage, staging_uri=join(staging, "parts"),
+                          board=board_name, stages=stages)  # fmt: skip
+    last_progress = last_check = time.monotonic()
+    lost: set[str] = set()
+    try:
+        for batch in _batches(rows, POLL_SECONDS):
+            if batch:
+                writer.add_rows(batch)
+            else:
+                writer.dispatch()
+            now = time.monotonic()
+            if now - last_progress >= PROGRESS_SECONDS:
+                last_progress = now
+                _progress_line(progress, writer, board, start)
+            if now - last_check >= NODE_CHECK_SECONDS:
+                last_check = now
+                lost = nodes - _alive_nodes()
+                if lost:
+                    raise NodesLost(lost)
+    except NodesLost:
+        _stop_attempt(board, since)
+    except Exception:
+        if not (nodes - _alive_nodes()):
+            raise
+        lost = nodes - _alive_nodes()  # the attempt failed because nodes went away: plan again
+        _stop_attempt(board, since)
+    if lost:
+        writer.abandon_in_flight()
+        record["lost_nodes"] = sorted(lost)
+        return lost
+    writer.drain()
+    document["ray_data"] = ray_data_stats(rows)
+    return "done"
+
+
+def _stop_attempt(board, since: float) -> None:
+    """Kill the attempt's actors (model actors, grouper): their batches in flight fail, and Ray Data
+    stops the attempt's execution."""
+    import ray
+
+    for handle in ray.get(board.handles.remote(since), timeout=30):
+        with contextlib.suppress(Exception):
+            ray.kill(handle, no_restart=True)
+
+
+def _iso(t: float | None) -> str | None:
+    return datetime.fromtimestamp(t, UTC).isoformat() if t else None
+
+
+def _progress_line(progress, writer: CaseWriter, board, start: float) -> None:
+    import ray
+
+    try:
+        scan = ray.get(board.snapshot.remote(), timeout=5)["scan"]
+    except Exception:
+        scan = {}
+    s = writer.summary
+    rate = s.slices / (time.perf_counter() - start)
+    progress(
+        f"scanned {scan.get('objects', '?')} object(s) ({scan.get('probed', '?')} header reads); "
+        f"{s.cases} case(s) done ({writer.failed} failed), {s.slices} slice(s), {rate:.2f} slices/s, "
+        f"{len(writer.pending) + len(writer.ready)} case(s) in flight, {len(writer.inflight)} assembling"
+    )
+
+
+def _remove_staging(uri: str, storage: StorageOptions | None) -> None:
+    fs, path = filesystem_for(uri, storage)
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception:  # a leftover staging folder is removed by the next run's repair
+        pass

@@ -1,28 +1,38 @@
-"""The job's sink: slice rows gathered back into cases, masks written, catalog rows committed.
+"""The driver's side of the job: count slices per case, send finished cases to be assembled in the
+cluster, commit what comes back.
 
-The writer holds only cases in flight (their bit-packed slice masks) and a small buffer of rows; it
-commits every `outputs.catalog_flush_cases` cases (or `catalog_flush_seconds`), so first outputs
-appear while later cases are read. Commit protocol: mcs_batch.outputs.catalog.
+Rows reaching the driver are small: one per case (its record, how many slices to expect) and one per
+staging part (case id, slices in it, its URI). When a case's slices are all in, it waits in `ready`
+until a few cases can go to one assembly task (stages/assemble.assemble_cases); results are buffered
+and committed every `outputs.catalog_flush_cases` cases or `catalog_flush_seconds` (commit protocol:
+mcs_batch.outputs.catalog). The driver holds only cases in flight: no mask, no image, no slice row
+as Python objects (slice rows come back as Arrow tables and go to Parquet as they are).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from mcs_batch.config import JobConfig
-from mcs_batch.errors import ErrorCode
-from mcs_batch.outputs.assemble import assemble_target, base_case_row, failed_from_slices, status_of
+from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
-from mcs_batch.outputs.masks import nifti_bytes, png_bytes
-from mcs_batch.records import CaseRecord, Status
-from mcs_batch.rows import CASE_ROW, case_of
-from mcs_batch.telemetry import STAGES, JobMetrics
+from mcs_batch.outputs.schema import SLICES_SCHEMA
+from mcs_batch.pipeline.resources import Resolved
+from mcs_batch.stages.assemble import STAGE_TIMES, assemble_case, assemble_cases
+from mcs_batch.telemetry import JobMetrics
+
+ASSEMBLE_SLICES = 256  # slices per assembly task (several small cases share one task) ...
+ASSEMBLE_CASES = 32  # ... or at most this many cases ...
+ASSEMBLE_WAIT_S = 0.5  # ... or whatever is ready after this long
 
 
 class JobAborted(RuntimeError):
@@ -31,13 +41,14 @@ class JobAborted(RuntimeError):
 
 @dataclass
 class _Pending:
-    record: CaseRecord | None = None
+    case_json: str | None = None
     expected: int | None = None
-    slices: dict[int, dict] = field(default_factory=dict)
+    got: int = 0
+    parts: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
-        return self.record is not None and len(self.slices) == self.expected
+        return self.case_json is not None and self.got == self.expected
 
 
 @dataclass
@@ -78,115 +89,181 @@ class JobSummary:
 
 
 class CaseWriter:
-    """The pipeline's sink: gathers slice rows into cases, writes masks and commits catalog rows."""
+    """Counts, dispatches assembly, commits. Single-threaded: the job's loop calls every method."""
 
     def __init__(
         self,
         catalog: Catalog,
         cfg: JobConfig,
         run_id: str,
-        committed: set[tuple[str, str]],
         summary: JobSummary,
         metrics: JobMetrics,
+        *,
+        storage: StorageOptions | None,
+        resources: Resolved,
     ):
-        self.catalog, self.cfg, self.run_id, self.committed, self.summary = catalog, cfg, run_id, committed, summary
-        self.metrics = metrics
+        import ray
+
+        self.catalog, self.cfg, self.run_id, self.summary, self.metrics = catalog, cfg, run_id, summary, metrics
+        self.storage = storage
         self.pending: dict[str, _Pending] = {}
+        self.ready: list[dict] = []
+        self.ready_slices = 0
+        self.ready_since = 0.0
+        self.inflight: list = []
+        self.max_inflight = max(2, int(2 * resources.cluster.get("cpus", 2)))
+        self._task = ray.remote(assemble_cases).options(num_cpus=resources.assemble_cpus, max_retries=3)
+        self._cfg_ref = ray.put(cfg)
         self.case_rows: list[dict] = []
-        self.slice_rows: list[dict] = []
+        self.slice_tables: list[pa.Table] = []
         self.buffered_cases = 0
         self.seq = 0
         self.last_flush = time.monotonic()
         self.finished = self.failed = 0
         self.models: dict[str, set[str]] = {"clip": set(), "sam": set()}
+        self.stage_windows = {name: [math.inf, -math.inf] for name in STAGE_TIMES}
+        self.first_commit_at: float | None = None
+        self.assembly_seconds = 0.0
+        self.abandoned: list[str] = []  # cases in flight when an attempt stopped (redone by the next one)
 
-    def add_batch(self, batch: dict) -> None:
-        n = len(batch["case_id"])
-        columns = list(batch)
-        for i in range(n):
-            row = {c: batch[c][i] for c in columns}
-            case_id, k = str(row["case_id"]), int(row["slice_index"])
+    def resources_changed(self, resources: Resolved) -> None:
+        """A new attempt on a changed cluster: size the assembly backlog to it."""
+        self.max_inflight = max(2, int(2 * resources.cluster.get("cpus", 2)))
+
+    def abandon_in_flight(self) -> None:
+        """An attempt stopped: what is assembled or being assembled is committed (so that the next
+        attempt skips it); cases still waiting for slices are dropped (the next attempt redoes them)."""
+        self.abandoned = sorted(self.pending) + [json.loads(c["case_json"])["case_id"] for c in self.ready]
+        self.pending, self.ready, self.ready_slices = {}, [], 0
+        while self.inflight:
+            self.collect(timeout=None, at_least_one=True)
+        self.flush(force=True)
+
+    # -- rows from the graph --------------------------------------------------------------------------
+    def add_rows(self, batch: dict) -> None:
+        for i, case_id in enumerate(batch["case_id"]):
+            case_id = str(case_id)
             pending = self.pending.setdefault(case_id, _Pending())
-            if k == CASE_ROW:
-                pending.record = case_of(row)
-                pending.expected = int(row["n_slices"])
+            n = int(batch["n_slices"][i])
+            if batch["row_kind"][i] == "case":
+                pending.case_json, pending.expected = str(batch["case_json"][i]), n
             else:
-                pending.slices[k] = row
-                self.summary.slices += 1
-                if not row["error_code"]:
-                    self.metrics.slice_done({stage: row[f"{stage}_s"] for stage in STAGES})
+                pending.got += n
+                pending.parts.append(str(batch["part_uri"][i]))
+                for name in STAGE_TIMES:
+                    first, last = float(batch[f"first_{name}"][i]), float(batch[f"last_{name}"][i])
+                    if first > 0:
+                        window = self.stage_windows[name]
+                        window[0], window[1] = min(window[0], first), max(window[1], last)
             if pending.complete:
-                self._finish(self.pending.pop(case_id))
-                self.flush()
+                del self.pending[case_id]
+                case = {"case_json": pending.case_json, "parts": pending.parts}
+                if pending.expected == 0:  # nothing to segment (skipped, failed at scan): rows right here
+                    self._add_case(assemble_case(case, self.cfg, self.catalog, self.run_id, self.storage))
+                    continue
+                if not self.ready:
+                    self.ready_since = time.monotonic()
+                self.ready.append(case)
+                self.ready_slices += pending.expected
+        self.dispatch()
 
-    def _finish(self, pending: _Pending) -> None:
-        record, cfg = pending.record, self.cfg
-        error = failed_from_slices(pending.slices)
-        status = status_of(record, error)
-        tiny = any(bool(r.get("models_tiny")) for r in pending.slices.values())
-        case_failed = status == Status.FAILED
-        for j, target in enumerate(cfg.targets):
-            if (record.case_id, target.name) in self.committed:
-                continue
-            row = {**base_case_row(record, j, cfg), "status": status, "run_id": self.run_id, "tiny_models": tiny}
-            if error:
-                row["error_code"], row["error_message"] = error
-            if status == Status.OK:
-                try:
-                    self._write_masks(record, pending, j, row, tiny)
-                except Exception as e:  # one unwritable target must not stop the job
-                    message = f"writing masks of {record.case_id}/{target.name}: {type(e).__name__}: {e}"
-                    row.update(status=Status.FAILED, error_code=ErrorCode.INTERNAL_ERROR, error_message=message)
-                    case_failed = True
+    # -- assembly in the cluster ----------------------------------------------------------------------
+    def dispatch(self, force: bool = False) -> None:
+
+        due = self.ready_slices >= ASSEMBLE_SLICES or len(self.ready) >= ASSEMBLE_CASES
+        due = due or (self.ready and time.monotonic() - self.ready_since >= ASSEMBLE_WAIT_S)
+        if self.ready and (force or due):
+            while len(self.inflight) >= self.max_inflight:  # backpressure: wait for one to finish
+                self.collect(timeout=None, at_least_one=True)
+            ref = self._task.remote(self.ready, cfg=self._cfg_ref, storage=self.storage, run_id=self.run_id)
+            self.inflight.append(ref)
+            self.ready, self.ready_slices = [], 0
+        if self.inflight:
+            self.collect(timeout=0)
+        self.flush()
+
+    def collect(self, timeout: float | None, at_least_one: bool = False) -> None:
+        """Take in the assembly tasks that have finished (waiting up to `timeout` s for them)."""
+        import ray
+
+        if not self.inflight:
+            return
+        n = 1 if at_least_one else len(self.inflight)
+        done, self.inflight = ray.wait(self.inflight, num_returns=n, timeout=timeout)
+        for ref in done:
+            result = ray.get(ref)
+            self.assembly_seconds += result["finished_at"] - result["started_at"]
+            if result["slices"].num_rows:
+                self.slice_tables.append(result["slices"])
+            for case in result["cases"]:
+                self._add_case(case)
+
+    def drain(self) -> None:
+        """Everything ready dispatched, every assembly taken in and committed."""
+        self.dispatch(force=True)
+        while self.inflight:
+            self.collect(timeout=None, at_least_one=True)
+            self.flush()
+        self.flush(force=True)
+
+    # -- results --------------------------------------------------------------------------------------
+    def _add_case(self, case: dict) -> None:
+        s = self.summary
+        for row in case["case_rows"]:
             self.case_rows.append(row)
-            self.metrics.case(target.name, row["status"], row.get("error_code"))
-            self.summary.by_status[row["status"]] = self.summary.by_status.get(row["status"], 0) + 1
+            self.metrics.case(row["target"], row["status"], row.get("error_code"))
+            s.by_status[row["status"]] = s.by_status.get(row["status"], 0) + 1
             if row.get("error_code"):
-                self.summary.by_error[row["error_code"]] = self.summary.by_error.get(row["error_code"], 0) + 1
-        for r in pending.slices.values():
-            for name in ("clip", "sam"):
-                if r.get(f"{name}_sha256"):
-                    self.models[name].add(str(r[f"{name}_sha256"]))
+                s.by_error[row["error_code"]] = s.by_error.get(row["error_code"], 0) + 1
+        for name in ("clip", "sam"):
+            self.models[name].update(case["models"][name])
+        s.slices += case["slices"]
+        s.cases += 1
+        self.metrics.slices_done(case["ok_slices"], case["stage_seconds"])
         self.buffered_cases += 1
-        self.summary.cases += 1
         self.finished += 1
-        self.failed += case_failed
-        budget = cfg.failure_budget
+        self.failed += bool(case["failed"])
+        budget = self.cfg.failure_budget
         if self.finished >= budget.min_cases and self.failed / self.finished > budget.max_failed_fraction:
             self.flush(force=True)
-            top = dict(Counter(self.summary.by_error).most_common(3))
+            top = dict(Counter(s.by_error).most_common(3))
             raise JobAborted(
                 f"failure budget exceeded: {self.failed} of {self.finished} finished cases failed "
                 f"(> {budget.max_failed_fraction:.0%}); top errors: {top}"
             )
 
-    def _write_masks(self, record: CaseRecord, pending: _Pending, j: int, row: dict, tiny: bool) -> None:
-        """Masks of target j (NIfTI in the source geometry; PNG too for 2D), then its row fields."""
-        cfg, target = self.cfg, self.cfg.targets[j]
-        built = assemble_target(record, pending.slices, j, cfg)
-        affine = np.asarray(record.affine, float).reshape(4, 4)
-        nifti_path, png_path = self.catalog.mask_paths(record.case_id, target.name)
-        self.catalog.write_bytes(nifti_path, nifti_bytes(built.mask, affine, tiny=tiny))
-        row["mask_uri"] = self.catalog.fs.unstrip_protocol(nifti_path)
-        if record.shape[2] == 1 and cfg.outputs.png_masks_for_2d:
-            self.catalog.write_bytes(png_path, png_bytes(built.mask[:, :, 0].T))
-            row["mask_png_uri"] = self.catalog.fs.unstrip_protocol(png_path)
-        any_slice = next(iter(pending.slices.values()), {})
-        row.update(built.case_row, clip_sha256=any_slice.get("clip_sha256"), sam_sha256=any_slice.get("sam_sha256"))
-        self.slice_rows.extend({**s, "run_id": self.run_id} for s in built.slice_rows)
-
     def flush(self, force: bool = False) -> None:
-        due = self.buffered_cases >= self.cfg.outputs.catalog_flush_cases or (
-            time.monotonic() - self.last_flush >= self.cfg.outputs.catalog_flush_seconds
+        """Commit the buffered cases, in parts of at most outputs.catalog_flush_cases cases."""
+        due = (
+            self.first_commit_at is None  # the run's first finished case is visible at once
+            or self.buffered_cases >= self.cfg.outputs.catalog_flush_cases
+            or time.monotonic() - self.last_flush >= self.cfg.outputs.catalog_flush_seconds
         )
         if not self.case_rows or not (force or due):
             return
-        now = datetime.now(UTC).isoformat()
-        for row in self.case_rows:
-            row["committed_at"] = now
-        self.catalog.commit(self.run_id, self.seq, self.case_rows, self.slice_rows)
-        self.seq += 1
-        if self.seq == self.cfg.testing.exit_driver_after_commits:  # test-only: a crash right here
-            os._exit(137)
-        self.case_rows, self.slice_rows, self.buffered_cases = [], [], 0
+        slices = pa.concat_tables(self.slice_tables) if self.slice_tables else SLICES_SCHEMA.empty_table()
+        order: list[str] = list(dict.fromkeys(r["case_id"] for r in self.case_rows))  # cases, in arrival order
+        size = max(1, self.cfg.outputs.catalog_flush_cases)
+        for first in range(0, len(order), size):
+            part = set(order[first : first + size])
+            rows = [r for r in self.case_rows if r["case_id"] in part]
+            mask = pc.is_in(slices.column("case_id"), value_set=pa.array(sorted(part)))
+            now = datetime.now(UTC).isoformat()
+            for row in rows:
+                row["committed_at"] = now
+            self.catalog.commit(self.run_id, self.seq, rows, slices.filter(mask) if len(order) > size else slices)
+            if self.first_commit_at is None:
+                self.first_commit_at = time.time()
+            self.seq += 1
+            if self.seq == self.cfg.testing.exit_driver_after_commits:  # test-only: a crash right here
+                os._exit(137)
+        self.case_rows, self.slice_tables, self.buffered_cases = [], [], 0
         self.last_flush = time.monotonic()
+
+    def timeline(self) -> dict:
+        """When each stage first and last finished a slice (epoch seconds): the stages' overlap."""
+        return {
+            name.removesuffix("_at"): {"first": w[0], "last": w[1]}
+            for name, w in self.stage_windows.items()
+            if w[0] != math.inf
+        }

@@ -1,0 +1,122 @@
+"""Resources that follow the cluster: `resources: auto` resolved against what Ray reports at start.
+
+With GPUs (ray.cluster_resources()["GPU"] > 0, or resources.gpus set):
+    each GPU holds one M2IB and one SAM actor (GPU_SHARE = half of it each, so that Ray places
+    exactly two per GPU); both pools start with one actor per GPU present and grow to one per GPU
+    of resources.gpus: on an autoscaling cluster whose GPU workers start at zero (infra/, and
+    ray_cluster.yaml), set resources.gpus to the GPUs the job may use, and the pools' pending GPU
+    actors make the autoscaler launch the GPU workers. Ray restarts a dead actor (its batches are
+    retried on it); a lost node makes the job plan again (pipeline/job.py).
+    M2IB batch 32, SAM batch 8, 4 torch threads per actor.
+Without GPUs (tests, laptops, smoke runs):
+    actors of 0.5 CPU and one torch thread each. The M2IB pool autoscales from 1 to max(1, CPUs // 2)
+    actors (Ray Data grows it while it has a backlog); the SAM pool holds one actor per CPU from the
+    start, at most one per SAM_MEMORY of the cluster's memory: SAM's image encoder is the costliest
+    step on a CPU (measured here with tiny models: ~0.5 s per slice against ~0.05 s for M2IB; vit_b
+    ~10 s against BiomedCLIP-size M2IB ~3.6 s), and Ray Data's autoscaler grew the pool too late on
+    a 2-CPU node (a second actor after 45 s of a 100 s job). M2IB batch 8, SAM batch 1 (batching is
+    slower on CPU, see bench/sam_bench.py).
+Explicit values in the config override any of these. The resolved values are recorded in the run
+record, with the cluster they were resolved against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from mcs_batch.config import AUTO, ResourcesConfig
+
+GPU_SHARE = 0.5  # of a GPU reserved by each model actor when the pools have GPUs
+SAM_MEMORY = 4 * 2**30  # bytes of cluster memory per SAM actor on CPU (vit_b peaks at ~3.7 GiB RSS)
+
+
+@dataclass(frozen=True)
+class Pool:
+    """One model actor pool (a Ray Data ActorPoolStrategy) and what each actor reserves."""
+
+    min_actors: int
+    max_actors: int
+    cpus: float
+    gpus: float
+    batch: int
+    torch_threads: int
+
+
+@dataclass(frozen=True)
+class Resolved:
+    gpus: float  # GPUs the model pools use (0: CPU only)
+    saliency: Pool
+    sam: Pool
+    block_rows: int
+    slice_chunk: int
+    load_cpus: float
+    parts_cpus: float
+    assemble_cpus: float
+    cluster: dict  # what Ray reported: cpus, gpus, memory, nodes, gpu_nodes
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def cluster_view() -> dict:
+    """CPUs, GPUs and nodes of the running Ray cluster (alive nodes only)."""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return {
+        "cpus": float(total.get("CPU", 0.0)),
+        "gpus": float(total.get("GPU", 0.0)),
+        "memory": float(total.get("memory", 0.0)),
+        "nodes": len(nodes),
+        "gpu_nodes": sum(1 for n in nodes if n.get("Resources", {}).get("GPU", 0) > 0),
+    }
+
+
+def _pick(value, default):
+    return default if value == AUTO else value
+
+
+def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
+    """Concrete pool sizes and per-actor resources for this cluster."""
+    present = float(cluster["gpus"])
+    gpus = float(_pick(res.gpus, present))
+    if gpus > 0:
+        most = max(1, int(gpus))
+        least = max(1, min(most, int(present)))  # GPUs still to be launched: the pool grows as they come
+        pools = {}
+        for name in ("saliency", "sam"):
+            explicit = getattr(res, f"{name}_actors")
+            pools[name] = Pool(
+                min_actors=least if explicit == AUTO else int(explicit),
+                max_actors=most if explicit == AUTO else int(explicit),
+                cpus=float(getattr(res, f"{name}_cpus")),
+                gpus=float(_pick(getattr(res, f"{name}_gpus"), GPU_SHARE)),
+                batch=int(_pick(getattr(res, f"{name}_batch"), 32 if name == "saliency" else 8)),
+                torch_threads=int(_pick(res.torch_threads, 4)),
+            )
+    else:
+        sam = max(1, min(int(cluster["cpus"]), int(cluster.get("memory", SAM_MEMORY) // SAM_MEMORY)))
+        sizes = {"saliency": (1, max(1, int(cluster["cpus"] // 2))), "sam": (sam, sam)}
+        pools = {}
+        for name in ("saliency", "sam"):
+            explicit = getattr(res, f"{name}_actors")
+            pools[name] = Pool(
+                min_actors=sizes[name][0] if explicit == AUTO else int(explicit),
+                max_actors=sizes[name][1] if explicit == AUTO else int(explicit),
+                cpus=float(getattr(res, f"{name}_cpus")),
+                gpus=float(_pick(getattr(res, f"{name}_gpus"), 0.0)),
+                batch=int(_pick(getattr(res, f"{name}_batch"), 8 if name == "saliency" else 1)),
+                torch_threads=int(_pick(res.torch_threads, 1)),
+            )
+    return Resolved(
+        gpus=gpus,
+        saliency=pools["saliency"],
+        sam=pools["sam"],
+        block_rows=res.block_rows,
+        slice_chunk=res.slice_chunk,
+        load_cpus=res.load_cpus,
+        parts_cpus=res.parts_cpus,
+        assemble_cpus=res.assemble_cpus,
+        cluster=dict(cluster),
+    )
