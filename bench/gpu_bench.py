@@ -4,10 +4,14 @@
     python bench/gpu_bench.py --smoke              # the same code on CPU with tiny models (a check)
 
 Stages, each timed after a warm-up on the same random-weight models:
+  noise     M2IB's noise draws for one image (steps x (samples, 197, 768)): on a CPU generator, and on
+            the model's device (what the job does, mcs_batch.seeding): CPU time per image spent on noise
   m2ib      fast M2IB (prefix once, alpha-only gradients), batched, autocast precision
   sam_embed SAM image encoder, batched (vit_b, vit_h)
   sam_full  encoder + box-prompted decoder per slice
-  job       run_job end to end on a synthetic CT series + PNGs (local Ray, both model pools on the GPU)
+  job       run_job end to end on a synthetic CT series + PNGs (local Ray, `resources: auto`: one M2IB and
+            one SAM actor sharing the GPU), with the GPU's utilisation sampled by nvidia-smi every 0.2 s:
+            mean utilisation, and the fraction of samples at 0% (the GPU waiting for input)
 Prints one line per measurement and writes them as JSON (--json, default $OUT/gpu_bench.json if OUT is set).
 """
 
@@ -16,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -51,6 +58,39 @@ def timed(fn, device, repeats: int) -> float:
         fn()
     sync(device)
     return (time.perf_counter() - start) / repeats
+
+
+class GpuSampler:
+    """nvidia-smi's utilization.gpu every `period` s in a thread (empty without nvidia-smi)."""
+
+    def __init__(self, period: float = 0.2):
+        self.period, self.samples, self._stop = period, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        cmd = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "--id=0"]
+        while not self._stop.is_set():
+            try:
+                self.samples.append(float(subprocess.run(cmd, capture_output=True, text=True, timeout=5).stdout))
+            except (OSError, ValueError, subprocess.SubprocessError):
+                return
+            self._stop.wait(self.period)
+
+    def __enter__(self):
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {"gpu_util_mean": None, "gpu_idle_fraction": None}
+        return {"gpu_util_mean": sum(self.samples) / len(self.samples),
+                "gpu_idle_fraction": sum(1 for s in self.samples if s == 0) / len(self.samples)}  # fmt: skip
 
 
 def images(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -103,10 +143,26 @@ def main() -> None:
         text = clip.encode_prompts(["a bright lesion"]).to(device)[None].expand(m2ib_batch, -1)
 
         visual = clip.model.visual
+        shape = (settings.samples, 197, 768)
+        for where in ("cpu", device.type):  # the noise of one image: every step's draw
+
+            def draws(where=where):
+                g = torch_generator(0, "bench", 0, where)
+                cpu0 = time.process_time()
+                for _ in range(settings.steps):
+                    torch.randn(shape, generator=g, device=where)
+                return time.process_time() - cpu0
+
+            seconds = timed(draws, torch.device(where), args.repeats)
+            cpu_seconds = draws()
+            results.append({"stage": "noise", "variant": where, "seconds_per_image": seconds,
+                            "cpu_seconds_per_image": cpu_seconds})  # fmt: skip
+            print(f"noise     {where:6s} {1000 * seconds:8.1f} ms per image, {1000 * cpu_seconds:8.1f} ms of CPU",
+                  flush=True)  # fmt: skip
 
         def m2ib():
             prefix = vision_prefix(visual, pixels, settings)
-            gens = [torch_generator(0, "bench", i) for i in range(m2ib_batch)]
+            gens = [torch_generator(0, "bench", i, device) for i in range(m2ib_batch)]
             return m2ib_from_prefix(visual, prefix, text, gens, settings)
 
         report("m2ib", size, m2ib_batch, timed(m2ib, device, args.repeats))
@@ -136,7 +192,6 @@ def main() -> None:
         (archive / "png").mkdir()
         for i, img in enumerate(images(n_png, 512 if not smoke else 64, seed=1)):
             Image.fromarray(img).save(archive / "png" / f"{i}.png")
-        gpus = 0.0 if smoke else 0.5
         start_ray(None, num_cpus=os.cpu_count() if not smoke else 2, object_store_mb=4096 if not smoke else 512)
         for variant in variants:
             cfg = load_config(prompts=["a bright lesion"], target="lesion", overrides=[
@@ -145,19 +200,23 @@ def main() -> None:
                 "models.sam=tiny" if variant == "tiny" else f"models.sam={json.dumps(str(sam_paths[variant]))}",
                 f"models.sam_variant={'vit_b' if variant == 'tiny' else variant}", f"models.cache_dir={tmp / 'cache'}",
                 f"m2ib.layer={settings.layer}", f"m2ib.precision={precision}", f"models.sam_precision={precision}",
-                f"resources.saliency_gpus={gpus}", f"resources.sam_gpus={gpus}",
                 f"resources.saliency_batch={m2ib_batch}", f"resources.sam_batch={sam_batch}",
-                "resources.load_cpus=1" if not smoke else "resources.load_cpus=0.5",
             ])  # fmt: skip
             t0 = time.perf_counter()
-            summary = run_job(cfg, progress=lambda m: None)
+            with GpuSampler() as gpu:
+                summary = run_job(cfg, progress=lambda m: None)
             seconds = time.perf_counter() - t0
+            util = gpu.summary()
             results.append({"stage": "job", "variant": variant, "precision": precision, "slices": summary.slices,
                             "seconds": seconds, "slices_per_s": summary.slices / seconds,
-                            "by_status": summary.by_status})  # fmt: skip
+                            "by_status": summary.by_status, **util})  # fmt: skip
+            shown = ""
+            if util["gpu_util_mean"] is not None:
+                shown = f"; GPU busy {util['gpu_util_mean']:.0f}% on average, idle in "
+                shown += f"{util['gpu_idle_fraction']:.0%} of samples"
             print(
                 f"job       {variant:6s} {summary.slices} slices {precision:5s}: {summary.slices / seconds:9.2f} "
-                f"slices/s end to end ({seconds:.1f} s incl. actor start-up; {summary.by_status})",
+                f"slices/s end to end ({seconds:.1f} s incl. actor start-up; {summary.by_status}{shown})",
                 flush=True,
             )
     target = args.json or (os.path.join(os.environ["OUT"], "gpu_bench.json") if os.environ.get("OUT") else None)

@@ -67,9 +67,7 @@ def _batched_masks(segmenter, images, boxes, batch_size, device):
     for first in range(0, len(images), batch_size):
         chunk = slice(first, first + batch_size)
         embeddings = segmenter.embed(images[chunk])  # one encoder call per batch, as the job's SAM stage
-        masks.extend(
-            segmenter.segment(embeddings, i, b, k_components=None).mask for i, b in enumerate(boxes[chunk])
-        )
+        masks.extend(segmenter.segment(embeddings, i, b, k_components=None).mask for i, b in enumerate(boxes[chunk]))
     _sync(device)
     return masks, time.perf_counter() - start
 

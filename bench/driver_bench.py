@@ -1,0 +1,192 @@
+"""Driver work per slice and the framework's own throughput, with no-op models.
+
+The models are replaced by bench-only stand-ins (NoopSaliency: a fixed saliency map with one bright
+square; NoopSam: a fixed mask, that square), so what is measured is everything else: listing, header
+scan, grouping, decoding, windowing, prompts, staging, mask assembly and writing, commits, Ray Data.
+The stand-ins exist only in this file; the job never uses them.
+
+Two inputs: 1,000 PNG images (256 x 256) and one NIfTI volume of 600 slices (512 x 512, int16). For
+each input and each source tree (this one, and --baseline-commit from a temporary git worktree), a
+fresh process starts a local Ray with 2 CPUs and runs the job; printed: slices/s of the job, slices/s
+per CPU core, and the driver process's CPU seconds (user + system, all its threads, Ray Data's
+executor included) per slice.
+
+    .venv/bin/python bench/driver_bench.py --baseline-commit 983e104
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CPUS = 2
+RESULT = "driver-bench-result: "
+
+
+class NoopSaliency:
+    """Bench-only stand-in for SaliencyStage: a fixed map (0.1, with 0.9 in the middle third)."""
+
+    def __init__(self, cfg, storage=None, **_):
+        from mcs_batch.pipeline import graph
+
+        self.cfg, self.n_targets = cfg, len(cfg.targets)
+        self.with_prompts = "prompts_batch" not in vars(graph)  # trees where the M2IB actor makes prompts
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["case_id"])
+        maps = []
+        for image, code in zip(batch["image"], batch["error_code"], strict=True):
+            h, w = image.shape[:2]
+            m = np.full((h, w), 0.1, np.float32)
+            if not code and h > 2 and w > 2:
+                m[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = 0.9
+            maps.append(m)
+        for j in range(self.n_targets):
+            batch[f"t{j}_saliency"] = maps
+        batch["saliency_s"] = np.zeros(n)
+        batch["saliency_at"] = np.full(n, time.time())
+        batch["clip_sha256"] = np.array(["0" * 64] * n, dtype=object)
+        batch["models_tiny"] = np.full(n, True)
+        if self.with_prompts:
+            from mcs_batch.stages.prompts import prompts_batch
+
+            return prompts_batch(batch, cfg=self.cfg)
+        return batch
+
+
+class NoopSam:
+    """Bench-only stand-in for SamStage: the middle third of the slice as the mask."""
+
+    def __init__(self, cfg, storage=None, **_):
+        self.n_targets = len(cfg.targets)
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["case_id"])
+        masks, pixels = [], []
+        heights, widths = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        rows = zip(batch["image"], batch["error_code"], batch["slice_index"], strict=True)
+        for i, (image, code, k) in enumerate(rows):
+            if code or int(k) < 0:
+                masks.append(b"")
+                pixels.append(0)
+                continue
+            h, w = image.shape[:2]
+            heights[i], widths[i] = h, w
+            m = np.zeros((h, w), bool)
+            m[h // 3 : 2 * h // 3, w // 3 : 2 * w // 3] = True
+            masks.append(np.packbits(m.ravel()).tobytes())
+            pixels.append(int(m.sum()))
+        del batch["image"]
+        for j in range(self.n_targets):
+            batch.pop(f"t{j}_premask", None)
+            batch[f"t{j}_mask"] = np.array(masks, dtype=object)
+            batch[f"t{j}_score"] = np.full(n, 0.9)
+            batch[f"t{j}_pixels"] = np.array(pixels, np.int64)
+        batch["height"], batch["width"] = heights, widths
+        batch["sam_s"] = np.zeros(n)
+        batch["sam_at"] = np.full(n, time.time())
+        batch["sam_sha256"] = np.array(["0" * 64] * n, dtype=object)
+        batch["models_tiny"] = np.full(n, True)
+        return batch
+
+
+def make_inputs(root: Path) -> dict[str, tuple[Path, int]]:
+    import nibabel as nib
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = root / "images"
+    images.mkdir(parents=True)
+    for i in range(1000):
+        Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8)).save(images / f"img{i:04d}.png")
+    volume = root / "volume"
+    volume.mkdir()
+    data = rng.integers(-1000, 1000, (512, 512, 600), dtype=np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.0, 1.0])), volume / "ct.nii.gz")
+    return {"1000 images 256x256": (images, 1000), "600-slice volume 512x512": (volume, 600)}
+
+
+def runner(inputs: str, out: str) -> None:
+    """Inside the measured process (PYTHONPATH = the tree under test): run the job, print figures."""
+    from mcs_batch.cluster import start_ray
+    from mcs_batch.config import load_config
+    from mcs_batch.pipeline import graph, run_job
+
+    start_ray(None, num_cpus=CPUS, object_store_mb=2048)
+    where = [f"inputs.uris={json.dumps([inputs])}", f"outputs.uri={json.dumps(out)}"]  # any tree's config
+    cfg = load_config(preset="tiny", prompts=["a bright lesion"], target="lesion",
+                      overrides=[*where, f"models.cache_dir={out}-cache"])  # fmt: skip
+    kwargs = {}
+    if hasattr(graph, "ModelStages"):  # this tree: the stand-ins are passed in
+        kwargs["stages"] = graph.ModelStages(saliency=NoopSaliency, masking=NoopSam)
+    else:  # trees before it: the graph module's names are replaced (the actors pickle these classes by value)
+        graph.SaliencyStage, graph.SamStage = NoopSaliency, NoopSam
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    start = time.perf_counter()
+    summary = run_job(cfg, progress=lambda m: None, **kwargs)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    print(RESULT + json.dumps({"slices": summary.slices, "cases": summary.cases, "wall": wall, "driver_cpu": cpu,
+                      "by_status": summary.by_status}))  # fmt: skip
+
+
+def measure(tree: Path, inputs: Path, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{tree}:{Path(__file__).parent}", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run([sys.executable, "-c", f"import driver_bench as b; b.runner({str(inputs)!r}, {str(out)!r})"],
+                          cwd=tree, env=env, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"{tree}: failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    line = next(x for x in proc.stdout.splitlines() if x.startswith(RESULT))
+    return json.loads(line.removeprefix(RESULT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--baseline-commit", default=None)
+    ap.add_argument("--only", choices=["images", "volume"], default=None)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="driver-bench-") as tmp:
+        tmp = Path(tmp)
+        inputs = make_inputs(tmp / "in")
+        trees = {"this tree": REPO}
+        if args.baseline_commit:
+            trees = {"baseline": tmp / "baseline", **trees}
+            subprocess.run(["git", "worktree", "add", "--detach", str(trees["baseline"]), args.baseline_commit],
+                           cwd=REPO, check=True, capture_output=True)  # fmt: skip
+        try:
+            results = {}
+            for label, (path, slices) in inputs.items():
+                if args.only and args.only not in label:
+                    continue
+                for name, tree in trees.items():
+                    r = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{slices}")
+                    assert r["slices"] == slices, r
+                    results[(label, name)] = r
+                    print(f"{label:26s} {name:9s} {r['slices'] / r['wall']:7.1f} slices/s "
+                          f"({r['slices'] / r['wall'] / CPUS:6.1f} per core)  driver CPU "
+                          f"{1000 * r['driver_cpu'] / r['slices']:7.2f} ms/slice ({r['driver_cpu']:.1f} s)",
+                          flush=True)  # fmt: skip
+                if ("baseline" in trees) and (label, "baseline") in results:
+                    b, t = results[(label, "baseline")], results[(label, "this tree")]
+                    print(f"{'':26s} driver CPU per slice {b['driver_cpu'] / t['driver_cpu']:.1f}x lower, "
+                          f"slices/s {(t['slices'] / t['wall']) / (b['slices'] / b['wall']):.2f}x")  # fmt: skip
+        finally:
+            if args.baseline_commit:
+                subprocess.run(["git", "worktree", "remove", "--force", str(trees["baseline"])], cwd=REPO,
+                               capture_output=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
