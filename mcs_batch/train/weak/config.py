@@ -1,0 +1,196 @@
+"""Frozen configuration of weakly supervised retraining: selection, export, training, refinement.
+
+Built like every config here (mcs_batch.yaml_config): defaults below <- a YAML file <- `--set a.b=value`.
+
+    cfg = load_weak_config("jobs/configs/train_weak.yaml", overrides=["train.cycles=3"],
+                           source="out/", target="lesion", work="s3://bucket/weak/lesion")
+
+Paths are not read from the environment: `work` (where the selection, the nnU-Net dataset, checkpoints
+and logs go) and `source` (the segmentation job's OUT) come from the command line or the YAML file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mcs_batch.errors import ConfigError
+from mcs_batch.faults import TestingConfig
+from mcs_batch.yaml_config import load, to_plain
+
+WEAK_SUFFIX = "@weak"  # refined masks are committed as target "<target>@weak" (never over the zero-shot ones)
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Which zero-shot results become pseudo-labels. A case must pass every filter; a slice of it too.
+
+    Agreement: the SAM mask's bounding box against the union of the saliency prompt boxes (IoU, per
+    slice): the saliency maps are not stored, the boxes drawn from them are.
+    """
+
+    min_sam_score: float = 0.0  # per slice with a mask: SAM's predicted IoU >= this
+    min_agreement: float = 0.0  # per slice with a mask: box IoU of mask vs saliency prompts >= this
+    min_mask_pixels: int = 1  # per slice: smaller masks count as empty
+    max_components: int = 0  # per case (the catalog's n_components): at most this many; 0 = no limit
+    max_cases_per_dataset: int = 0  # a dataset = the first folder of the case's first source key; 0 = no cap
+    include: tuple[str, ...] = ()  # case ids: only these (empty: all)
+    exclude: tuple[str, ...] = ()  # case ids never used
+    keep_empty_slices: bool = False  # volumes: also train on the slices of a selected case without a mask
+    seed: int = 0  # which cases a per-dataset cap keeps (a stable hash of seed and case id)
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_sam_score <= 1.0 or not 0.0 <= self.min_agreement <= 1.0:
+            raise ConfigError("select.min_sam_score and select.min_agreement must be in [0, 1]")
+        if self.min_mask_pixels < 1 or self.max_components < 0 or self.max_cases_per_dataset < 0:
+            raise ConfigError("select: min_mask_pixels >= 1, max_components and max_cases_per_dataset >= 0")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """The nnU-Net raw dataset (2d configuration): one grayscale PNG per slice, label PNG 0/1."""
+
+    dataset_id: int = 501  # Dataset<id>_<name>; nnU-Net wants 1..999
+    dataset_name: str = ""  # default: the target's name
+
+    def __post_init__(self):
+        if not 1 <= self.dataset_id <= 999:
+            raise ConfigError(f"export.dataset_id: must be in 1..999, got {self.dataset_id}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """nnU-Net v2 2d, fold "all", and the paper's checkpoint ensemble (METHOD.md).
+
+    The learning rate follows a cosine from lr down to lr * min_lr_ratio within each cycle and jumps
+    back at the start of the next; the last `keep_per_cycle` epochs of each cycle are kept as members.
+    """
+
+    trainer: str = "nnUNetTrainer_McsBatch"  # found by nnU-Net (its own or through nnUNet_extTrainer)
+    plans: str = "nnUNetPlans"
+    cycles: int = 3  # C
+    epochs_per_cycle: int = 20  # epochs in one cycle of the learning rate
+    keep_per_cycle: int = 10  # M: the last M epochs of each cycle are ensemble checkpoints
+    iterations_per_epoch: int = 250  # nnU-Net's default
+    val_iterations_per_epoch: int = 50
+    lr: float = 0.01  # peak (nnU-Net's initial_lr)
+    min_lr_ratio: float = 0.0
+    seed: int = 0  # worker r trains with seed + r
+    base_features: int = 0  # > 0: features per stage base * 2^i, capped at the plan's (tiny networks for tests)
+
+    def __post_init__(self):
+        if self.base_features < 0:
+            raise ConfigError("train.base_features must be >= 0")
+        if self.cycles < 1 or self.epochs_per_cycle < 1 or not 1 <= self.keep_per_cycle <= self.epochs_per_cycle:
+            raise ConfigError("train: cycles >= 1, epochs_per_cycle >= 1, 1 <= keep_per_cycle <= epochs_per_cycle")
+        if self.iterations_per_epoch < 1 or self.val_iterations_per_epoch < 1:
+            raise ConfigError("train: iterations_per_epoch and val_iterations_per_epoch must be >= 1")
+        if not self.lr > 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train: lr > 0 and 0 <= min_lr_ratio <= 1")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.cycles * self.epochs_per_cycle
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How training is spread over the cluster (does not change a member's model).
+
+    Each worker trains one ensemble member (its own seed) on all pseudo-labels; the ensemble is every
+    kept checkpoint of every member. One worker = the paper's single run.
+    """
+
+    name: str = "train-weak"  # checkpoints under WORK/checkpoints/<name>; the same name resumes
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0  # worker failures Ray Train recovers from within a run
+    scratch_dir: str = ""  # node-local folder for nnU-Net's files (default: the system temp folder)
+    checkpoint_every_epochs: int = 1  # resume points (and always after the last epoch)
+    keep_checkpoints: int = 2  # resume points kept on storage (ensemble members are kept apart, all)
+
+    def __post_init__(self):
+        if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
+            raise ConfigError(f"run.name: {self.name!r} must be letters, digits, '-', '_' or '.'")
+        if self.num_workers < 1 or self.max_failures < 0 or not self.cpus_per_worker > 0:
+            raise ConfigError("run: num_workers >= 1, max_failures >= 0, cpus_per_worker > 0")
+        if self.checkpoint_every_epochs < 1 or self.keep_checkpoints < 1:
+            raise ConfigError("run: checkpoint_every_epochs and keep_checkpoints must be >= 1")
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """The ensemble over a run's cases: mean foreground probability > threshold."""
+
+    threshold: float = 0.2  # METHOD.md
+    actors: int = 1  # actor pool size
+    cpus_per_actor: float = 0.5  # <= 0.5 on a 2-CPU machine (ENVIRONMENT.md: actor pools can starve reads)
+    batch_cases: int = 4  # cases per actor call
+    max_checkpoints: int = 0  # use only the newest this many members (0 = all)
+
+    def __post_init__(self):
+        if not 0.0 < self.threshold < 1.0:
+            raise ConfigError(f"refine.threshold: must be in (0, 1), got {self.threshold}")
+        if self.actors < 1 or self.batch_cases < 1 or self.max_checkpoints < 0 or not self.cpus_per_actor > 0:
+            raise ConfigError("refine: actors >= 1, batch_cases >= 1, max_checkpoints >= 0, cpus_per_actor > 0")
+
+
+@dataclass(frozen=True)
+class WeakConfig:
+    source: str = ""  # the segmentation job's OUT (local or s3://)
+    target: str = ""  # the zero-shot target whose masks are the pseudo-labels
+    work: str = ""  # WORK: selection.json, nnUNet_raw/, checkpoints/, logs (local or s3://)
+    select: SelectionConfig = field(default_factory=SelectionConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    run: RunSettings = field(default_factory=RunSettings)
+    refine: RefineSettings = field(default_factory=RefineSettings)
+    testing: TestingConfig = field(default_factory=TestingConfig)  # interrupt_after_step: after that epoch
+
+    @property
+    def refined_target(self) -> str:
+        return self.target + WEAK_SUFFIX
+
+    @property
+    def dataset_name(self) -> str:
+        name = self.export.dataset_name or "".join(c if c.isalnum() else "_" for c in self.target) or "target"
+        return f"Dataset{self.export.dataset_id:03d}_{name}"
+
+    def to_dict(self) -> dict:
+        return to_plain(self)
+
+    def hash(self) -> str:
+        """sha256 (16 hex) of what determines the trained ensemble: source, target, selection, export, train."""
+        keys = ("source", "target", "select", "export", "train")
+        blob = json.dumps({k: v for k, v in self.to_dict().items() if k in keys}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def check_required(self) -> None:
+        missing = [k for k in ("source", "target", "work") if not getattr(self, k)]
+        if missing:
+            raise ConfigError(f"train-weak: {', '.join(missing)} must be set (--from, --target, --work or the YAML)")
+        if self.target.endswith(WEAK_SUFFIX):
+            raise ConfigError(f"--target {self.target}: choose the zero-shot target, not a refined one")
+
+
+def load_weak_config(
+    path: str | Path | None = None,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+    source: str | None = None,
+    target: str | None = None,
+    work: str | None = None,
+) -> WeakConfig:
+    """Defaults <- YAML file <- --from / --target / --work <- --set overrides, validated."""
+    tree = to_plain(WeakConfig())
+    if path is not None:
+        from mcs_batch.yaml_config import merge, read_yaml_file
+
+        merge(tree, read_yaml_file(path))
+    for key, value in (("source", source), ("target", target), ("work", work)):
+        if value:
+            tree[key] = value
+    return load(WeakConfig, overrides=overrides, tree=tree)
