@@ -1,0 +1,204 @@
+"""`refine`: the checkpoint ensemble over a segmentation run's cases -> target "<target>@weak" in its OUT.
+
+    summary = refine(cfg, storage=storage)   # cfg.source = OUT, cfg.target, cfg.work (the ensemble)
+
+A Ray Data actor pool (`RefineActor`, the ensemble loaded once per actor) reads each case's planes as the
+job did (stages.load.load_chunk, the job's window and slice axis), averages the members' foreground
+probabilities, thresholds them (refine.threshold, 0.2) and writes the refined mask in the zero-shot
+mask's geometry (NIfTI with the source affine, PNG too for 2D images) at OUT/masks/<case>/<target>@weak.
+The driver commits the rows through Catalog.commit: a cases row per case (the zero-shot row's
+identity and geometry, the refined mask's statistics) and a slices row per slice. Zero-shot rows and
+masks are never touched; refined pairs already committed are skipped, so a second run finishes an
+interrupted one.
+
+Per-case uncertainty (uncertainty.case_uncertainty): `uncertainty` (entropy of the mean probability
+per boundary pixel) and `uncertainty_spread` (std across members). The catalog's cases schema has no
+column for them yet: they are in the rows handed to commit (kept once the schema gains the columns),
+in OUT/runs/<run_id>.json and in WORK/refine/<run_id>.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from scipy import ndimage
+
+from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.io.storage import StorageOptions, filesystem_for, join
+from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.masks import nifti_bytes, png_bytes
+from mcs_batch.records import slice_axis_for
+from mcs_batch.stages.load import load_chunk
+from mcs_batch.train.weak.config import WeakConfig
+from mcs_batch.train.weak.ensemble import read_ensemble
+from mcs_batch.train.weak.export import job_config_of_run, record_of
+from mcs_batch.train.weak.files import write_bytes
+from mcs_batch.train.weak.uncertainty import case_uncertainty, score_slice
+
+SLICES_PER_READ = 16
+REFINED_FIELDS = ("mask_uri", "mask_png_uri", "mask_voxels", "mask_volume_ml", "n_components", "n_slices",
+                  "n_slices_with_mask", "uncertainty", "uncertainty_spread")  # fmt: skip
+ZERO_SHOT_ONLY = ("n_slices_empty_saliency", "sam_score_mean", "saliency_mean", "saliency_max", "clip_sha256",
+                  "sam_sha256", "load_seconds", "saliency_seconds", "sam_seconds", "error_code",
+                  "error_message")  # fmt: skip
+
+
+def place(volume: np.ndarray, k: int, axis: int, mask_hw: np.ndarray) -> None:
+    """Put a display-frame [H, W] slice at index k of `axis` (inverse of Volume.slice_image)."""
+    index: list = [slice(None)] * 3
+    index[axis] = k
+    volume[tuple(index)] = mask_hw.T
+
+
+def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_id: str, storage) -> dict:
+    """One zero-shot case row -> its refined case row (mask written) and slice rows."""
+    record = record_of(row)
+    job = job_config_of_run(cfg.source, row.get("run_id"), storage)
+    axis = slice_axis_for(record, job.slice_axis)
+    shape = tuple(int(v) for v in record.shape)
+    mask = np.zeros(shape, np.uint8)
+    fs = filesystem_for(record.source_uris[0], storage)[0]
+    cache: dict = {}
+    scores, slice_rows = [], []
+    for k0 in range(0, shape[axis], SLICES_PER_READ):
+        k1 = min(k0 + SLICES_PER_READ, shape[axis])
+        for k, image in zip(range(k0, k1), load_chunk(record, k0, k1, job, fs=fs, cache=cache), strict=True):
+            scored = score_slice(predictor.probabilities(image), cfg.refine.threshold)
+            place(mask, k, axis, scored.mask.astype(np.uint8))
+            scores.append(scored)
+            slice_rows.append({"case_id": record.case_id, "target": cfg.refined_target, "slice_index": k,
+                               "mask_pixels": int(scored.mask.sum()), "run_id": run_id})  # fmt: skip
+    affine = np.asarray(record.affine, float).reshape(4, 4)
+    nifti_path, png_path = catalog.mask_paths(record.case_id, cfg.refined_target)
+    tiny = bool(row.get("tiny_models"))
+    catalog.write_bytes(nifti_path, nifti_bytes(mask, affine, tiny=tiny))
+    out = {k: v for k, v in row.items() if k not in ZERO_SHOT_ONLY and k != "dataset"}
+    out.update(target=cfg.refined_target, run_id=run_id, config_hash=cfg.hash(), status="ok",
+               mask_uri=catalog.fs.unstrip_protocol(nifti_path), mask_png_uri=None)  # fmt: skip
+    if shape[2] == 1:
+        catalog.write_bytes(png_path, png_bytes(mask[:, :, 0].T))
+        out["mask_png_uri"] = catalog.fs.unstrip_protocol(png_path)
+    voxels = int(mask.sum())
+    spacing = np.asarray(record.spacing_mm or (1.0, 1.0, 1.0), float)
+    out.update(
+        mask_voxels=voxels,
+        mask_volume_ml=voxels * float(np.prod(spacing)) / 1000.0,
+        n_components=int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]) if voxels else 0,
+        n_slices=len(scores),
+        n_slices_with_mask=sum(1 for s in scores if s.mask.any()),
+        **case_uncertainty(scores),
+    )
+    return {"case_row": out, "slice_rows": slice_rows}
+
+
+class RefineActor:
+    """Ray Data actor: loads the ensemble once; batches of case rows (JSON) -> refined rows (JSON)."""
+
+    def __init__(self, cfg: WeakConfig, storage: StorageOptions | None, run_id: str):
+        from mcs_batch.train.weak.ensemble import EnsemblePredictor
+
+        device = "cuda" if cfg.run.use_gpu else "cpu"
+        self.predictor = EnsemblePredictor(cfg.work, storage=storage, max_members=cfg.refine.max_checkpoints,
+                                           device=device)  # fmt: skip
+        self.cfg, self.storage, self.run_id = cfg, storage, run_id
+        self.catalog = Catalog(cfg.source, storage=storage)
+
+    def __call__(self, batch: dict) -> dict:
+        results = []
+        for text in batch["case_json"]:
+            row = json.loads(str(text))
+            started = time.perf_counter()
+            try:
+                result = refine_case(row, self.predictor, cfg=self.cfg, catalog=self.catalog, run_id=self.run_id,
+                                     storage=self.storage)  # fmt: skip
+            except CaseError as e:
+                result = _failed(row, self.cfg, self.run_id, e.code, e.message)
+            except Exception as e:  # one broken case must not stop the pool
+                result = _failed(row, self.cfg, self.run_id, ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+            result["case_row"]["sam_seconds"] = None
+            result["seconds"] = time.perf_counter() - started
+            results.append(json.dumps(result, default=_plain))
+        return {"result": np.asarray(results, dtype=object)}
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def _failed(row: dict, cfg: WeakConfig, run_id: str, code, message: str) -> dict:
+    out = {k: v for k, v in row.items() if k not in ZERO_SHOT_ONLY and k not in REFINED_FIELDS and k != "dataset"}
+    out.update(target=cfg.refined_target, status="failed", error_code=str(code), error_message=message,
+               run_id=run_id, config_hash=cfg.hash())  # fmt: skip
+    return {"case_row": out, "slice_rows": []}
+
+
+def cases_to_refine(catalog: Catalog, cfg: WeakConfig, case_ids: list[str] | None = None) -> list[dict]:
+    """The zero-shot rows of the target (status ok) whose refined pair is not committed yet."""
+    done = {c for (c, t), status in catalog.committed().items() if t == cfg.refined_target and status == "ok"}
+    rows = [r for r in catalog.cases().to_pylist() if r["target"] == cfg.target and r["status"] == "ok"]
+    wanted = set(case_ids) if case_ids else None
+    return [r for r in rows if r["case_id"] not in done and (wanted is None or r["case_id"] in wanted)]
+
+
+def refine(cfg: WeakConfig, *, storage: StorageOptions | None = None, case_ids: list[str] | None = None,
+           progress: Callable[[str], None] = print, commit_every: int = 16) -> dict:  # fmt: skip
+    """Refine the cases of cfg.target in cfg.source with the ensemble in cfg.work; returns the summary."""
+    import ray
+
+    cfg.check_required()
+    ensemble = read_ensemble(cfg.work, storage)  # ConfigError before any work when there is none
+    catalog = Catalog(cfg.source, storage=storage)
+    rows = cases_to_refine(catalog, cfg, case_ids)
+    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-refine-" + uuid.uuid4().hex[:6]
+    started = time.time()
+    progress(f"refining {len(rows)} case(s) of {cfg.target} with {len(ensemble['members'])} checkpoint(s) "
+             f"-> target {cfg.refined_target}")  # fmt: skip
+    counts = {"ok": 0, "failed": 0}
+    uncertainty_rows: list[dict] = []
+    if rows:
+        items = [{"case_json": json.dumps(r, default=str)} for r in rows]
+        data = ray.data.from_items(items).map_batches(
+            RefineActor,
+            fn_constructor_kwargs={"cfg": cfg, "storage": storage, "run_id": run_id},
+            compute=ray.data.ActorPoolStrategy(size=cfg.refine.actors),
+            num_cpus=cfg.refine.cpus_per_actor,
+            num_gpus=1 if cfg.run.use_gpu else 0,
+            batch_size=cfg.refine.batch_cases,
+            batch_format="numpy",
+        )
+        pending_cases, pending_slices, seq = [], [], 0
+        for item in data.iter_rows():
+            result = json.loads(str(item["result"]))
+            case_row = result["case_row"]
+            case_row["committed_at"] = datetime.now(UTC).isoformat()
+            counts[case_row["status"]] = counts.get(case_row["status"], 0) + 1
+            uncertainty_rows.append({k: case_row.get(k) for k in ("case_id", "status", "uncertainty",
+                                                                  "uncertainty_spread", "mask_voxels")})  # fmt: skip
+            pending_cases.append(case_row)
+            pending_slices.extend(result["slice_rows"])
+            if len(pending_cases) >= commit_every:
+                catalog.commit(run_id, seq, pending_cases, pending_slices)
+                pending_cases, pending_slices, seq = [], [], seq + 1
+        if pending_cases:
+            catalog.commit(run_id, seq, pending_cases, pending_slices)
+    summary = {"run_id": run_id, "kind": "refine", "source": cfg.source, "target": cfg.target,
+               "refined_target": cfg.refined_target, "work": cfg.work, "threshold": cfg.refine.threshold,
+               "members": [m["file"] for m in ensemble["members"]], "ensemble_config_hash": ensemble["config_hash"],
+               "cases": counts, "uncertainty": uncertainty_rows, "started_at": started,
+               "seconds": round(time.time() - started, 1)}  # fmt: skip
+    catalog.write_run(run_id, summary)
+    if uncertainty_rows:
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pylist(uncertainty_rows), sink)
+        write_bytes(join(cfg.work, "refine", f"{run_id}.parquet"), sink.getvalue().to_pybytes(), storage)
+    progress(f"refined {counts.get('ok', 0)} case(s), {counts.get('failed', 0)} failed, in {summary['seconds']} s")
+    return summary
