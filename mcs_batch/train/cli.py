@@ -1,7 +1,9 @@
-"""`mcs-batch finetune-clip`: fine-tune BiomedCLIP with DHN-NCE on Ray Train (registered by mcs_batch.cli).
+"""Training commands (registered by mcs_batch.cli):
 
     mcs-batch finetune-clip --config jobs/configs/finetune_tiny.yaml \\
         --set data.listing=s3://bucket/pairs.parquet --set output.uri=s3://bucket/models/biomedclip-ft
+    mcs-batch train-weak --from OUT --target lesion --work s3://bucket/weak/lesion [--config ...] [--refine]
+    mcs-batch refine --from OUT --target lesion --work s3://bucket/weak/lesion
 
 Exit codes as for every command: 0 done, 1 training did not finish (run the same command again to
 resume from the last checkpoint), 2 bad configuration or inputs.
@@ -45,3 +47,73 @@ def add_commands(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     add_common_args(p)
     p.set_defaults(func=cmd_finetune_clip)
+    add_weak_commands(subparsers)
+
+
+def _weak_config(args: argparse.Namespace):
+    from mcs_batch.train.weak.config import load_weak_config
+    from mcs_batch.train.weak.train import check_source
+
+    cfg = load_weak_config(args.config, overrides=args.set, source=args.source, target=args.target, work=args.work)
+    cfg.check_required()
+    check_source(cfg, storage_options(args))
+    return cfg
+
+
+def cmd_train_weak(args: argparse.Namespace) -> int:
+    from mcs_batch.train.weak.train import TrainWeakError, train_weak
+
+    cfg = _weak_config(args)
+    storage = storage_options(args)
+    start_ray(args)
+    try:
+        ensemble = train_weak(cfg, storage=storage, progress=progress)
+    except TrainWeakError as e:
+        print(f"mcs-batch: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"checkpoint ensemble of {len(ensemble['members'])} member checkpoint(s) in {cfg.work}/ensemble "
+          f"({ensemble['seconds']} s)")  # fmt: skip
+    if args.refine:
+        return _run_refine(cfg, storage, case_ids=None)
+    print(f"refine the masks with: mcs-batch refine --from {cfg.source} --target {cfg.target} --work {cfg.work}")
+    return EXIT_OK
+
+
+def _run_refine(cfg, storage, case_ids) -> int:
+    from mcs_batch.train.weak.refine import refine
+
+    summary = refine(cfg, storage=storage, case_ids=case_ids, progress=progress)
+    cases = summary["cases"]
+    print(f"refined target {cfg.refined_target}: {cases.get('ok', 0)} ok, {cases.get('failed', 0)} failed "
+          f"(run {summary['run_id']}); compare with: mcs-batch query {cfg.source} "
+          f"\"SELECT target, count(*), avg(mask_voxels) FROM cases GROUP BY target\"")  # fmt: skip
+    return EXIT_FAILED if cases.get("failed") else EXIT_OK
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    cfg = _weak_config(args)
+    storage = storage_options(args)
+    start_ray(args)
+    return _run_refine(cfg, storage, case_ids=args.case or None)
+
+
+def _add_weak_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", default=None, help="OUT of a segmentation run (local or s3://)")
+    p.add_argument("--target", default=None, help="the zero-shot target whose masks are the pseudo-labels")
+    p.add_argument("--work", default=None, help="folder / URI for the dataset, checkpoints and the ensemble")
+    p.add_argument("--config", default=None, help="YAML file (see jobs/configs/train_weak.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    add_common_args(p)
+
+
+def add_weak_commands(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train-weak", help="train an nnU-Net checkpoint ensemble on a run's masks (pseudo-labels, Ray Train)"
+    )
+    _add_weak_args(p)
+    p.add_argument("--refine", action="store_true", help="then refine the run's masks with the ensemble")
+    p.set_defaults(func=cmd_train_weak)
+    p = subparsers.add_parser("refine", help="refine a run's masks with a trained ensemble (target <T>@weak)")
+    _add_weak_args(p)
+    p.add_argument("--case", action="append", default=[], metavar="CASE_ID", help="only these cases (repeatable)")
+    p.set_defaults(func=cmd_refine)

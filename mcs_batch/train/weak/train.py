@@ -74,6 +74,17 @@ def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
     return ensemble
 
 
+def check_source(cfg: WeakConfig, storage: StorageOptions | None) -> int:
+    """ConfigError (before any Ray work) when OUT has no committed row of the target; else how many."""
+    targets = Catalog(cfg.source, storage=storage).cases(["target"]).column("target").to_pylist()
+    if not targets:
+        raise ConfigError(f"--from {cfg.source}: no catalog there (OUT/catalog/cases is empty or missing)")
+    n = sum(1 for t in targets if t == cfg.target)
+    if not n:
+        raise ConfigError(f"--target {cfg.target}: {cfg.source} has targets {', '.join(sorted(set(targets)))}")
+    return n
+
+
 def _select_and_export(cfg: WeakConfig, storage, progress, config_hash: str) -> dict:
     import ray
 
