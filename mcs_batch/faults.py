@@ -21,6 +21,46 @@ class TestingConfig:
     exit_driver_after_commits: int = 0  # job: the driver exits hard (no clean-up) after this many commits
     interrupt_after_step: int = 0  # fine-tuning: rank 0 raises once right after this step's checkpoint
     fault_marker: str = ""  # file recording that the fault fired (so that it fires once)
+    # job: the driver exits hard at this point of the commit protocol (outputs/catalog.py), during the
+    # commit number `crash_at_commit` (1 = the first): slices_half_written, cases_half_written,
+    # before_intent, after_intent, between_publish, during_repair (at the start of the run); or an
+    # assembly task exits hard with a mask half written: mask_half_written (once, with fault_marker)
+    crash_point: str = ""
+    crash_at_commit: int = 1
+
+
+CRASH_POINTS = frozenset(
+    {"slices_half_written", "cases_half_written", "before_intent", "after_intent", "between_publish",
+     "during_repair", "mask_half_written"}
+)  # fmt: skip
+
+
+def crash_hook(testing: TestingConfig, commits_done):
+    """The driver's hook for `Catalog.crash_hook`: exits hard (like SIGKILL: no clean-up) at the
+    configured point of the configured commit. `commits_done()` counts this run's commits so far."""
+    if testing.crash_point not in CRASH_POINTS:
+        if testing.crash_point:
+            raise ValueError(f"testing.crash_point: unknown point {testing.crash_point!r}")
+        return None
+
+    def hook(point: str) -> None:
+        at_commit = point == "during_repair" or commits_done() + 1 == testing.crash_at_commit
+        if point == testing.crash_point and at_commit:
+            os._exit(137)
+
+    return hook
+
+
+def worker_crash_hook(testing: TestingConfig):
+    """An assembly task's hook: exits hard once (fault_marker) at mask_half_written."""
+    if testing.crash_point != "mask_half_written":
+        return None
+
+    def hook(point: str) -> None:
+        if point == "mask_half_written" and fire_once(testing.fault_marker):
+            os._exit(137)
+
+    return hook
 
 
 def fire_once(marker: str) -> bool:

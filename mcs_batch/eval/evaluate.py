@@ -376,7 +376,7 @@ def evaluate(
         problems=list(problems),
     )
     path = catalog.path(EVALUATION_DIR, f"{safe_name(dataset)}--{safe_name(target)}.parquet")
-    catalog._write_table(path, table_from_rows(results, EVALUATION_SCHEMA))
+    catalog.write_table(path, table_from_rows(results, EVALUATION_SCHEMA))
     result.table_uri = catalog.fs.unstrip_protocol(path)
     result.seconds = time.perf_counter() - start
     return result

@@ -5,13 +5,26 @@
     OUT/catalog/cases/failed-<run_id>-<seq>.parquet   failed rows (dropped and redone by --retry-failed)
     OUT/catalog/slices/part-<run_id>-<seq>.parquet    slice rows of the cases committed by the same seq
     OUT/masks/<case_id>/<target>.nii.gz (+ .png for 2D images)
-    OUT/staging/<run_id>/               a running job's listing waves and slice parts (removed at its end)
+    OUT/locks/writer-<gen>.json         the writer lease: one job writes an OUT at a time (outputs/lease.py)
+    OUT/staging/<run_id>/               a job's listing waves, slice parts, commits being published and
+                                        local temporary files; removed at its end or by the next repair
     OUT/index/                          the archive index (mcs_batch.outputs.index)
 
-A (case, target) is committed when its row is in a cases file. Every file is written atomically
-(local: temporary name then rename; S3: one PUT), masks before the slices file before the cases file,
-so a crash leaves at worst masks or a slices file without a commit, which `repair` removes and the
-next run redoes. Committed pairs are skipped by later runs, so no pair ever has two rows.
+Readers (pandas, DuckDB, Spark, Ray Data, `mcs-batch query`) scan catalog/cases and catalog/slices,
+where nothing uncommitted is ever written. A commit:
+  1. writes its parts (slices, cases, failed) complete under OUT/staging/<run_id>/commits/;
+  2. writes the commit's intent, a small JSON naming them, in the same folder: the commit point;
+  3. publishes: moves the slices part, then the cases parts, into catalog/ (local: rename; object
+     stores: copy then delete), then deletes the intent.
+Masks are written (atomically) before step 1. A crash before step 2 leaves only staging, which the
+next run's `repair` deletes (those cases are redone); a crash after it leaves an intent that `repair`
+publishes to the end (those cases stay done). So every part in catalog/ belongs to a commit, no pair is
+ever committed twice, and a (case, target) row implies its slice rows and masks. The one window readers
+can notice is inside step 3: a commit's slice rows may appear a moment before its case rows (after a
+crash there, until the next run or `mcs-batch repair` finishes the publish), never the reverse.
+
+Every file is written atomically (local: a temporary file under OUT/staging, fsync, then rename; object
+stores: one PUT), and `repair` runs only under the writer lease, so it never touches a live run's files.
 """
 
 from __future__ import annotations
@@ -19,8 +32,9 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,20 +44,30 @@ from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.schema import CASES_SCHEMA, SLICES_SCHEMA, table_from_rows
 
 CASES_DIR, SLICES_DIR, MASKS_DIR, RUNS_DIR = "catalog/cases", "catalog/slices", "masks", "runs"
-STAGING_DIR = "staging"  # per run: listing waves and slice parts awaiting assembly (never read as catalog)
+STAGING_DIR = "staging"  # per run: listing waves, slice parts, commits being published, temporaries
+SHARED_TMP = "tmp"  # staging/tmp: temporaries of writers that are not a job (evaluate, scan)
+STALE_TMP_S = 600  # a shared temporary older than this belongs to a dead writer
+COMMITS = "commits"  # staging/<run_id>/commits: parts and intents of commits being published
 EVALUATION_DIR = "catalog/evaluation"  # written by mcs_batch.eval.evaluate
 
 
 class Catalog:
     """Reads and commits the outputs under OUT (a local folder or an object-store prefix)."""
 
-    def __init__(self, out: str, *, storage: StorageOptions | None = None):
+    def __init__(self, out: str, *, storage: StorageOptions | None = None, owner: str = ""):
+        """`owner`: the run id of the job writing through this catalog (its temporaries and commits go
+        to OUT/staging/<owner>/); empty for other writers."""
         if not out:
             raise ConfigError("outputs.uri (--out) is required")
         self.out = out
+        self.storage = storage
+        self.owner = owner
         self.fs, self.root = filesystem_for(out, storage)
         protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
         self.local = "file" in protocols
+        self.lease = None  # a WriterLease: checked before every commit when set
+        self.commits = 0  # commits made through this object
+        self.crash_hook: Callable[[str], None] | None = None  # test-only fault injection (faults.py)
 
     # -- paths -----------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
@@ -53,19 +77,33 @@ class Catalog:
         return to_uri(self.fs, self.path(*parts))
 
     def _list(self, folder: str) -> list[str]:
+        """The Parquet files of a catalog folder, as readers see them (hidden names skipped)."""
         try:
-            return sorted(p for p in self.fs.ls(self.path(folder), detail=False) if p.endswith(".parquet"))
+            names = self.fs.ls(self.path(folder), detail=False)
         except FileNotFoundError:
             return []
+        return sorted(p for p in names if p.endswith(".parquet") and not posixpath.basename(p).startswith((".", "_")))
+
+    def _crash(self, point: str) -> None:
+        if self.crash_hook:
+            self.crash_hook(point)
 
     # -- atomic writes -----------------------------------------------------------------------------
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Atomically: readers see the old object or the whole new one, never a part."""
-        parent = posixpath.dirname(path)
+    def write_bytes(self, path: str, data: bytes, *, crash_point: str = "", beside: bool = False) -> None:
+        """Atomically: readers see the old object or the whole new one, never a part. Local
+        temporaries live under OUT/staging (never beside the file), so a crash leaves none in the
+        folders readers scan; `beside` puts it next to the file (for folders no reader lists)."""
         if self.local:
-            os.makedirs(parent, exist_ok=True)
-            tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+            os.makedirs(posixpath.dirname(path), exist_ok=True)
+            tmp_dir = posixpath.dirname(path) if beside else self.path(STAGING_DIR, self.owner or SHARED_TMP, "tmp")
+            os.makedirs(tmp_dir, exist_ok=True)
+            tmp = posixpath.join(tmp_dir, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
             with open(tmp, "wb") as f:
+                if crash_point and self.crash_hook:  # test-only: a crash half-way
+                    f.write(data[: len(data) // 2])
+                    f.flush()
+                    self._crash(crash_point)
+                    f.seek(0)
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
@@ -73,10 +111,10 @@ class Catalog:
         else:
             self.fs.pipe_file(path, data)  # a single PUT is atomic on S3-compatible stores
 
-    def _write_table(self, path: str, table: pa.Table) -> None:
+    def write_table(self, path: str, table: pa.Table, *, crash_point: str = "") -> None:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
-        self.write_bytes(path, sink.getvalue().to_pybytes())
+        self.write_bytes(path, sink.getvalue().to_pybytes(), crash_point=crash_point)
 
     # -- reading -----------------------------------------------------------------------------------
     def read_table(self, folder: str, schema: pa.Schema, columns: list[str] | None = None) -> pa.Table:
@@ -109,30 +147,67 @@ class Catalog:
         return {h for h in self.cases(["config_hash"]).column("config_hash").to_pylist() if h}
 
     # -- maintenance -------------------------------------------------------------------------------
-    def repair(self) -> list[str]:
-        """Remove what a crashed run left uncommitted: slices files without their cases file, and
-        temporary files. Returns what was removed."""
+    def repair(self, *, live: str = "") -> list[str]:
+        """Finish or undo what crashed runs left: publish every commit whose intent was written, then
+        remove the staging of every run but `live` (the caller, who holds the writer lease), stale
+        shared temporaries, and slices parts without their cases part (left by the protocol before
+        intents). Returns what was published or removed."""
+        done: list[str] = []
+        for run in self._staged_runs():
+            if run == live:
+                continue
+            for intent in self._intents(run):
+                self._crash("during_repair")
+                done.extend(f"published {posixpath.basename(dst)}" for dst in self._publish(intent))
+            self.fs.rm(self.path(STAGING_DIR, run), recursive=True)
+            done.append(f"removed staging/{run}")
+        shared = self.path(STAGING_DIR, SHARED_TMP, "tmp")
+        if self.local and os.path.isdir(shared):
+            for name in os.listdir(shared):
+                path = os.path.join(shared, name)
+                if time.time() - os.path.getmtime(path) > STALE_TMP_S:
+                    os.remove(path)
+                    done.append(f"removed staging/{SHARED_TMP}/tmp/{name}")
         committed_names = {posixpath.basename(p).removeprefix("part-") for p in self._list(CASES_DIR)}
-        removed = []
         for path in self._list(SLICES_DIR):
             if posixpath.basename(path).removeprefix("part-") not in committed_names:
                 self.fs.rm(path)
-                removed.append(path)
-        try:  # staging of runs that are not running any more (one writer per OUT; see pipeline/job.py)
-            for folder in self.fs.ls(self.path(STAGING_DIR), detail=False):
-                self.fs.rm(folder, recursive=True)
-                removed.append(folder)
-        except FileNotFoundError:
-            pass
-        if self.local:
-            for folder in (CASES_DIR, SLICES_DIR):
-                directory = self.path(folder)
-                if os.path.isdir(directory):
-                    for name in os.listdir(directory):
+                done.append(f"removed {posixpath.basename(path)}")
+        if self.local:  # temporaries of the protocol before staging (they sat beside the files)
+            for folder in (CASES_DIR, SLICES_DIR, MASKS_DIR):
+                for parent, _, names in os.walk(self.path(folder)):
+                    for name in names:
                         if name.startswith(".tmp-"):
-                            os.remove(os.path.join(directory, name))
-                            removed.append(name)
-        return removed
+                            os.remove(os.path.join(parent, name))
+                            done.append(f"removed {name}")
+        return done
+
+    def end_staging(self, run: str) -> None:
+        """A run's end: finish any publish an error cut short, then remove its staging folder. Never
+        raises: whatever is left is finished or removed by the next run's repair."""
+        try:
+            for intent in self._intents(run):
+                self._publish(intent)
+            self.fs.rm(self.path(STAGING_DIR, run), recursive=True)
+        except Exception:
+            return
+
+    def _staged_runs(self) -> list[str]:
+        """Runs with a staging folder (scan's own folders, `scan-*`, and the shared tmp are not runs)."""
+        try:
+            entries = self.fs.ls(self.path(STAGING_DIR), detail=False)
+        except FileNotFoundError:
+            return []
+        names = (posixpath.basename(e.rstrip("/")) for e in entries)
+        return sorted(n for n in names if n and n != SHARED_TMP and not n.startswith("scan-"))
+
+    def _intents(self, run: str) -> list[dict]:
+        folder = self.path(STAGING_DIR, run, COMMITS)
+        try:
+            names = sorted(p for p in self.fs.ls(folder, detail=False) if p.endswith(".intent.json"))
+        except FileNotFoundError:
+            return []
+        return [json.loads(self.fs.cat_file(p)) | {"_path": p} for p in names]
 
     def drop_failed(self) -> list[tuple[str, str]]:
         """Delete the failed rows (whole failed-* files) so that their pairs are redone."""
@@ -152,20 +227,79 @@ class Catalog:
         return base + ".nii.gz", base + ".png"
 
     def commit(self, run_id: str, seq: int, case_rows: Iterable[dict], slice_rows: Iterable[dict] | pa.Table) -> None:
-        """Commit finished cases: slice rows first (dicts, or a table with SLICES_SCHEMA), then the cases
-        rows (the commit itself). Failed rows go to their own file so that --retry-failed can drop them."""
+        """Commit finished cases (protocol in the module docstring): parts staged, the intent written,
+        then published into catalog/. `slice_rows` are dicts or a table with SLICES_SCHEMA. Failed rows
+        go to their own file so that --retry-failed can drop them."""
+        if self.lease is not None:
+            self.lease.check()
         case_rows = list(case_rows)
         if not isinstance(slice_rows, pa.Table):
             slice_rows = table_from_rows(list(slice_rows), SLICES_SCHEMA)
         ok = [r for r in case_rows if r["status"] != "failed"]
         failed = [r for r in case_rows if r["status"] == "failed"]
         name = f"{run_id}-{seq:06d}.parquet"
+        staging = self.path(STAGING_DIR, run_id, COMMITS)
+        parts: list[tuple[str, str, pa.Table]] = []  # (staged, published, rows), in publishing order
+        if ok and slice_rows.num_rows:
+            parts.append(("slices-part-" + name, self.path(SLICES_DIR, "part-" + name), slice_rows))
         if ok:
-            if slice_rows.num_rows:
-                self._write_table(self.path(SLICES_DIR, "part-" + name), slice_rows)
-            self._write_table(self.path(CASES_DIR, "part-" + name), table_from_rows(ok, CASES_SCHEMA))
+            cases = table_from_rows(ok, CASES_SCHEMA)
+            parts.append(("cases-part-" + name, self.path(CASES_DIR, "part-" + name), cases))
         if failed:
-            self._write_table(self.path(CASES_DIR, "failed-" + name), table_from_rows(failed, CASES_SCHEMA))
+            parts.append(
+                ("cases-failed-" + name, self.path(CASES_DIR, "failed-" + name), table_from_rows(failed, CASES_SCHEMA))
+            )
+        if not parts:
+            return
+        for staged, _, table in parts:
+            point = "slices_half_written" if staged.startswith("slices") else "cases_half_written"
+            self.write_table(posixpath.join(staging, staged), table, crash_point=point)
+        self._crash("before_intent")
+        intent = {"run_id": run_id, "seq": seq, "files": [[posixpath.join(staging, a), b] for a, b, _ in parts]}
+        intent_path = posixpath.join(staging, f"{seq:06d}.intent.json")
+        self.write_bytes(intent_path, json.dumps(intent).encode())  # the commit point
+        self._crash("after_intent")
+        self._publish(intent | {"_path": intent_path})
+        self.commits += 1
+
+    def _publish(self, intent: dict) -> list[str]:
+        """Move an intent's staged parts into catalog/, in order, then delete the intent. Idempotent:
+        a part already moved is skipped, so a publish cut short is finished by running it again."""
+        published = []
+        for n, (staged, final) in enumerate(intent["files"]):
+            if n == 1:
+                self._crash("between_publish")
+            if not self.fs.exists(staged):
+                continue  # moved by an earlier, interrupted publish
+            if self.local:
+                os.makedirs(posixpath.dirname(final), exist_ok=True)
+                os.replace(staged, final)
+            else:
+                self.fs.copy(staged, final)  # server-side copy: the part appears whole
+                self.fs.rm(staged)
+            published.append(final)
+        self.fs.rm(intent["_path"])
+        return published
+
+    def close_stale_runs(self, *, live: str) -> list[str]:
+        """Mark the run records still saying "running" as failed, except `live`'s. Called under the
+        writer lease, when no other run can be alive; returns the run ids marked."""
+        try:
+            paths = [p for p in self.fs.ls(self.path(RUNS_DIR), detail=False) if p.endswith(".json")]
+        except FileNotFoundError:
+            return []
+        paths = [p for p in paths if posixpath.basename(p) != f"{live}.json"]
+        marked = []
+        for path, data in sorted(self.fs.cat(paths).items() if paths else ()):  # fetched concurrently on S3
+            try:
+                document = json.loads(data)
+            except ValueError:
+                continue
+            if document.get("status") == "running":
+                document.update(status="failed", reason=f"its driver died before the end (found by run {live})")
+                self.write_bytes(path, json.dumps(document, indent=2, default=str).encode())
+                marked.append(str(document.get("run_id")))
+        return marked
 
     def write_run(self, run_id: str, document: dict) -> str:
         path = self.path(RUNS_DIR, f"{run_id}.json")

@@ -29,8 +29,10 @@ from mcs_batch.archive.listing import list_archive
 from mcs_batch.archive.source import cases_stream
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import ConfigError
-from mcs_batch.io.storage import StorageOptions, filesystem_for, join
+from mcs_batch.faults import crash_hook
+from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.lease import WriterLease
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
 from mcs_batch.pipeline.resources import cluster_view, resolve
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
@@ -134,14 +136,36 @@ def run_job(
     progress: Callable[[str], None] = print,
     stages: ModelStages | None = None,
 ) -> JobSummary:
-    """Run the job on the current Ray cluster (ray.init() must have been called)."""
-    import ray
-
+    """Run the job on the current Ray cluster (ray.init() must have been called). Takes the writer
+    lease of OUT first (outputs/lease.py): a second job on the same OUT waits or stops with LeaseHeld."""
     start = time.perf_counter()
     if not cfg.inputs.uris:
         raise ConfigError("inputs.uris: no inputs given")
-    catalog = Catalog(cfg.outputs.uri, storage=storage)
     run_id = new_run_id()
+    catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)
+    lease = WriterLease(catalog, run_id, ttl_s=cfg.outputs.lock_ttl_seconds)
+    died = lease.acquire(wait_s=cfg.outputs.lock_wait_seconds, progress=progress)
+    catalog.lease = lease
+    catalog.crash_hook = crash_hook(cfg.testing, lambda: catalog.commits)
+    try:
+        if died:
+            progress(f"run {died.get('run_id')} stopped without finishing (its driver is gone): repairing after it")
+        return _run_leased(cfg, catalog, run_id, start, storage=storage, retry_failed=retry_failed,
+                           progress=progress, stages=stages)  # fmt: skip
+    finally:
+        lease.release()
+
+
+def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages) -> JobSummary:
+    """The job, once this run holds the writer lease of OUT."""
+    import ray
+
+    removed = catalog.repair(live=run_id)
+    if removed:
+        progress(f"repaired what an interrupted run left: {len(removed)} file(s) published or removed")
+    stale = catalog.close_stale_runs(live=run_id)
+    if stale:
+        progress(f"marked {len(stale)} run record(s) of dead drivers as failed: {', '.join(stale[:3])}")
     config_hash = cfg.hash()
     other = catalog.config_hashes() - {config_hash}
     if other:
@@ -149,9 +173,6 @@ def run_job(
             f"{cfg.outputs.uri} holds results of another configuration ({', '.join(sorted(other))}; this one is "
             f"{config_hash}): write to a new output folder"
         )
-    removed = catalog.repair()
-    if removed:
-        progress(f"removed {len(removed)} uncommitted file(s) left by an interrupted run")
     if retry_failed:
         progress(f"retrying {len(catalog.drop_failed())} failed (case, target) pair(s)")
 
@@ -237,8 +258,8 @@ def run_job(
         )
         if document["status"] == "running":
             document["status"] = "failed"
-        _remove_staging(staging, storage)
         catalog.write_run(run_id, document)
+        catalog.end_staging(run_id)
     return summary
 
 
@@ -344,12 +365,3 @@ def _progress_line(progress, writer: CaseWriter, board, start: float) -> None:
         f"{s.cases} case(s) done ({writer.failed} failed), {s.slices} slice(s), {rate:.2f} slices/s, "
         f"{len(writer.pending) + len(writer.ready)} case(s) in flight, {len(writer.inflight)} assembling"
     )
-
-
-def _remove_staging(uri: str, storage: StorageOptions | None) -> None:
-    fs, path = filesystem_for(uri, storage)
-    try:
-        if fs.exists(path):
-            fs.rm(path, recursive=True)
-    except Exception:  # a leftover staging folder is removed by the next run's repair
-        pass

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import ErrorCode
+from mcs_batch.faults import worker_crash_hook
 from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.assemble import assemble_target, base_case_row, failed_from_slices, status_of
 from mcs_batch.outputs.catalog import Catalog
@@ -157,7 +158,7 @@ def _write_masks(
     built = assemble_target(record, slices, j, cfg)
     affine = np.asarray(record.affine, float).reshape(4, 4)
     nifti_path, png_path = catalog.mask_paths(record.case_id, target.name)
-    catalog.write_bytes(nifti_path, nifti_bytes(built.mask, affine, tiny=tiny))
+    catalog.write_bytes(nifti_path, nifti_bytes(built.mask, affine, tiny=tiny), crash_point="mask_half_written")
     row["mask_uri"] = catalog.fs.unstrip_protocol(nifti_path)
     if record.shape[2] == 1 and cfg.outputs.png_masks_for_2d:
         catalog.write_bytes(png_path, png_bytes(built.mask[:, :, 0].T))
@@ -171,7 +172,8 @@ def assemble_cases(cases: list[dict], *, cfg: JobConfig, storage: StorageOptions
     """Ray task: finished cases ({case_json, parts}) -> masks written, and for the driver to commit:
     per-case results (rows, counts, model digests) and one Arrow table of all their slice rows. The
     staging parts are removed once read (a crash before the commit redoes the case in the next run)."""
-    catalog = Catalog(cfg.outputs.uri, storage=storage)
+    catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)
+    catalog.crash_hook = worker_crash_hook(cfg.testing)
     results, slice_rows = [], []
     started = time.time()
     for case in cases:

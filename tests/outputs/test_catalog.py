@@ -16,11 +16,14 @@ def test_commit_repair_and_drop_failed(tmp_path: Path):
     catalog.commit("run1", 0, [row("a"), row("b", "failed")], [{"case_id": "a", "target": "t", "slice_index": 0}])
     assert catalog.committed() == {("a", "t"): "ok", ("b", "t"): "failed"}
     assert catalog.slices().num_rows == 1
-    # a crash between the slices file and the cases file leaves an orphan: repair removes it
+    catalog.end_staging("run1")
+    # the protocol before commit intents: a crash between the slices file and the cases file left an
+    # orphan, and temporaries sat beside the files: repair removes both
     catalog.write_bytes(catalog.path("catalog/slices/part-run2-000000.parquet"), b"partial")
     (tmp_path / "catalog" / "cases" / ".tmp-x-part-run2-000000.parquet").write_bytes(b"half written")
     removed = catalog.repair()
-    assert len(removed) == 2 and catalog.slices().num_rows == 1
+    assert removed == ["removed part-run2-000000.parquet", "removed .tmp-x-part-run2-000000.parquet"]
+    assert catalog.slices().num_rows == 1
     assert catalog.drop_failed() == [("b", "t")]
     assert catalog.committed() == {("a", "t"): "ok"}
 
