@@ -17,7 +17,8 @@ class ErrorCode(StrEnum):
     NON_IMAGE_OBJECT = "non_image_object"  # DICOM SR, RTSTRUCT, SEG, PR, RT plan/dose, DICOMDIR...
     NO_PIXEL_DATA = "no_pixel_data"  # an image-like object without pixel data
     # -- broken bytes ----------------------------------------------------------------------------
-    UNREADABLE = "unreadable"  # the object could not be read from storage (permissions, I/O)
+    UNREADABLE = "unreadable"  # the object could not be read from storage (permissions, I/O, a short read)
+    EMPTY_OBJECT = "empty_object"  # the object holds 0 bytes
     TRUNCATED = "truncated"  # the file ends before its declared content does
     DECODE_ERROR = "decode_error"  # header or pixel data present but cannot be decoded
     UNSUPPORTED_TRANSFER_SYNTAX = "unsupported_transfer_syntax"  # no installed decoder for it
@@ -28,6 +29,7 @@ class ErrorCode(StrEnum):
     LOCALIZER = "localizer"  # scout / localizer images split off a series
     # -- volumes ---------------------------------------------------------------------------------
     UNSUPPORTED_DIMENSIONS = "unsupported_dimensions"  # e.g. 5D NIfTI, 4D with several volumes
+    BAD_GEOMETRY = "bad_geometry"  # an affine with NaN / infinite entries or a zero voxel size
     TOO_LARGE = "too_large"  # slices or a volume past the configured limits (resources.max_*)
     # -- segmentation stages (issue 3+) ----------------------------------------------------------
     EMPTY_SALIENCY = "empty_saliency"  # the coarse mask from the saliency map is empty

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from mcs_batch.config import load_config
@@ -76,3 +77,41 @@ def test_explain_command_line(tmp_path: Path):
     )  # fmt: skip
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "mcs-batch: error: m2ib.layer: expected an integer, got 'oops'"
+
+
+def test_the_job_and_explain_see_the_same_maps_and_draw_the_same_masks(tmp_path: Path, ray_local):
+    """float32 maps end to end: boxes, saliency statistics and masks of the job equal explain's."""
+    from mcs_batch.outputs.catalog import Catalog
+    from mcs_batch.pipeline import run_job
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        img = rng.integers(0, 60, (64 + 16 * i, 80), dtype=np.uint8)
+        img[12 + i : 40, 20 : 50 + 4 * i] = 210
+        Image.fromarray(img).save(folder / f"img{i}.png")
+    common = [f"models.cache_dir={tmp_path / 'cache'}"]
+    cfg = load_config(preset="tiny", prompts=["a bright lesion"], target="lesion", overrides=common)
+    index = explain([str(folder)], tmp_path / "explain", cfg, load_models(cfg.models), progress=lambda m: None)
+    job_cfg = load_config(preset="tiny", prompts=["a bright lesion"], target="lesion", inputs=[str(folder)],
+                          out=str(tmp_path / "job"), overrides=common)  # fmt: skip
+    assert job_cfg.hash() == cfg.hash()
+    run_job(job_cfg, progress=lambda m: None)
+    catalog = Catalog(str(tmp_path / "job"))
+    slices = {r["case_id"]: r for r in catalog.slices().to_pylist()}
+    cases = {r["case_id"]: r for r in catalog.cases().to_pylist()}
+    assert len(index["images"]) == len(slices) == 3
+    for item in index["images"]:
+        case_id, there = item["case_id"], tmp_path / "explain" / item["case_id"] / "k0" / "lesion"
+        saliency = np.load(there / "saliency.npy")
+        row = slices[case_id]
+        # float32 both ways; what remains is summation order (a batch of 4 in explain, of 1-2 in the job)
+        assert row["saliency_mean"] == pytest.approx(float(saliency.mean()), abs=1e-5)
+        assert row["saliency_max"] == pytest.approx(float(saliency.max()), abs=1e-5)
+        boxes = json.loads((there / "boxes.json").read_text())["boxes_xyxy"]
+        job_boxes = np.asarray(row["boxes_xyxy"], float).reshape(-1, 4)
+        np.testing.assert_allclose(job_boxes, np.asarray(boxes, float).reshape(-1, 4), atol=1e-3)
+        explained = np.asarray(Image.open(there / "mask.png")) > 0
+        job_mask = np.asarray(Image.open(cases[case_id]["mask_png_uri"].removeprefix("file://"))) > 0
+        np.testing.assert_array_equal(job_mask, explained)

@@ -141,6 +141,9 @@ def probe_object(ref: ObjectRef, *, fs: fsspec.AbstractFileSystem) -> Probe:
         with fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead", size=ref.size or None) as raw:
             f = _CountingReader(raw)
             head = f.read(352)  # enough for the DICM preamble, a NIfTI-1 header, image magic
+            if not head and ref.size:  # the listing says there are bytes: storage failed, not the file
+                msg = f"{ref.uri}: storage returned 0 of {ref.size} bytes"
+                return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, msg, 0))
             f.seek(0)
             try:
                 probe = _identify(ref, f, head)
@@ -166,7 +169,7 @@ def _failure(
     promised = ref.rel.lower().endswith(IMAGE_SUFFIXES)
     status = Status.FAILED if (promised or code != ErrorCode.NOT_DICOM) else Status.SKIPPED
     if ref.size == 0:
-        code, message, status = ErrorCode.TRUNCATED, f"{ref.uri}: empty object", Status.FAILED
+        code, message, status = ErrorCode.EMPTY_OBJECT, f"{ref.uri}: empty object (0 bytes)", Status.FAILED
     return failed_record(f"file:{ref.rel}", kind, ref.uri, ref.rel, code, message, status=status, bytes_read=nbytes)
 
 

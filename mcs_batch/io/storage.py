@@ -92,17 +92,25 @@ def relative_key(path: str, root: str) -> str:
 
 
 def fetch_bytes(fs: fsspec.AbstractFileSystem | None, uri: str) -> bytes:
-    """The whole object at `uri` (on `fs` when given); CaseError(unreadable) when it cannot be read."""
+    """The whole object at `uri` (on `fs` when given). CaseError: `unreadable` when storage fails or
+    returns fewer bytes than the object holds (a storage fault, not the file's), `empty_object` when
+    the object holds 0 bytes."""
     try:
         if fs is None:
             with fsspec.open(uri, "rb") as f:
-                return f.read()
-        with fs.open(fs._strip_protocol(uri), "rb") as f:
-            return f.read()
+                data, size = f.read(), getattr(f, "size", None)
+        else:
+            with fs.open(fs._strip_protocol(uri), "rb") as f:
+                data, size = f.read(), getattr(f, "size", None)
     except FileNotFoundError as e:
         raise CaseError(f"{uri}: object not found", code=ErrorCode.UNREADABLE) from e
     except OSError as e:
         raise CaseError(f"{uri}: cannot read object ({e})", code=ErrorCode.UNREADABLE) from e
+    if isinstance(size, int) and len(data) < size:
+        raise CaseError(f"{uri}: storage returned {len(data)} of {size} bytes", code=ErrorCode.UNREADABLE)
+    if not data:
+        raise CaseError(f"{uri}: empty object (0 bytes)", code=ErrorCode.EMPTY_OBJECT)
+    return data
 
 
 def arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, str]:

@@ -264,4 +264,44 @@ def test_random_bytes_named_dcm_fail_and_other_files_skip(tmp_path: Path):
     records = {r.source_keys[0]: r for r in scan_folder(folder)}
     assert (records["noise.dcm"].status, records["noise.dcm"].error_code) == (Status.FAILED, ErrorCode.NOT_DICOM)
     assert (records["notes.txt"].status, records["notes.txt"].error_code) == (Status.SKIPPED, ErrorCode.NOT_DICOM)
-    assert (records["empty.dcm"].status, records["empty.dcm"].error_code) == (Status.FAILED, ErrorCode.TRUNCATED)
+    assert (records["empty.dcm"].status, records["empty.dcm"].error_code) == (Status.FAILED, ErrorCode.EMPTY_OBJECT)
+
+
+def _nifti(path: Path, affine: np.ndarray, *, nan_voxel: bool = False) -> Path:
+    import struct
+
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.arange(4 * 5 * 3, dtype=np.int16).reshape(4, 5, 3), affine), str(path))
+    if nan_voxel:  # the qform alone, with a NaN voxel size (header bytes: qform_code 252, sform_code 254)
+        data = bytearray(path.read_bytes())
+        data[252:256] = struct.pack("<hh", 1, 0)
+        data[80:84] = struct.pack("<f", float("nan"))  # pixdim[1]
+        path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_nifti_with_nan_geometry_fails_as_bad_geometry_before_any_model(tmp_path: Path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nan_sform = np.eye(4)
+    nan_sform[0, 3] = np.nan
+    _nifti(folder / "nan_sform.nii.gz", nan_sform)
+    _nifti(folder / "nan_voxel.nii", np.eye(4), nan_voxel=True)
+    _nifti(folder / "good.nii.gz", np.diag([0.5, 0.5, 2.0, 1.0]))
+    records = {r.source_keys[0]: r for r in scan_folder(folder)}
+    for name in ("nan_sform.nii.gz", "nan_voxel.nii"):
+        assert (records[name].status, records[name].error_code) == (Status.FAILED, ErrorCode.BAD_GEOMETRY), name
+        assert name in records[name].error_message
+    assert records["good.nii.gz"].status == Status.OK and records["good.nii.gz"].spacing_mm == [0.5, 0.5, 2.0]
+
+
+def test_a_zero_byte_read_blames_storage_not_the_file(tmp_path: Path):
+    import fsspec
+
+    from mcs_batch.io.discover import ObjectRef, probe_object
+
+    (tmp_path / "gone.dcm").write_bytes(b"")  # emptied after the listing saw 4,000 bytes
+    probe = probe_object(ObjectRef(str(tmp_path / "gone.dcm"), "gone.dcm", 4000), fs=fsspec.filesystem("file"))
+    assert (probe.record.status, probe.record.error_code) == (Status.FAILED, ErrorCode.UNREADABLE)
+    assert "storage returned 0 of 4000 bytes" in probe.record.error_message
