@@ -17,6 +17,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, object
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         ray.init(
+            address="local",  # a new local instance: never whatever cluster another run left on this host
             num_cpus=num_cpus,
             object_store_memory=object_store_mb * 2**20 if object_store_mb else None,
             include_dashboard=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import pytest
@@ -24,6 +25,7 @@ def ray_local():
 
     if not ray.is_initialized():
         ray.init(
+            address="local",  # always a fresh head of our own, never another run's cluster on this host
             num_cpus=2,
             object_store_memory=512 * 2**20,
             include_dashboard=False,
@@ -58,7 +60,7 @@ def s3_bucket(s3_server, request):
     """A fresh, empty bucket on the loopback endpoint: yields (bucket_name, s3fs filesystem)."""
     import s3fs
 
-    name = "t-" + request.node.name.lower().replace("_", "-")[:40].strip("-") + f"-{_free_port()}"
+    name = "t-" + re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower())[:40].strip("-") + f"-{_free_port()}"
     fs = s3fs.S3FileSystem(
         key=s3_server["key"],
         secret=s3_server["secret"],
