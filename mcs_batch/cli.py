@@ -40,12 +40,21 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _require_targets(cfg, args: argparse.Namespace):
+    """Nothing is segmented for a prompt nobody wrote: --prompt, or a job file that names targets."""
+    from mcs_batch.config import TargetConfig
+
+    if not args.prompt and cfg.targets == (TargetConfig(),):
+        raise ConfigError("--prompt is required (e.g. --prompt 'the lungs') unless the job file names targets")
+    return cfg
+
+
 def _config(args: argparse.Namespace):
     from mcs_batch.config import load_config
 
-    return load_config(
-        args.config, overrides=args.set, preset=args.models, prompts=args.prompt or (), target=args.target
-    )
+    prompts = args.prompt or ()
+    cfg = load_config(args.config, overrides=args.set, preset=args.models, prompts=prompts, target=args.target)
+    return _require_targets(cfg, args)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -99,7 +108,7 @@ def _job_config(args: argparse.Namespace):
     """The job config: file / preset / prompts, INPUT and --out, then --set."""
     from mcs_batch.config import load_config
 
-    return load_config(
+    cfg = load_config(
         args.config,
         overrides=args.set,
         preset=args.models,
@@ -108,6 +117,7 @@ def _job_config(args: argparse.Namespace):
         inputs=args.inputs,
         out=args.out,
     )
+    return _require_targets(cfg, args)
 
 
 def run_segment(cfg, *, storage: StorageOptions, retry_failed: bool) -> int:
@@ -131,10 +141,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from mcs_batch.query import format_table, query
+    from mcs_batch.query import OutputFormat, query_arrow, render
 
-    names, rows = query(args.out, args.sql, storage=storage_options(args))
-    print(format_table(names, rows))
+    fmt = OutputFormat(args.format)
+    if fmt == OutputFormat.PARQUET and not args.output:
+        raise ConfigError("query: --format parquet needs --output FILE")
+    data = render(query_arrow(args.out, args.sql, storage=storage_options(args)), fmt, width=args.max_width)
+    if args.output:
+        try:
+            Path(args.output).write_bytes(data)
+        except OSError as e:
+            raise ConfigError(f"query: cannot write {args.output} ({e.strerror or e})") from e
+    else:
+        sys.stdout.write(data.decode())
     return EXIT_OK
 
 
@@ -239,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("query", help="run SQL over the catalog (tables cases, slices, manifest)")
     p.add_argument("out", help="output folder or URI of a segment run")
     p.add_argument("sql", help='e.g. "SELECT status, count(*) FROM cases GROUP BY status"')
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "parquet"],
+        default="table",
+        help="table (default), csv, json (one object per line) or parquet (with --output)",
+    )
+    p.add_argument("--output", help="write the result to this file instead of stdout")
+    p.add_argument("--max-width", type=int, default=0, help="cut table cells to this many characters (0: never)")
     add_common_args(p)
     p.set_defaults(func=cmd_query)
 
