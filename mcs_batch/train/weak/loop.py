@@ -116,6 +116,8 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
             trainer.network.load_state_dict(torch.load(member / MODEL_FILE, map_location=device, weights_only=True))
             trainer.optimizer.load_state_dict(torch.load(member / OPTIMIZER_FILE, map_location=device,
                                                          weights_only=True))  # fmt: skip
+            if state.get("nnunet_log"):
+                trainer.logger.load_checkpoint(state["nnunet_log"])  # its EMA pseudo Dice goes on from here
             start_epoch = resumed_from = int(state["epoch"])
         logger.info("member %d: resumed at epoch %d", rank, start_epoch)
     history = []
@@ -149,7 +151,7 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
             write_bytes(join(ensemble_folder(cfg), f"{member_name(rank, epoch, cfg.train)}.pt"), buffer.getvalue(),
                         storage)  # fmt: skip
         if (epoch + 1) % cfg.run.checkpoint_every_epochs == 0 or epoch + 1 == total:
-            _report(record, weights, trainer.optimizer, rank, epoch + 1, config_hash)
+            _report(record, weights, trainer, rank, epoch + 1, config_hash)
             _maybe_interrupt(cfg, epoch + 1, rank)
     summary = {"member": rank, "epochs": total, "resumed_from_epoch": resumed_from, "history": history,
                "mirroring_axes": list(trainer.inference_allowed_mirroring_axes or ())}  # fmt: skip
@@ -160,7 +162,7 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
     return summary
 
 
-def _report(metrics: dict, weights: dict, optimizer, rank: int, epoch: int, config_hash: str) -> None:
+def _report(metrics: dict, weights: dict, trainer, rank: int, epoch: int, config_hash: str) -> None:
     """Every worker reports (a barrier); each puts its member's files into the same checkpoint folder."""
     import ray.train
     import torch
@@ -169,13 +171,21 @@ def _report(metrics: dict, weights: dict, optimizer, rank: int, epoch: int, conf
         member = Path(folder) / f"member_{rank:02d}"
         member.mkdir()
         torch.save(weights, member / MODEL_FILE)
-        torch.save(optimizer.state_dict(), member / OPTIMIZER_FILE)
-        (member / STATE_FILE).write_text(json.dumps({"epoch": epoch, "config_hash": config_hash, **metrics}))
+        torch.save(trainer.optimizer.state_dict(), member / OPTIMIZER_FILE)
+        state = {"epoch": epoch, "config_hash": config_hash, **metrics, "nnunet_log": trainer.logger.get_checkpoint()}
+        (member / STATE_FILE).write_text(json.dumps(state, default=_number))
         ray.train.report(
             {k: v for k, v in metrics.items() if isinstance(v, int | float)},
             checkpoint=ray.train.Checkpoint.from_directory(folder),
             checkpoint_dir_name=f"checkpoint_{epoch:06d}",
         )
+
+
+def _number(value):
+    """JSON for the numpy scalars in nnU-Net's log."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def _maybe_interrupt(cfg: WeakConfig, epoch: int, rank: int) -> None:

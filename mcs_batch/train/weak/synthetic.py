@@ -63,8 +63,9 @@ def bbox(mask: np.ndarray) -> list[float] | None:
 
 
 def write_pseudo_run(root: Path, out: str, *, n: int = 12, size: int = 64, target: str = "lesion", seed: int = 0,
-                     noise: Noise = Noise(), folder: str = "cohort") -> dict:  # fmt: skip
-    """Images under root/<folder>/, truth masks under root/truth/, a committed OUT. Returns
+                     noise: Noise = Noise(), folder: str = "cohort", edit_slice=None) -> dict:  # fmt: skip
+    """Images under root/<folder>/, truth masks under root/truth/, a committed OUT (`edit_slice(i, row)`
+    may change case i's slice row before the commit: scores, boxes). Returns
     {case_id: {"key", "truth" (bool [H, W]), "pseudo" (bool [H, W])}}."""
     rng = np.random.default_rng(seed)
     catalog = Catalog(out)
@@ -96,6 +97,8 @@ def write_pseudo_run(root: Path, out: str, *, n: int = 12, size: int = 64, targe
             "case_id": case_id, "target": target, "slice_index": 0, "boxes_xyxy": [bbox(truth)],
             "points_xy": [], "sam_score": 0.9 if pixels else 0.0, "mask_pixels": pixels, "run_id": "run-synthetic",
         })  # fmt: skip
+        if edit_slice is not None:
+            edit_slice(i, slice_rows[-1])
         cases[case_id] = {"key": key, "truth": truth, "pseudo": pseudo}
     catalog.commit("run-synthetic", 0, rows, slice_rows)
     return cases
