@@ -27,7 +27,7 @@ def test_defaults_are_the_papers_recipe_and_the_yaml_loads():
 def test_bad_values_and_missing_keys():
     with pytest.raises(ConfigError, match="keep_per_cycle"):
         load_weak_config(overrides=["train.keep_per_cycle=30"])
-    with pytest.raises(ConfigError, match="refine.threshold"):
+    with pytest.raises(ConfigError, match=r"refine\.threshold"):
         load_weak_config(overrides=["refine.threshold=1.5"])
     with pytest.raises(ConfigError, match="work must be set"):
         load_weak_config(source="out", target="lesion").check_required()

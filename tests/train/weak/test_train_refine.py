@@ -36,8 +36,8 @@ def test_interrupted_training_resumes_then_refined_masks_sit_beside_zero_shot(tm
     out, work = tmp_path / "out", tmp_path / "work"
     truth = write_pseudo_run(tmp_path, str(out), n=8)
     marker = tmp_path / "interrupted"
-    cfg = load_weak_config(source=str(out), target="lesion", work=str(work),
-                           overrides=[*TINY, "testing.interrupt_after_step=1", f"testing.fault_marker={marker}"])  # fmt: skip
+    interrupt = ["testing.interrupt_after_step=1", f"testing.fault_marker={marker}"]
+    cfg = load_weak_config(source=str(out), target="lesion", work=str(work), overrides=[*TINY, *interrupt])
 
     with pytest.raises(TrainWeakError, match="run the same command again to resume"):
         train_weak(cfg, **QUIET)
@@ -56,9 +56,10 @@ def test_interrupted_training_resumes_then_refined_masks_sit_beside_zero_shot(tm
     assert json.loads((work / "ensemble" / "ensemble.json").read_text())["members"] == ensemble["members"]
 
     capsys.readouterr()
-    assert main(["refine", "--from", str(out), "--target", "lesion", "--work", str(work), *sum((["--set", s] for s in TINY), [])]) == 0  # fmt: skip
+    sets = [arg for item in TINY for arg in ("--set", item)]
+    assert main(["refine", "--from", str(out), "--target", "lesion", "--work", str(work), *sets]) == 0
     assert "refined target lesion@weak: 8 ok, 0 failed" in capsys.readouterr().out
-    names, rows = query(str(out), "SELECT target, status, count(*) FROM cases GROUP BY target, status ORDER BY target")
+    _, rows = query(str(out), "SELECT target, status, count(*) FROM cases GROUP BY target, status ORDER BY target")
     assert rows == [("lesion", "ok", 8), ("lesion@weak", "ok", 8)]
     catalog = Catalog(str(out))
     cases = {(r["case_id"], r["target"]): r for r in catalog.cases().to_pylist()}
