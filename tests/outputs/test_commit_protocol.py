@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.query import query
 
 CASES = [f"case{i:02d}" for i in range(12)]
 PER_COMMIT = 3
@@ -24,6 +25,7 @@ CHILD = r"""
 import json, sys
 from mcs_batch.faults import TestingConfig, crash_hook
 from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.query import query
 out, run, point, cases = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 catalog = Catalog(out, owner=run)
 catalog.crash_hook = crash_hook(TestingConfig(crash_point=point, crash_at_commit=2), lambda: catalog.commits)
@@ -66,6 +68,9 @@ def read_everywhere(out: Path) -> dict[str, tuple[list, list]]:
             return []
         return con.sql(f"SELECT {columns} FROM read_parquet('{folders[name]}/*.parquet')").fetchall()
 
+    if (out / "catalog").exists():  # `mcs-batch query` (DuckDB over the parts the catalog lists)
+        cases = [c for (c,) in query(str(out), "SELECT case_id FROM cases")[1]]
+        seen["query"] = (cases, [tuple(r) for r in query(str(out), "SELECT case_id, slice_index FROM slices")[1]])
     seen["duckdb"] = (
         [c for (c,) in duck("cases", "case_id")],
         [tuple(s) for s in duck("slices", "case_id, slice_index")],
