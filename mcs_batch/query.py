@@ -66,7 +66,7 @@ def query_arrow(out: str, sql: str, *, storage: StorageOptions | None = None) ->
 
     con = connect(out, storage=storage)
     try:
-        return con.sql(sql).fetch_arrow_table() if sql.strip() else pa.table({})
+        return con.sql(sql).to_arrow_table() if sql.strip() else pa.table({})
     except duckdb.Error as e:
         raise ConfigError(f"query: {str(e).splitlines()[0]}") from e
     finally:
