@@ -91,8 +91,11 @@ def _run_refine(cfg, storage, case_ids) -> int:
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
+    from mcs_batch.train.weak.ensemble import read_ensemble
+
     cfg = _weak_config(args)
     storage = storage_options(args)
+    read_ensemble(cfg.work, storage)  # none there: a one-line error before Ray starts
     start_ray(args)
     return _run_refine(cfg, storage, case_ids=args.case or None)
 

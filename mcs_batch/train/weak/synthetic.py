@@ -15,6 +15,7 @@ from PIL import Image
 from scipy import ndimage
 
 from mcs_batch.io.images import IMAGE_AFFINE
+from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
 from mcs_batch.records import make_case_id
@@ -63,12 +64,13 @@ def bbox(mask: np.ndarray) -> list[float] | None:
 
 
 def write_pseudo_run(root: Path, out: str, *, n: int = 12, size: int = 64, target: str = "lesion", seed: int = 0,
-                     noise: Noise = Noise(), folder: str = "cohort", edit_slice=None) -> dict:  # fmt: skip
+                     noise: Noise = Noise(), folder: str = "cohort", edit_slice=None,
+                     storage: StorageOptions | None = None) -> dict:  # fmt: skip
     """Images under root/<folder>/, truth masks under root/truth/, a committed OUT (`edit_slice(i, row)`
     may change case i's slice row before the commit: scores, boxes). Returns
     {case_id: {"key", "truth" (bool [H, W]), "pseudo" (bool [H, W])}}."""
     rng = np.random.default_rng(seed)
-    catalog = Catalog(out)
+    catalog = Catalog(out, storage=storage)
     cases, rows, slice_rows = {}, [], []
     for i in range(n):
         image, truth = blob(rng, size)

@@ -72,3 +72,20 @@ def test_png_roundtrip_keeps_label_values():
     label = np.zeros((5, 7), np.uint8)
     label[1:3, 2:6] = 1
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(png(label)))), label)
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_selection_and_export_from_and_to_object_storage(tmp_path: Path, s3_server, s3_bucket):
+    from mcs_batch.io.storage import StorageOptions
+
+    bucket, fs = s3_bucket
+    storage = StorageOptions(**s3_server)
+    out, work = f"s3://{bucket}/out", f"s3://{bucket}/weak/lesion"
+    write_pseudo_run(tmp_path, out, n=3, storage=storage)
+    cfg = load_weak_config(source=out, target="lesion", work=work)
+    selection = select_from_catalog(Catalog(out, storage=storage), "lesion", cfg.select)
+    export = export_dataset(cfg, selection, storage=storage, **QUIET)
+    assert export["images"] == 3
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/weak/lesion/nnUNet_raw"))
+    assert len(names) == 7 and sum(n.endswith("_0000.png") for n in names) == 3 and "dataset.json" in names
+    assert len(read_mapping(work, storage)) == 3
