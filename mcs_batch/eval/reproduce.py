@@ -5,6 +5,12 @@ test_images/, outputs = OUT/<task>/<ablation>/; then `evaluate` against test_mas
 numbers beside the paper's (METHOD.md) with the difference. A re-run resumes: committed cases are
 skipped and only the evaluation is recomputed.
 
+The weakly supervised row (issue 10): for each task whose training split is present too
+(DIR/<task>/train_images/), the job segments it zero-shot into OUT/<task>/train/, `train_weak` trains the
+checkpoint ensemble on those pseudo-labels (WORK = OUT/<task>/weak/), `refine` writes <target>@weak for
+the test images of the full row, and `evaluate` scores it beside the paper's weakly supervised numbers.
+Without train_images/ the row is skipped with a line saying what is missing and where it goes.
+
 Settings that differ from the paper unless set (printed with every table):
 - SAM: the paper uses vit_h; `--sam vit_h` (the default with real models) sets it, `--sam vit_b` is faster;
 - BiomedCLIP: the paper's zero-shot rows use its DHN-NCE fine-tuned weights (`--set models.clip=FOLDER`
@@ -15,8 +21,10 @@ Settings that differ from the paper unless set (printed with every table):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import posixpath
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +46,18 @@ from mcs_batch.eval.datasets import (
 from mcs_batch.eval.evaluate import EvaluationResult, evaluate
 from mcs_batch.io.storage import StorageOptions, join, protocol_of
 from mcs_batch.models.weights import cache_key, fetch
+
+WEAK_ROW = "weak"  # the weakly supervised row of a report (not an ablation row)
+PAPER_WEAK = {  # weakly supervised DSC / NSD (%), METHOD.md
+    "breast_us": (78.87, 84.58),
+    "brain_mri": (80.03, 88.25),
+    "lung_xray": (80.77, 84.53),
+    "lung_ct": (88.78, 91.95),
+}
+TINY_WEAK = (  # with tiny models (a pipeline check): a minute of training, not the paper's recipe
+    "train.cycles=1", "train.epochs_per_cycle=2", "train.keep_per_cycle=1", "train.iterations_per_epoch=2",
+    "train.val_iterations_per_epoch=1", "train.base_features=4",
+)  # fmt: skip
 
 SAM_CHECKPOINTS = {
     "vit_b": "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
@@ -156,7 +176,8 @@ def _diff(ours: float | None, paper: float) -> str:
 
 
 def zero_shot_lines(report: ReproduceReport) -> list[str]:
-    """Our zero-shot (ablation full) DSC / NSD per task beside the paper's, row by row, with the mean."""
+    """Our zero-shot (ablation full) DSC / NSD per task beside the paper's, row by row, with the mean;
+    then the weakly supervised table when that row ran."""
     lines = [
         "Zero-shot segmentation, ours vs. the paper (MedCLIP-SAMv2, Medical Image Analysis 2025), "
         "% mean over cases: DSC, NSD at 2 px",
@@ -184,7 +205,94 @@ def zero_shot_lines(report: ReproduceReport) -> list[str]:
             f"  {label:<12}{'':>5}{_cell(means[0]):>10}{means[1]:>8.2f}{_diff(means[0], means[1]):>8}"
             f"{_cell(means[2]):>10}{means[3]:>8.2f}{_diff(means[2], means[3]):>8}"
         )
+    if any(r.ablation == WEAK_ROW for r in report.runs):
+        lines += ["", *weak_lines(report)]
     return lines
+
+
+def weak_lines(report: ReproduceReport) -> list[str]:
+    """Our weakly supervised DSC / NSD (refined masks, <target>@weak) beside the paper's, with the mean."""
+    lines = [
+        "Weakly supervised segmentation (nnU-Net checkpoint ensemble on zero-shot pseudo-labels of the training "
+        "split), ours vs. the paper, % mean over cases",
+        f"  {'task':<12}{'n':>5}{'DSC ours':>10}{'paper':>8}{'diff':>8}{'NSD ours':>10}{'paper':>8}{'diff':>8}",
+    ]
+    ours_dsc, ours_nsd, paper_dsc, paper_nsd = [], [], [], []
+    for d in report.datasets:
+        result = report.result(d.name, WEAK_ROW)
+        if result is None:
+            continue
+        dsc, nsd = result.stat("dice"), result.stat("nsd")
+        p_dsc, p_nsd = PAPER_WEAK[d.name]
+        ours_dsc.append(dsc.mean * 100)
+        ours_nsd.append(nsd.mean * 100)
+        paper_dsc.append(p_dsc)
+        paper_nsd.append(p_nsd)
+        lines.append(
+            f"  {d.title:<12}{dsc.count:>5}{_cell(dsc.mean * 100):>10}{p_dsc:>8.2f}{_diff(dsc.mean * 100, p_dsc):>8}"
+            f"{_cell(nsd.mean * 100):>10}{p_nsd:>8.2f}{_diff(nsd.mean * 100, p_nsd):>8}"
+        )
+    if ours_dsc:
+        means = [float(np.mean(v)) for v in (ours_dsc, paper_dsc, ours_nsd, paper_nsd)]
+        label = "Mean" if len(ours_dsc) == len(PAPER_DATASETS) else f"Mean ({len(ours_dsc)})"
+        lines.append(
+            f"  {label:<12}{'':>5}{_cell(means[0]):>10}{means[1]:>8.2f}{_diff(means[0], means[1]):>8}"
+            f"{_cell(means[2]):>10}{means[3]:>8.2f}{_diff(means[2], means[3]):>8}"
+        )
+    return lines
+
+
+def train_images_of(folder: str, *, storage: StorageOptions | None = None) -> str | None:
+    """The task's train_images/ folder (any case), or None."""
+    try:
+        return subfolder(folder, "train_images", storage=storage)
+    except (ConfigError, FileNotFoundError):
+        return None
+
+
+def run_weak(
+    d: PaperDataset,
+    cfg: JobConfig,
+    folder: str,
+    *,
+    run_job: Callable,
+    storage: StorageOptions | None = None,
+    tolerance: float = 2.0,
+    weak_overrides: Sequence[str] = (),
+    progress: Callable[[str], None] = print,
+) -> ReproduceRun | None:
+    """The weakly supervised row of one task, after its full (zero-shot) row ran into cfg.outputs.uri;
+    None (with a line saying what is missing) without the task's train_images/."""
+    from mcs_batch.train.weak.config import load_weak_config
+    from mcs_batch.train.weak.refine import refine
+    from mcs_batch.train.weak.train import train_weak
+
+    train_images = train_images_of(folder, storage=storage)
+    if train_images is None:
+        where = join(folder, "train_images")
+        progress(f"{d.title}: weakly supervised row skipped: it needs the training split in {where}/ "
+                 "(images only; their zero-shot masks are the pseudo-labels)")  # fmt: skip
+        return None
+    task = posixpath.dirname(cfg.outputs.uri.rstrip("/"))
+    train_out, work = join(task, "train"), join(task, WEAK_ROW)
+    train_cfg = dataclasses.replace(
+        cfg, inputs=dataclasses.replace(cfg.inputs, uris=(train_images,)),
+        outputs=dataclasses.replace(cfg.outputs, uri=train_out),
+    )  # fmt: skip
+    progress(f"{d.title}, weakly supervised: segmenting {train_images} into {train_out}")
+    summary = run_job(train_cfg, storage=storage, progress=progress)
+    if summary.aborted:
+        raise ConfigError(f"{d.title} (weakly supervised, training split): job aborted: {summary.aborted}")
+    target = cfg.targets[0].name
+    overrides = [*(TINY_WEAK if cfg.models.tiny else ()), *weak_overrides]
+    weak_cfg = load_weak_config(source=train_out, target=target, work=work, overrides=overrides)
+    train_weak(weak_cfg, storage=storage, progress=progress)
+    refine(dataclasses.replace(weak_cfg, source=cfg.outputs.uri), storage=storage, progress=progress)
+    listing = list_truth(folder, storage=storage)
+    result = evaluate(cfg.outputs.uri, listing.items, truth_root=folder, dataset=d.name,
+                      target=weak_cfg.refined_target, storage=storage, tolerance=tolerance,
+                      problems=listing.problems, progress=progress)  # fmt: skip
+    return ReproduceRun(d, WEAK_ROW, cfg.outputs.uri, result, tiny=cfg.models.tiny)
 
 
 def ablation_lines(report: ReproduceReport) -> list[str]:
@@ -235,9 +343,11 @@ def run_reproduce(
     run_job: Callable,
     storage: StorageOptions | None = None,
     tolerance: float = 2.0,
+    weak: bool = True,
     progress: Callable[[str], None] = print,
 ) -> ReproduceReport:
-    """Run and evaluate each (task, ablation row, job config, task folder) of the plan, in order."""
+    """Run and evaluate each (task, ablation row, job config, task folder) of the plan, in order; after
+    each task's full row, its weakly supervised row where its training split is present (`weak`)."""
     report = ReproduceReport()
     for d, ablation, cfg, folder in plan:
         progress(f"{d.title}, ablation {ablation}: segmenting {cfg.inputs.uris[0]} into {cfg.outputs.uri}")
@@ -257,6 +367,11 @@ def run_reproduce(
             progress=progress,
         )
         report.runs.append(ReproduceRun(d, ablation, cfg.outputs.uri, result, tiny=cfg.models.tiny))
+        if weak and ablation == "full":
+            weak_run = run_weak(d, cfg, folder, run_job=run_job, storage=storage, tolerance=tolerance,
+                                progress=progress)  # fmt: skip
+            if weak_run is not None:
+                report.runs.append(weak_run)
     return report
 
 
