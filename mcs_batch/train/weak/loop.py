@@ -10,7 +10,8 @@
               schedule.cyclic_lr(e); the last M epochs of each cycle write their weights to
               WORK/ensemble/<member>_<cycle>_<epoch>.pt (state dict only)
     report    every run.checkpoint_every_epochs epochs and after the last: a Ray Train checkpoint with
-              member_<r>/{model.pt, optimizer.pt, state.json} from every worker
+              member_<r>/{model.pt, optimizer.pt, state.json} from every worker; nnU-Net's text log
+              to WORK/logs/member_<r>_from_epoch<e>.txt
     resume    ray.train.get_checkpoint(): weights, optimizer and the epoch counter come back, and
               training goes on from the next epoch (tensors loaded with weights_only=True)
 """
@@ -151,6 +152,7 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
             write_bytes(join(ensemble_folder(cfg), f"{member_name(rank, epoch, cfg.train)}.pt"), buffer.getvalue(),
                         storage)  # fmt: skip
         if (epoch + 1) % cfg.run.checkpoint_every_epochs == 0 or epoch + 1 == total:
+            _upload_log(cfg, storage, trainer, rank, start_epoch)
             _report(record, weights, trainer, rank, epoch + 1, config_hash)
             _maybe_interrupt(cfg, epoch + 1, rank)
     summary = {"member": rank, "epochs": total, "resumed_from_epoch": resumed_from, "history": history,
@@ -160,6 +162,14 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
     except Exception as e:  # its final bookkeeping must not fail a finished run
         logger.warning("member %d: nnU-Net on_train_end: %s", rank, e)
     return summary
+
+
+def _upload_log(cfg: WeakConfig, storage, trainer, rank: int, start_epoch: int) -> None:
+    """nnU-Net's text log of this member (this attempt) -> WORK/logs/member_<r>_from_epoch<e>.txt."""
+    log = Path(trainer.log_file)
+    if log.is_file():
+        name = f"member_{rank:02d}_from_epoch{start_epoch:04d}.txt"
+        write_bytes(join(cfg.work, "logs", name), log.read_bytes(), storage)
 
 
 def _report(metrics: dict, weights: dict, trainer, rank: int, epoch: int, config_hash: str) -> None:

@@ -50,3 +50,29 @@ def test_zero_shot_then_train_weak_then_refine_from_the_command_line(tmp_path: P
     assert rows == [("lesion", 8), ("lesion@weak", 8)]
     _, rows = query(str(out), "SELECT count(*) FROM slices WHERE target = 'lesion@weak'")
     assert rows == [(8,)]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("ray_local")
+def test_train_and_refine_with_out_and_work_on_object_storage(tmp_path: Path, s3_server, s3_bucket):
+    from mcs_batch.io.storage import StorageOptions
+    from mcs_batch.train.weak.config import load_weak_config
+    from mcs_batch.train.weak.refine import refine
+    from mcs_batch.train.weak.synthetic import write_pseudo_run
+    from mcs_batch.train.weak.train import train_weak
+
+    bucket, fs = s3_bucket
+    storage = StorageOptions(**s3_server)
+    out, work = f"s3://{bucket}/out", f"s3://{bucket}/weak"
+    write_pseudo_run(tmp_path, out, n=4, storage=storage)
+    overrides = [*TINY, "run.num_workers=1", "train.cycles=1"]
+    cfg = load_weak_config(source=out, target="lesion", work=work, overrides=overrides)
+    ensemble = train_weak(cfg, storage=storage, progress=lambda m: None)
+    assert [m["file"] for m in ensemble["members"]] == ["member00_cycle00_epoch0001.pt"]
+    assert fs.exists(f"{bucket}/weak/checkpoints/train-weak/checkpoint_000002/member_00/model.pt")
+    assert fs.exists(f"{bucket}/weak/logs/member_00_from_epoch0000.txt")
+    assert refine(cfg, storage=storage, progress=lambda m: None)["cases"] == {"ok": 4, "failed": 0}
+    _, rows = query(out, "SELECT target, count(*) FROM cases GROUP BY target ORDER BY target", storage=storage)
+    assert rows == [("lesion", 4), ("lesion@weak", 4)]
+    for folder in fs.ls(f"{bucket}/out/masks"):
+        assert fs.exists(f"{folder}/lesion@weak.nii.gz") and fs.exists(f"{folder}/lesion.nii.gz")
