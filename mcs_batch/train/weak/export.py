@@ -137,7 +137,9 @@ def export_cases(cases: list[dict], slices: dict[str, list[dict]], *, cfg: WeakC
                 rows.append({"identifier": name, "case_id": record.case_id, "slice_index": k,
                              "dataset": case.get("dataset", ""), "sam_score": score, "agreement": agree,
                              "mask_pixels": int(plane.sum())})  # fmt: skip
-        except (CaseError, OSError, ValueError) as e:
+        except CaseError as e:
+            dropped[f"unreadable:{e.code}"] += 1
+        except (OSError, ValueError) as e:  # a mask or image that cannot be read: the case is left out
             dropped[f"unreadable:{type(e).__name__}"] += 1
     return {"rows": rows, "dropped": dict(dropped)}
 

@@ -122,7 +122,6 @@ class RefineActor:
                 result = _failed(row, self.cfg, self.run_id, e.code, e.message)
             except Exception as e:  # one broken case must not stop the pool
                 result = _failed(row, self.cfg, self.run_id, ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
-            result["case_row"]["sam_seconds"] = None
             result["seconds"] = time.perf_counter() - started
             results.append(json.dumps(result, default=_plain))
         return {"result": np.asarray(results, dtype=object)}

@@ -62,6 +62,11 @@ def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
         record = _select_and_export(cfg, storage, progress, config_hash)
     else:
         progress(f"reusing the selection and export in {cfg.work} ({record['export']['images']} images)")
+    if resume is not None and resume.get("epoch") == cfg.train.total_epochs:
+        done = _read_json(join(ensemble_folder(cfg), "ensemble.json"), storage)
+        if done is not None and done.get("config_hash") == config_hash:
+            progress(f"run {cfg.run.name} under {cfg.work} is already trained ({len(done['members'])} checkpoints)")
+            return done
     _prepare(cfg, storage, progress, config_hash)
     if resume is None:
         _clear(ensemble_folder(cfg), storage)  # members of an older run under this WORK
@@ -86,16 +91,12 @@ def check_source(cfg: WeakConfig, storage: StorageOptions | None) -> int:
 
 
 def _select_and_export(cfg: WeakConfig, storage, progress, config_hash: str) -> dict:
-    import ray
-
     catalog = Catalog(cfg.source, storage=storage)
     selection = select_from_catalog(catalog, cfg.target, cfg.select)
     progress(f"selected {len(selection.cases)} of {selection.considered} case(s) of target {cfg.target}: "
              f"dropped {dict(selection.dropped) or 'none'}")  # fmt: skip
     if not selection.considered:
         raise ConfigError(f"{cfg.source}: no catalog rows of target {cfg.target!r}")
-    if not ray.is_initialized():
-        ray.init()
     export = export_dataset(cfg, selection, storage=storage, progress=progress)
     if export["images"] < 2:
         raise ConfigError(f"only {export['images']} pseudo-label(s) passed the filters ({selection.record()}, "

@@ -54,6 +54,10 @@ def test_interrupted_training_resumes_then_refined_masks_sit_beside_zero_shot(tm
     assert files == ["member00_cycle00_epoch0001.pt", "member00_cycle01_epoch0003.pt",
                      "member01_cycle00_epoch0001.pt", "member01_cycle01_epoch0003.pt"]  # fmt: skip
     assert json.loads((work / "ensemble" / "ensemble.json").read_text())["members"] == ensemble["members"]
+    said = []
+    assert train_weak(cfg, progress=said.append)["members"] == ensemble["members"]  # finished: nothing to redo
+    assert said == [f"reusing the selection and export in {work} (8 images)",
+                    f"run train-weak under {work} is already trained (4 checkpoints)"]  # fmt: skip
 
     capsys.readouterr()
     sets = [arg for item in TINY for arg in ("--set", item)]
