@@ -22,3 +22,19 @@ def test_expected_errors_are_one_line_and_exit_2(tmp_path: Path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_help_of_the_new_commands_imports_neither_torch_nor_nnunet():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, contextlib, io\n"
+        "from mcs_batch.cli import build_parser\n"
+        "for command in ('train-weak', 'refine'):\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):\n"
+        "        build_parser().parse_args([command, '--help'])\n"
+        "print(sorted(m for m in ('torch', 'ray', 'nnunetv2') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
