@@ -15,7 +15,10 @@ import pytest
 from mcs_batch.cli import main
 from mcs_batch.eval.evaluate import read_evaluation
 from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.masks import nifti_bytes
 from mcs_batch.query import query
+from mcs_batch.scan import discover_cases
+from mcs_batch.testdata.series import write_series
 from mcs_batch.train.weak.config import load_weak_config
 from mcs_batch.train.weak.synthetic import write_pseudo_run
 from mcs_batch.train.weak.train import TrainWeakError, newest_checkpoint_state, train_weak
@@ -29,6 +32,23 @@ TINY = [  # 2 cycles of 2 epochs, the last epoch of each kept; 1 iteration each;
 
 def nifti(uri: str) -> nib.Nifti1Image:
     return nib.Nifti1Image.from_bytes(gzip.decompress(Path(uri.removeprefix("file://")).read_bytes()))
+
+
+def add_series_case(catalog: Catalog, folder: Path) -> dict:
+    """A DICOM series (20 x 24 x 4, CT) with a zero-shot mask, committed as the job would commit it."""
+    write_series(folder, rows=24, cols=20, n_slices=4, series_seed="weak")
+    (record,) = [r for r in discover_cases([str(folder)]) if r.kind == "dicom_series"]
+    mask = np.zeros(tuple(record.shape), np.uint8)
+    mask[5:12, 6:15, 1:3] = 1
+    nifti_path, _ = catalog.mask_paths(record.case_id, "lesion")
+    catalog.write_bytes(nifti_path, nifti_bytes(mask, np.reshape(record.affine, (4, 4))))
+    row = {"case_id": record.case_id, "target": "lesion", "status": "ok", "kind": record.kind,
+           "source_uris": record.source_uris, "source_keys": record.source_keys, "modality": record.modality,
+           "shape": record.shape, "spacing_mm": record.spacing_mm, "affine": record.affine,
+           "mask_uri": catalog.fs.unstrip_protocol(nifti_path), "mask_voxels": int(mask.sum()),
+           "n_components": 1, "run_id": "run-series"}  # fmt: skip
+    catalog.commit("run-series", 0, [row], [])
+    return row
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -59,13 +79,14 @@ def test_interrupted_training_resumes_then_refined_masks_sit_beside_zero_shot(tm
     assert said == [f"reusing the selection and export in {work} (8 images)",
                     f"run train-weak under {work} is already trained (4 checkpoints)"]  # fmt: skip
 
+    catalog = Catalog(str(out))
+    series = add_series_case(catalog, tmp_path / "ct")  # a volume too: refined slice by slice, same geometry
     capsys.readouterr()
     sets = [arg for item in TINY for arg in ("--set", item)]
     assert main(["refine", "--from", str(out), "--target", "lesion", "--work", str(work), *sets]) == 0
-    assert "refined target lesion@weak: 8 ok, 0 failed" in capsys.readouterr().out
+    assert "refined target lesion@weak: 9 ok, 0 failed" in capsys.readouterr().out
     _, rows = query(str(out), "SELECT target, status, count(*) FROM cases GROUP BY target, status ORDER BY target")
-    assert rows == [("lesion", "ok", 8), ("lesion@weak", "ok", 8)]
-    catalog = Catalog(str(out))
+    assert rows == [("lesion", "ok", 9), ("lesion@weak", "ok", 9)]
     cases = {(r["case_id"], r["target"]): r for r in catalog.cases().to_pylist()}
     for case_id in truth:
         zero, weak = cases[(case_id, "lesion")], cases[(case_id, "lesion@weak")]
@@ -74,11 +95,16 @@ def test_interrupted_training_resumes_then_refined_masks_sit_beside_zero_shot(tm
         assert a.shape == b.shape == (64, 64, 1) and np.allclose(a.affine, b.affine)  # the same geometry
         assert weak["mask_voxels"] == int(np.asarray(b.dataobj).sum()) and weak["n_slices"] == 1
         assert np.array_equal(np.asarray(a.dataobj)[:, :, 0].T > 0, truth[case_id]["pseudo"])  # zero-shot untouched
+    volume = cases[(series["case_id"], "lesion@weak")]
+    refined = nifti(volume["mask_uri"])
+    assert refined.shape == (20, 24, 4) and np.allclose(refined.affine, np.reshape(series["affine"], (4, 4)))
+    assert volume["n_slices"] == 4 and volume["mask_png_uri"] is None and volume["modality"] == "CT"
     slices = [r for r in catalog.slices().to_pylist() if r["target"] == "lesion@weak"]
-    assert len(slices) == 8
+    assert len(slices) == 8 + 4
+    assert sorted(r["slice_index"] for r in slices if r["case_id"] == series["case_id"]) == [0, 1, 2, 3]
     (record,) = [p for p in (out / "runs").glob("*-refine-*.json")]
     uncertainty = json.loads(record.read_text())["uncertainty"]
-    assert len(uncertainty) == 8 and all(np.isfinite(u["uncertainty"]) and u["uncertainty"] >= 0 for u in uncertainty)
+    assert len(uncertainty) == 9 and all(np.isfinite(u["uncertainty"]) and u["uncertainty"] >= 0 for u in uncertainty)
     assert list((work / "refine").glob("*.parquet"))
 
     assert main(["evaluate", str(out), "--truth", str(tmp_path / "truth"), "--dataset", "synthetic",
