@@ -89,3 +89,24 @@ def test_selection_and_export_from_and_to_object_storage(tmp_path: Path, s3_serv
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.find(f"{bucket}/weak/lesion/nnUNet_raw"))
     assert len(names) == 7 and sum(n.endswith("_0000.png") for n in names) == 3 and "dataset.json" in names
     assert len(read_mapping(work, storage)) == 3
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_dicom_series_exports_its_masked_slices_in_the_display_frame(tmp_path: Path):
+    from mcs_batch.train.weak.export import mask_plane, read_mask
+    from tests.train.weak.cases import add_series_case
+
+    out = tmp_path / "out"
+    catalog = Catalog(str(out))
+    row = add_series_case(catalog, tmp_path / "ct")
+    cfg = load_weak_config(source=str(out), target="lesion", work=str(tmp_path / "w"))
+    export = export_dataset(cfg, select_from_catalog(catalog, "lesion", cfg.select), storage=None, **QUIET)
+    assert export["images"] == 2 and export["slices_dropped"] == {"empty_slice": 2}
+    mask = read_mask(row["mask_uri"], None)
+    raw = Path(raw_folder(cfg))
+    for r in read_mapping(str(tmp_path / "w"), None).to_pylist():
+        assert r["slice_index"] in (1, 2) and r["agreement"] > 0.9
+        label = np.asarray(Image.open(raw / "labelsTr" / f"{r['identifier']}.png"))
+        image = np.asarray(Image.open(raw / "imagesTr" / f"{r['identifier']}_0000.png"))
+        assert label.shape == image.shape[:2] == (24, 20)  # rows x columns of the DICOM frame
+        assert np.array_equal(label, mask_plane(mask, r["slice_index"], 2)) and label.sum() == 7 * 9

@@ -15,13 +15,11 @@ import pytest
 from mcs_batch.cli import main
 from mcs_batch.eval.evaluate import read_evaluation
 from mcs_batch.outputs.catalog import Catalog
-from mcs_batch.outputs.masks import nifti_bytes
 from mcs_batch.query import query
-from mcs_batch.scan import discover_cases
-from mcs_batch.testdata.series import write_series
 from mcs_batch.train.weak.config import load_weak_config
 from mcs_batch.train.weak.synthetic import write_pseudo_run
 from mcs_batch.train.weak.train import TrainWeakError, newest_checkpoint_state, train_weak
+from tests.train.weak.cases import add_series_case
 
 QUIET = {"progress": lambda message: None}
 TINY = [  # 2 cycles of 2 epochs, the last epoch of each kept; 1 iteration each; 4..64 features
@@ -32,23 +30,6 @@ TINY = [  # 2 cycles of 2 epochs, the last epoch of each kept; 1 iteration each;
 
 def nifti(uri: str) -> nib.Nifti1Image:
     return nib.Nifti1Image.from_bytes(gzip.decompress(Path(uri.removeprefix("file://")).read_bytes()))
-
-
-def add_series_case(catalog: Catalog, folder: Path) -> dict:
-    """A DICOM series (20 x 24 x 4, CT) with a zero-shot mask, committed as the job would commit it."""
-    write_series(folder, rows=24, cols=20, n_slices=4, series_seed="weak")
-    (record,) = [r for r in discover_cases([str(folder)]) if r.kind == "dicom_series"]
-    mask = np.zeros(tuple(record.shape), np.uint8)
-    mask[5:12, 6:15, 1:3] = 1
-    nifti_path, _ = catalog.mask_paths(record.case_id, "lesion")
-    catalog.write_bytes(nifti_path, nifti_bytes(mask, np.reshape(record.affine, (4, 4))))
-    row = {"case_id": record.case_id, "target": "lesion", "status": "ok", "kind": record.kind,
-           "source_uris": record.source_uris, "source_keys": record.source_keys, "modality": record.modality,
-           "shape": record.shape, "spacing_mm": record.spacing_mm, "affine": record.affine,
-           "mask_uri": catalog.fs.unstrip_protocol(nifti_path), "mask_voxels": int(mask.sum()),
-           "n_components": 1, "run_id": "run-series"}  # fmt: skip
-    catalog.commit("run-series", 0, [row], [])
-    return row
 
 
 @pytest.mark.usefixtures("ray_local")
