@@ -121,6 +121,10 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
                 trainer.logger.load_checkpoint(state["nnunet_log"])  # its EMA pseudo Dice goes on from here
             start_epoch = resumed_from = int(state["epoch"])
         logger.info("member %d: resumed at epoch %d", rank, start_epoch)
+        resumed_seed = seed * 100_003 + start_epoch  # fresh draws, not a replay of the first epochs' augmentation
+        torch.manual_seed(resumed_seed)
+        np.random.seed(resumed_seed % 2**32)
+        random.seed(resumed_seed)
     history = []
     total = cfg.train.total_epochs
     for epoch in range(start_epoch, total):
