@@ -39,6 +39,8 @@ class SelectionConfig:
     include: tuple[str, ...] = ()  # case ids: only these (empty: all)
     exclude: tuple[str, ...] = ()  # case ids never used
     keep_empty_slices: bool = False  # volumes: also train on the slices of a selected case without a mask
+    max_uncertainty: float = 0.0  # > 0: drop cases an earlier ensemble found more uncertain (a second round)
+    uncertainty_from: str = ""  # that round's refine tables: WORK/refine/ of the earlier run (or one .parquet)
     seed: int = 0  # which cases a per-dataset cap keeps (a stable hash of seed and case id)
 
     def __post_init__(self):
@@ -46,6 +48,8 @@ class SelectionConfig:
             raise ConfigError("select.min_sam_score and select.min_agreement must be in [0, 1]")
         if self.min_mask_pixels < 1 or self.max_components < 0 or self.max_cases_per_dataset < 0:
             raise ConfigError("select: min_mask_pixels >= 1, max_components and max_cases_per_dataset >= 0")
+        if self.max_uncertainty < 0 or (self.max_uncertainty > 0 and not self.uncertainty_from):
+            raise ConfigError("select.max_uncertainty > 0 needs select.uncertainty_from (an earlier WORK/refine/)")
 
 
 @dataclass(frozen=True)

@@ -40,8 +40,9 @@ def dataset_of(source_keys: list[str] | None) -> str:
     return key.split("/", 1)[0] if "/" in key else ""
 
 
-def case_drop_reason(row: dict, target: str, cfg: SelectionConfig) -> str | None:
-    """Why a catalog row is no pseudo-label (None: it is one, subject to caps and slice filters)."""
+def case_drop_reason(row: dict, target: str, cfg: SelectionConfig, uncertainty: dict | None = None) -> str | None:
+    """Why a catalog row is no pseudo-label (None: it is one, subject to caps and slice filters).
+    `uncertainty`: case id -> an earlier ensemble's uncertainty (used with cfg.max_uncertainty)."""
     if row["target"] != target:
         return "other_target"
     if cfg.include and row["case_id"] not in cfg.include:
@@ -54,6 +55,12 @@ def case_drop_reason(row: dict, target: str, cfg: SelectionConfig) -> str | None
         return "empty_mask"
     if cfg.max_components and (row.get("n_components") or 0) > cfg.max_components:
         return "too_many_components"
+    if cfg.max_uncertainty and uncertainty is not None:
+        value = uncertainty.get(row["case_id"])
+        if value is None:
+            return "no_uncertainty"
+        if value > cfg.max_uncertainty:
+            return "too_uncertain"
     return None
 
 
@@ -61,7 +68,7 @@ def _cap_order(case_id: str, seed: int) -> int:
     return zlib.crc32(f"{seed}:{case_id}".encode())
 
 
-def select_cases(rows: list[dict], target: str, cfg: SelectionConfig) -> Selection:
+def select_cases(rows: list[dict], target: str, cfg: SelectionConfig, uncertainty: dict | None = None) -> Selection:
     """Case-level selection over catalog rows (pure)."""
     selection = Selection(cases=[])
     by_dataset: dict[str, list[dict]] = {}
@@ -69,7 +76,7 @@ def select_cases(rows: list[dict], target: str, cfg: SelectionConfig) -> Selecti
         if row["target"] != target:
             continue
         selection.considered += 1
-        reason = case_drop_reason(row, target, cfg)
+        reason = case_drop_reason(row, target, cfg, uncertainty)
         if reason:
             selection.dropped[reason] += 1
             continue
@@ -84,9 +91,32 @@ def select_cases(rows: list[dict], target: str, cfg: SelectionConfig) -> Selecti
     return selection
 
 
-def select_from_catalog(catalog: Catalog, target: str, cfg: SelectionConfig) -> Selection:
+def select_from_catalog(catalog: Catalog, target: str, cfg: SelectionConfig, *, storage=None) -> Selection:
     table = catalog.cases(CASE_COLUMNS)
-    return select_cases(table.to_pylist(), target, cfg)
+    uncertainty = read_uncertainty(cfg.uncertainty_from, storage) if cfg.max_uncertainty else None
+    return select_cases(table.to_pylist(), target, cfg, uncertainty)
+
+
+def read_uncertainty(uri: str, storage=None) -> dict[str, float]:
+    """case id -> uncertainty from refine tables (a .parquet, or a folder of them: the newest run wins)."""
+    import pyarrow.parquet as pq
+
+    from mcs_batch.errors import ConfigError
+    from mcs_batch.io.storage import filesystem_for
+
+    fs, root = filesystem_for(uri, storage)
+    try:
+        paths = [root] if root.endswith(".parquet") else sorted(p for p in fs.ls(root, detail=False)
+                                                                if p.endswith(".parquet"))  # fmt: skip
+    except FileNotFoundError as e:
+        raise ConfigError(f"select.uncertainty_from {uri}: not found") from e
+    out: dict[str, float] = {}
+    for path in paths:  # refine run ids start with their UTC time: later files are later runs
+        with fs.open(path, "rb") as f:
+            for row in pq.read_table(f, columns=["case_id", "uncertainty"]).to_pylist():
+                if row["uncertainty"] is not None:
+                    out[row["case_id"]] = float(row["uncertainty"])
+    return out
 
 
 # -- slices ---------------------------------------------------------------------------------------

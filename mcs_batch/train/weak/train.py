@@ -92,7 +92,7 @@ def check_source(cfg: WeakConfig, storage: StorageOptions | None) -> int:
 
 def _select_and_export(cfg: WeakConfig, storage, progress, config_hash: str) -> dict:
     catalog = Catalog(cfg.source, storage=storage)
-    selection = select_from_catalog(catalog, cfg.target, cfg.select)
+    selection = select_from_catalog(catalog, cfg.target, cfg.select, storage=storage)
     progress(f"selected {len(selection.cases)} of {selection.considered} case(s) of target {cfg.target}: "
              f"dropped {dict(selection.dropped) or 'none'}")  # fmt: skip
     if not selection.considered:

@@ -77,3 +77,25 @@ def test_slice_filters():
 def test_bad_filter_values_are_config_errors():
     with pytest.raises(ConfigError, match="min_sam_score"):
         SelectionConfig(min_sam_score=1.5)
+
+
+def test_a_second_round_drops_cases_an_earlier_ensemble_found_uncertain(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mcs_batch.train.weak.select import read_uncertainty
+
+    refine = tmp_path / "refine"
+    refine.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"case_id": "a", "uncertainty": 5.0}, {"case_id": "b", "uncertainty": 0.5}]),
+                   refine / "20261201T000000Z-refine-aaaaaa.parquet")  # fmt: skip
+    pq.write_table(pa.Table.from_pylist([{"case_id": "a", "uncertainty": 0.8}]),
+                   refine / "20261201T010000Z-refine-bbbbbb.parquet")  # fmt: skip
+    uncertainty = read_uncertainty(str(refine))
+    assert uncertainty == {"a": 0.8, "b": 0.5}  # the newest run wins
+    cfg = SelectionConfig(max_uncertainty=0.6, uncertainty_from=str(refine))
+    selection = select_cases([row("a"), row("b"), row("c")], "lesion", cfg, uncertainty)
+    assert [c["case_id"] for c in selection.cases] == ["b"]
+    assert dict(selection.dropped) == {"too_uncertain": 1, "no_uncertainty": 1}
+    with pytest.raises(ConfigError, match="uncertainty_from"):
+        SelectionConfig(max_uncertainty=1.0)
