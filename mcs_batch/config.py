@@ -146,6 +146,25 @@ class Ablation(StrEnum):
 
 
 @dataclass(frozen=True)
+class WeakTriggerConfig:
+    """The trigger of weakly supervised retraining (mcs_batch/train/weak): after a run that committed
+    new ok cases and did not abort, submit `train-weak --refine` for each target as its own Ray job."""
+
+    enabled: bool = False
+    address: str = ""  # the cluster's Ray job API, e.g. http://127.0.0.1:8265 (required when enabled)
+    work: str = ""  # storage for checkpoints and logs; default OUT/weak/<target>
+    config: str = ""  # a train_weak.yaml as the cluster sees it (default: the built-in recipe)
+    overrides: tuple[str, ...] = ()  # --set items for train-weak
+    refine: bool = True  # refine the run's cases once trained
+
+    def __post_init__(self):
+        if isinstance(self.overrides, str):
+            object.__setattr__(self, "overrides", (self.overrides,))
+        if self.enabled and not self.address:
+            raise ConfigError("weak.address: the Ray job API to submit retraining to is required when weak.enabled")
+
+
+@dataclass(frozen=True)
 class JobConfig:
     models: ModelsConfig = field(default_factory=ModelsConfig)
     m2ib: M2IBSettings = field(default_factory=M2IBSettings)
@@ -160,6 +179,7 @@ class JobConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     failure_budget: FailureBudget = field(default_factory=FailureBudget)
     testing: TestingConfig = field(default_factory=TestingConfig)
+    weak: WeakTriggerConfig = field(default_factory=WeakTriggerConfig)
 
     def __post_init__(self):
         names = [t.name for t in self.targets]
@@ -183,7 +203,7 @@ class JobConfig:
 
 
 ABLATIONS = tuple(a.value for a in Ablation)
-RUN_SECTIONS = ("inputs", "outputs", "resources", "failure_budget", "testing")
+RUN_SECTIONS = ("inputs", "outputs", "resources", "failure_budget", "testing", "weak")
 
 # Presets for --models: tiny random models (smoke runs, tests) or the published weights.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
+from mcs_batch.errors import ConfigError
+
 STAGES = ("load", "saliency", "sam")
 
 
@@ -30,7 +32,12 @@ class JobMetrics:
         )
         self.server = None
         if port:
-            self.server, _ = start_http_server(port, registry=self.registry)
+            try:
+                self.server, _ = start_http_server(port, registry=self.registry)
+            except OSError as e:  # in use, or not allowed: the job has not started anything yet
+                raise ConfigError(
+                    f"outputs.metrics_port: cannot serve metrics on port {port} ({e.strerror or e})"
+                ) from e
 
     def case(self, target: str, status: str, error_code: str | None) -> None:
         self.cases.labels(target=target, status=status, error_code=error_code or "").inc()

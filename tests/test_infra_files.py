@@ -76,8 +76,18 @@ def test_yaml_parses_into_mappings(path):
 # Job configs
 
 
-SEGMENT_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith("finetune"))
+SEGMENT_CONFIGS = sorted(p for p in CONFIGS.glob("*.yaml") if not p.name.startswith(("finetune", "train_weak")))
 FINETUNE_CONFIGS = sorted(CONFIGS.glob("finetune*.yaml"))
+WEAK_CONFIGS = sorted(CONFIGS.glob("train_weak*.yaml"))
+
+
+@pytest.mark.parametrize("path", WEAK_CONFIGS, ids=lambda p: p.name)
+def test_weak_training_config_loads_and_says_how_to_run_it(path):
+    from mcs_batch.train.weak.config import load_weak_config
+
+    cfg = load_weak_config(path, source="OUT", target="lesion", work="WORK")
+    assert cfg.train.cycles >= 1 and cfg.train.keep_per_cycle >= 1
+    assert "mcs-batch train-weak --from OUT" in path.read_text().split("\n\n", 1)[0]
 
 
 @pytest.mark.parametrize("path", FINETUNE_CONFIGS, ids=lambda p: p.name)

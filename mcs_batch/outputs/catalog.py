@@ -144,7 +144,11 @@ class Catalog:
         return {(c, t): s for c, t, s in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True)}
 
     def config_hashes(self) -> set[str]:
-        return {h for h in self.cases(["config_hash"]).column("config_hash").to_pylist() if h}
+        """Config hashes of the segmentation rows. Derived targets (`<target>@<kind>`, e.g. refined
+        masks of `train/weak`) carry their own configuration and are left out."""
+        table = self.cases(["target", "config_hash"])
+        targets, hashes = table.column("target").to_pylist(), table.column("config_hash").to_pylist()
+        return {h for t, h in zip(targets, hashes, strict=True) if h and "@" not in t}
 
     # -- maintenance -------------------------------------------------------------------------------
     def repair(self, *, live: str = "") -> list[str]:

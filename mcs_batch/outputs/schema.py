@@ -38,7 +38,7 @@ def manifest_table(rows: list[dict]) -> pa.Table:
     return table_from_rows(rows, MANIFEST_SCHEMA)
 
 
-CATALOG_SCHEMA_VERSION = "1"
+CATALOG_SCHEMA_VERSION = "2"  # 2: cases.uncertainty, cases.uncertainty_spread (null in version-1 parts)
 
 # One row per (case, target): the contract with curation teams (see README).
 CASES_SCHEMA = pa.schema(
@@ -79,6 +79,9 @@ CASES_SCHEMA = pa.schema(
         pa.field("sam_seconds", pa.float64()),
         pa.field("committed_at", pa.string()),
         pa.field("warnings", pa.list_(pa.string())),
+        # refined targets (`<target>@weak`, mcs_batch/train/weak): the ensemble's uncertainty of the case
+        pa.field("uncertainty", pa.float64()),  # entropy of the mean probability / mask boundary length
+        pa.field("uncertainty_spread", pa.float64()),  # spread of the foreground probability across checkpoints
     ],
     metadata={"mcs_batch.table": "cases", "mcs_batch.schema_version": CATALOG_SCHEMA_VERSION},
 )

@@ -144,7 +144,12 @@ def run_job(
     run_id = new_run_id()
     catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)
     lease = WriterLease(catalog, run_id, ttl_s=cfg.outputs.lock_ttl_seconds)
-    died = lease.acquire(wait_s=cfg.outputs.lock_wait_seconds, progress=progress)
+    try:
+        died = lease.acquire(wait_s=cfg.outputs.lock_wait_seconds, progress=progress)
+    except ConfigError:
+        raise
+    except Exception as e:  # denied, read-only, unreachable endpoint: said in one line
+        raise ConfigError(f"{cfg.outputs.uri}: cannot write the output folder ({type(e).__name__}: {e})") from e
     catalog.lease = lease
     catalog.crash_hook = crash_hook(cfg.testing, lambda: catalog.commits)
     try:
@@ -189,12 +194,12 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
         "resources": resources.to_dict(),
         "attempts": [],
     }
+    metrics = JobMetrics(cfg.outputs.metrics_port)  # a port in use stops the job before its run record
     summary.run_uri = catalog.write_run(run_id, document)
     index_uri = cfg.inputs.index or join(cfg.outputs.uri, "index")
     staging = catalog.uri("staging", run_id)
     board_name = f"mcs-batch-board-{run_id}"
     board = start_board(board_name)
-    metrics = JobMetrics(cfg.outputs.metrics_port)
     writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources)
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -218,6 +223,8 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
         if writer.pending:  # an invariant: every planned slice must come back
             raise RuntimeError(f"{len(writer.pending)} case(s) did not complete: {sorted(writer.pending)[:3]}")
         document["status"] = "succeeded"
+        if cfg.weak.enabled:
+            document["weak_jobs"] = _submit_retraining(cfg, summary, progress)
     except JobAborted as e:
         summary.aborted = str(e)
         document["status"] = "aborted"
@@ -365,3 +372,26 @@ def _progress_line(progress, writer: CaseWriter, board, start: float) -> None:
         f"{s.cases} case(s) done ({writer.failed} failed), {s.slices} slice(s), {rate:.2f} slices/s, "
         f"{len(writer.pending) + len(writer.ready)} case(s) in flight, {len(writer.inflight)} assembling"
     )
+
+
+def _submit_retraining(cfg: JobConfig, summary, progress) -> list[dict]:
+    """The weak-supervision trigger: one `train-weak --refine` Ray job per target, when this run
+    committed new ok cases. A failed submission is recorded and said, never a failed segmentation."""
+    from mcs_batch.train.weak.trigger import submit_after_segment
+
+    if not summary.by_status.get("ok"):
+        progress("weak.enabled: no new ok case in this run, so no retraining was submitted")
+        return []
+    jobs = []
+    for target in cfg.targets:
+        work = cfg.weak.work or join(cfg.outputs.uri, "weak", target.name)
+        try:
+            sid = submit_after_segment(cfg.outputs.uri, target.name, work, address=cfg.weak.address,
+                                       config=cfg.weak.config or None, overrides=cfg.weak.overrides,
+                                       refine=cfg.weak.refine)  # fmt: skip
+            jobs.append({"target": target.name, "work": work, "submission_id": sid})
+            progress(f"submitted weakly supervised retraining of {target.name} to {cfg.weak.address}: {sid}")
+        except Exception as e:  # the segmentation is committed whatever happens here
+            jobs.append({"target": target.name, "work": work, "error": f"{type(e).__name__}: {e}"})
+            progress(f"could not submit the retraining of {target.name} to {cfg.weak.address}: {e}")
+    return jobs

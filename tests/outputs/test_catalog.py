@@ -31,3 +31,10 @@ def test_commit_repair_and_drop_failed(tmp_path: Path):
 def test_mask_paths_use_ids_only(tmp_path: Path):
     nifti, png = Catalog(str(tmp_path)).mask_paths("0123abcd", "lungs")
     assert nifti.endswith("/masks/0123abcd/lungs.nii.gz") and png.endswith("/masks/0123abcd/lungs.png")
+
+
+def test_derived_targets_do_not_count_as_another_configuration(tmp_path: Path):
+    catalog = Catalog(str(tmp_path))
+    catalog.commit("seg", 0, [{**row("a"), "config_hash": "0bfcc494eaf02685"}], [])
+    catalog.commit("refine", 0, [{"case_id": "a", "target": "t@weak", "status": "ok", "config_hash": "77aa"}], [])
+    assert catalog.config_hashes() == {"0bfcc494eaf02685"}  # a refinement does not lock the folder

@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from mcs_batch.errors import ConfigError
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import LeaseHeld
@@ -79,7 +81,10 @@ def test_a_killed_driver_leaves_readers_consistent_and_the_next_run_completes(tm
     cache = tmp_path.parent / "model-cache"
     cmd = [sys.executable, "-m", "mcs_batch.cli", "segment", str(cohort), "--out", str(out), "--models", "tiny",
            "--prompt", "a bright lesion", "--target", "lesion", "--num-cpus", "2", "--object-store-mb", "256",
-           "--set", "outputs.catalog_flush_cases=1", "--set", f"models.cache_dir={cache}"]  # fmt: skip
+           "--set", "outputs.catalog_flush_cases=1", "--set", f"models.cache_dir={cache}",
+           "--set", "resources.block_rows=1", "--set", "resources.saliency_batch=1",
+           "--set", "resources.sam_batch=1"]  # fmt: skip
+    # blocks and batches of one slice: cases finish (and commit) one by one, so the kill lands mid-run
     if kill == "between_publish":  # a named point of the protocol: slices published, cases not yet
         cmd += ["--set", "testing.crash_point=between_publish", "--set", "testing.crash_at_commit=3"]
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
@@ -87,7 +92,7 @@ def test_a_killed_driver_leaves_readers_consistent_and_the_next_run_completes(tm
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         if kill == "sigkill_at_random":
-            parts = random.randint(1, 8)  # killed after a random number of commits, somewhere past it
+            parts = random.randint(1, 6)  # killed after a random number of commits, somewhere past it
             deadline = time.monotonic() + 300
             while len(list((out / "catalog" / "cases").glob("part-*"))) < parts and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -133,3 +138,32 @@ def test_a_half_written_cases_temporary_left_in_the_catalog_is_repaired_and_the_
     summary = run_job(job([cohort], out, tmp_path), **QUIET)
     assert summary.cases == 1 and summary.by_status == {"ok": 1}
     assert len(pairs(Catalog(str(out)))) == 4 and not list(out.rglob(".tmp-*"))
+
+
+def test_an_unwritable_out_or_a_busy_metrics_port_is_one_line_and_leaves_no_running_record(tmp_path: Path):
+    cohort = small_cohort(tmp_path / "in", n_images=1)
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(ConfigError, match="a-file/out: cannot write the output folder"):
+        run_job(job([cohort], tmp_path / "a-file" / "out", tmp_path), **QUIET)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot serve metrics on port {port}"):
+            run_job(job([cohort], tmp_path / "out", tmp_path, f"outputs.metrics_port={port}"), **QUIET)
+    assert not (tmp_path / "out" / "runs").exists()  # stopped before its run record
+    assert run_job(job([cohort], tmp_path / "out", tmp_path), **QUIET).cases == 2  # and the lease was released
+
+
+def test_the_retraining_trigger_is_recorded_and_never_fails_the_segmentation(tmp_path: Path):
+    cohort = small_cohort(tmp_path / "in", n_images=1)
+    cfg = job([cohort], tmp_path / "out", tmp_path, "weak.enabled=true", "weak.address=http://127.0.0.1:9")
+    said: list[str] = []
+    summary = run_job(cfg, progress=said.append)
+    record = json.loads((tmp_path / "out" / "runs" / f"{summary.run_id}.json").read_text())
+    assert record["status"] == "succeeded"  # the cases are committed whatever the submission does
+    (entry,) = record["weak_jobs"]  # one target: one retraining job (nobody listens on port 9)
+    assert entry["target"] == "lesion" and entry["work"] == str(tmp_path / "out" / "weak" / "lesion")
+    assert "error" in entry and any("could not submit the retraining of lesion" in s for s in said)
+    with pytest.raises(ConfigError, match=r"weak\.address"):
+        job([cohort], tmp_path / "out", tmp_path, "weak.enabled=true")

@@ -33,6 +33,7 @@ from scipy import ndimage
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.lease import WriterLease
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
 from mcs_batch.records import slice_axis_for
 from mcs_batch.stages.load import load_chunk
@@ -150,14 +151,29 @@ def cases_to_refine(catalog: Catalog, cfg: WeakConfig, case_ids: list[str] | Non
 
 def refine(cfg: WeakConfig, *, storage: StorageOptions | None = None, case_ids: list[str] | None = None,
            progress: Callable[[str], None] = print, commit_every: int = 16) -> dict:  # fmt: skip
-    """Refine the cases of cfg.target in cfg.source with the ensemble in cfg.work; returns the summary."""
-    import ray
-
+    """Refine the cases of cfg.target in cfg.source with the ensemble in cfg.work; returns the summary.
+    Takes the writer lease of cfg.source (LeaseHeld while a segment job writes there)."""
     cfg.check_required()
     ensemble = read_ensemble(cfg.work, storage)  # ConfigError before any work when there is none
-    catalog = Catalog(cfg.source, storage=storage)
-    rows = cases_to_refine(catalog, cfg, case_ids)
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-refine-" + uuid.uuid4().hex[:6]
+    catalog = Catalog(cfg.source, storage=storage, owner=run_id)
+    lease = WriterLease(catalog, run_id)  # one writer per OUT: a segment job and a refinement never interleave
+    lease.acquire(progress=progress)
+    catalog.lease = lease
+    try:
+        catalog.repair(live=run_id)
+        return _refine_leased(cfg, catalog, run_id, ensemble, storage=storage, case_ids=case_ids,
+                              progress=progress, commit_every=commit_every)  # fmt: skip
+    finally:
+        catalog.end_staging(run_id)
+        lease.release()
+
+
+def _refine_leased(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, storage, case_ids, progress,
+                   commit_every: int) -> dict:  # fmt: skip
+    import ray
+
+    rows = cases_to_refine(catalog, cfg, case_ids)
     started = time.time()
     progress(f"refining {len(rows)} case(s) of {cfg.target} with {len(ensemble['members'])} checkpoint(s) "
              f"-> target {cfg.refined_target}")  # fmt: skip
