@@ -178,33 +178,13 @@ def _diff(ours: float | None, paper: float) -> str:
 def zero_shot_lines(report: ReproduceReport) -> list[str]:
     """Our zero-shot (ablation full) DSC / NSD per task beside the paper's, row by row, with the mean;
     then the weakly supervised table when that row ran."""
-    lines = [
+    lines = _score_table(
+        report,
+        "full",
         "Zero-shot segmentation, ours vs. the paper (MedCLIP-SAMv2, Medical Image Analysis 2025), "
         "% mean over cases: DSC, NSD at 2 px",
-        f"  {'task':<12}{'n':>5}{'DSC ours':>10}{'paper':>8}{'diff':>8}{'NSD ours':>10}{'paper':>8}{'diff':>8}",
-    ]
-    ours_dsc, ours_nsd, paper_dsc, paper_nsd = [], [], [], []
-    for d in report.datasets:
-        result = report.result(d.name, "full")
-        if result is None:
-            continue
-        dsc, nsd = result.stat("dice"), result.stat("nsd")
-        ours_dsc.append(dsc.mean * 100)
-        ours_nsd.append(nsd.mean * 100)
-        paper_dsc.append(d.paper_dsc)
-        paper_nsd.append(d.paper_nsd)
-        lines.append(
-            f"  {d.title:<12}{dsc.count:>5}{_cell(dsc.mean * 100):>10}{d.paper_dsc:>8.2f}"
-            f"{_diff(dsc.mean * 100, d.paper_dsc):>8}{_cell(nsd.mean * 100):>10}{d.paper_nsd:>8.2f}"
-            f"{_diff(nsd.mean * 100, d.paper_nsd):>8}"
-        )
-    if ours_dsc:
-        means = [float(np.mean(v)) for v in (ours_dsc, paper_dsc, ours_nsd, paper_nsd)]
-        label = "Mean" if len(ours_dsc) == len(PAPER_DATASETS) else f"Mean ({len(ours_dsc)})"
-        lines.append(
-            f"  {label:<12}{'':>5}{_cell(means[0]):>10}{means[1]:>8.2f}{_diff(means[0], means[1]):>8}"
-            f"{_cell(means[2]):>10}{means[3]:>8.2f}{_diff(means[2], means[3]):>8}"
-        )
+        {d.name: (d.paper_dsc, d.paper_nsd) for d in report.datasets},
+    )
     if any(r.ablation == WEAK_ROW for r in report.runs):
         lines += ["", *weak_lines(report)]
     return lines
@@ -212,18 +192,29 @@ def zero_shot_lines(report: ReproduceReport) -> list[str]:
 
 def weak_lines(report: ReproduceReport) -> list[str]:
     """Our weakly supervised DSC / NSD (refined masks, <target>@weak) beside the paper's, with the mean."""
-    lines = [
+    return _score_table(
+        report,
+        WEAK_ROW,
         "Weakly supervised segmentation (nnU-Net checkpoint ensemble on zero-shot pseudo-labels of the training "
         "split), ours vs. the paper, % mean over cases",
+        PAPER_WEAK,
+    )
+
+
+def _score_table(report: ReproduceReport, row: str, title: str, paper: dict[str, tuple[float, float]]) -> list[str]:
+    """One table: per task our DSC / NSD for `row` beside the paper's (`paper`: task -> (DSC, NSD)), then
+    the mean over the tasks that ran."""
+    lines = [
+        title,
         f"  {'task':<12}{'n':>5}{'DSC ours':>10}{'paper':>8}{'diff':>8}{'NSD ours':>10}{'paper':>8}{'diff':>8}",
     ]
     ours_dsc, ours_nsd, paper_dsc, paper_nsd = [], [], [], []
     for d in report.datasets:
-        result = report.result(d.name, WEAK_ROW)
+        result = report.result(d.name, row)
         if result is None:
             continue
         dsc, nsd = result.stat("dice"), result.stat("nsd")
-        p_dsc, p_nsd = PAPER_WEAK[d.name]
+        p_dsc, p_nsd = paper[d.name]
         ours_dsc.append(dsc.mean * 100)
         ours_nsd.append(nsd.mean * 100)
         paper_dsc.append(p_dsc)

@@ -136,18 +136,23 @@ def test_another_config_is_refused_in_the_same_output(tmp_path: Path):
     run_job(job([cohort], tmp_path / "out", tmp_path, "resources.sam_batch=1"), **QUIET)
 
 
+def start_segment(cohort: Path, out: Path, tmp_path: Path, *settings: str) -> subprocess.Popen:
+    """`mcs-batch segment` with tiny models in a process of its own, with its own local Ray, in a new
+    session (so that the test can kill it and everything it started as one group)."""
+    cmd = [sys.executable, "-m", "mcs_batch.cli", "segment", str(cohort), "--out", str(out), "--models", "tiny",
+           "--prompt", "a bright lesion", "--target", "lesion", "--num-cpus", "2", "--object-store-mb", "256",
+           "--set", "outputs.catalog_flush_cases=1", "--set", f"models.cache_dir={tmp_path.parent / 'model-cache'}",
+           *(item for s in settings for item in ("--set", s))]  # fmt: skip
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def test_killed_driver_then_rerun_finishes_every_case_exactly_once(tmp_path: Path):
     cohort = small_cohort(tmp_path / "in", n_images=14)
     out = tmp_path / "out"
-    cache = tmp_path.parent / "model-cache"
-    cmd = [sys.executable, "-m", "mcs_batch.cli", "segment", str(cohort), "--out", str(out), "--models", "tiny",
-           "--prompt", "a bright lesion", "--target", "lesion", "--num-cpus", "2", "--object-store-mb", "256",
-           "--set", "outputs.catalog_flush_cases=1", "--set", f"models.cache_dir={cache}",
-           "--set", "resources.saliency_batch=1", "--set", "resources.sam_batch=1",
-           "--set", "testing.exit_driver_after_commits=3"]  # fmt: skip
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_segment(cohort, out, tmp_path, "resources.saliency_batch=1", "resources.sam_batch=1",
+                         "testing.exit_driver_after_commits=3")  # fmt: skip
     try:
         # the driver dies hard right after its third commit (no clean-up, like SIGKILL)
         assert proc.wait(timeout=300) == 137

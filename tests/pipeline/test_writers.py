@@ -11,8 +11,6 @@ import os
 import random
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,7 +23,7 @@ from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import LeaseHeld
 from mcs_batch.pipeline import run_job
 from tests.outputs.test_commit_protocol import read_everywhere
-from tests.pipeline.test_job import QUIET, job, pairs, small_cohort
+from tests.pipeline.test_job import QUIET, job, pairs, small_cohort, start_segment
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -78,18 +76,11 @@ def mask_contents(out: Path) -> dict[Path, bytes]:
 def test_a_killed_driver_leaves_readers_consistent_and_the_next_run_completes(tmp_path: Path, kill, uninterrupted):
     cohort = small_cohort(tmp_path / "in", n_images=14)
     out = tmp_path / "out"
-    cache = tmp_path.parent / "model-cache"
-    cmd = [sys.executable, "-m", "mcs_batch.cli", "segment", str(cohort), "--out", str(out), "--models", "tiny",
-           "--prompt", "a bright lesion", "--target", "lesion", "--num-cpus", "2", "--object-store-mb", "256",
-           "--set", "outputs.catalog_flush_cases=1", "--set", f"models.cache_dir={cache}",
-           "--set", "resources.block_rows=1", "--set", "resources.saliency_batch=1",
-           "--set", "resources.sam_batch=1"]  # fmt: skip
     # blocks and batches of one slice: cases finish (and commit) one by one, so the kill lands mid-run
+    settings = ["resources.block_rows=1", "resources.saliency_batch=1", "resources.sam_batch=1"]
     if kill == "between_publish":  # a named point of the protocol: slices published, cases not yet
-        cmd += ["--set", "testing.crash_point=between_publish", "--set", "testing.crash_at_commit=3"]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        settings += ["testing.crash_point=between_publish", "testing.crash_at_commit=3"]
+    proc = start_segment(cohort, out, tmp_path, *settings)
     try:
         if kill == "sigkill_at_random":
             parts = random.randint(1, 6)  # killed after a random number of commits, somewhere past it

@@ -75,6 +75,8 @@ def test_interrupted_training_resumes_then_refined_masks_sit_beside_zero_shot(tm
         a, b = nifti(zero["mask_uri"]), nifti(weak["mask_uri"])
         assert a.shape == b.shape == (64, 64, 1) and np.allclose(a.affine, b.affine)  # the same geometry
         assert weak["mask_voxels"] == int(np.asarray(b.dataobj).sum()) and weak["n_slices"] == 1
+        assert weak["uncertainty"] >= 0.0 and weak["uncertainty_spread"] >= 0.0  # catalog columns ...
+        assert zero["uncertainty"] is None  # ... of the refined target only
         assert np.array_equal(np.asarray(a.dataobj)[:, :, 0].T > 0, truth[case_id]["pseudo"])  # zero-shot untouched
     volume = cases[(series["case_id"], "lesion@weak")]
     refined = nifti(volume["mask_uri"])
