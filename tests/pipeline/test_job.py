@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -148,6 +149,33 @@ def start_segment(cohort: Path, out: Path, tmp_path: Path, *settings: str) -> su
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def session_pids(sid: int) -> list[int]:
+    """Live processes of session `sid` (Ray puts each worker in a process group of its own, so a
+    process group is not all that a driver started; its session is)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    pids.append(int(entry.name))
+    return pids
+
+
+def kill_session(proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    """SIGKILL a driver started by `start_segment` and everything it started, as a dead node would
+    lose them, and wait until all are gone: otherwise a worker of the dead run can outlive it by
+    seconds and write into OUT while the next run is already repairing it."""
+    deadline = time.monotonic() + timeout
+    while pids := session_pids(proc.pid):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.monotonic() < deadline, f"processes of the killed driver still alive: {pids}"
+        time.sleep(0.05)
+    proc.wait(timeout=timeout)
+
+
 def test_killed_driver_then_rerun_finishes_every_case_exactly_once(tmp_path: Path):
     cohort = small_cohort(tmp_path / "in", n_images=14)
     out = tmp_path / "out"
@@ -157,8 +185,7 @@ def test_killed_driver_then_rerun_finishes_every_case_exactly_once(tmp_path: Pat
         # the driver dies hard right after its third commit (no clean-up, like SIGKILL)
         assert proc.wait(timeout=300) == 137
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the driver started (its local Ray)
+        kill_session(proc)  # whatever the driver started (its local Ray and its workers)
     committed_before = len(pairs(Catalog(str(out))))
     assert 3 <= committed_before < 15
     run = json.loads(next((out / "runs").glob("*.json")).read_text())

@@ -4,12 +4,9 @@ record left "running")."""
 
 from __future__ import annotations
 
-import contextlib
 import gzip
 import json
-import os
 import random
-import signal
 import socket
 import threading
 import time
@@ -23,7 +20,7 @@ from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import LeaseHeld
 from mcs_batch.pipeline import run_job
 from tests.outputs.test_commit_protocol import read_everywhere
-from tests.pipeline.test_job import QUIET, job, pairs, small_cohort, start_segment
+from tests.pipeline.test_job import QUIET, job, kill_session, pairs, small_cohort, start_segment
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -89,13 +86,11 @@ def test_a_killed_driver_leaves_readers_consistent_and_the_next_run_completes(tm
                 time.sleep(0.01)
             time.sleep(random.uniform(0.0, 0.3))
             assert proc.poll() is None, "the driver finished before it could be killed"
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=60)
+            kill_session(proc)
         else:
             assert proc.wait(timeout=300) == 137
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # whatever the driver started (its local Ray)
+        kill_session(proc)  # whatever the driver started (its local Ray and its workers)
 
     for reader, (cases, slices) in read_everywhere(out).items():  # before the next run
         assert len(cases) == len(set(cases)) and len(slices) == len(set(slices)), reader
