@@ -29,8 +29,9 @@ class Status(StrEnum):
 
 
 def make_case_id(identity: str) -> str:
-    """Deterministic case id from a stable identity string (a UID or a path relative to the
-    input root; never a machine-specific absolute path): 24 hex characters."""
+    """Deterministic case id from a stable identity string (a UID, or an object's key: its path from
+    the folder above its input, see io/discover.input_key_root; never a machine-specific absolute
+    path): 24 hex characters."""
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:24]
 
 
@@ -41,7 +42,7 @@ class CaseRecord:
     case_id: str
     kind: str
     source_uris: list[str]  # in slice order for DICOM series
-    source_keys: list[str]  # the same objects, relative to their input root
+    source_keys: list[str]  # the same objects' keys: <input folder name>/<path in the input>
     status: str = Status.OK
     error_code: str | None = None
     error_message: str | None = None

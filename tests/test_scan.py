@@ -37,17 +37,18 @@ def comparable(table: pa.Table) -> list[dict]:
 def test_scan_accounts_for_every_object(sample_archive: Path, tmp_path: Path):
     summary = scan([str(sample_archive)], str(tmp_path / "out"), progress=lambda m: None)
     table = read_manifest(str(tmp_path / "out"))
-    files = sorted(str(p.relative_to(sample_archive)) for p in sample_archive.rglob("*") if p.is_file())
+    # keys start with the input's own name (archive/...)
+    files = sorted(f"archive/{p.relative_to(sample_archive)}" for p in sample_archive.rglob("*") if p.is_file())
     keys = sorted(k for ks in table.column("source_keys").to_pylist() for k in ks)
     assert keys == files  # every object exactly once, nothing dropped, nothing doubled
     assert summary.objects == len(files) and summary.cases == table.num_rows
-    rows = {r["source_keys"][0].split("/")[0] + "/" + r["kind"]: r for r in table.to_pylist()}
+    rows = {r["source_keys"][0].split("/")[1] + "/" + r["kind"]: r for r in table.to_pylist()}
     assert rows["ct_series/dicom_series"]["shape"] == [16, 16, 5]
     assert rows["phantom_ct/dicom_series"]["shape"] == [64, 64, 16]
     assert rows["chest_cr/dicom_image"]["modality"] == "CR"
     assert rows["mr/dicom_multiframe"]["status"] == "ok"
     assert rows["nifti/nifti"]["status"] == "ok"
-    by_key = {k: r for r in table.to_pylist() for k in r["source_keys"]}
+    by_key = {k.removeprefix("archive/"): r for r in table.to_pylist() for k in r["source_keys"]}
     assert (by_key["broken/MR_truncated.dcm"]["status"], by_key["broken/MR_truncated.dcm"]["error_code"]) == (
         "failed",
         ErrorCode.TRUNCATED,

@@ -19,8 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mcs_batch.errors import ConfigError
-from mcs_batch.io.discover import matches
-from mcs_batch.io.storage import StorageOptions, filesystem_for, relative_key, to_uri
+from mcs_batch.io.discover import check_inputs, input_key_root, matches, unique_inputs
+from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of, relative_key, to_uri
 from mcs_batch.outputs.index import ArchiveIndex
 
 WAVE_SCHEMA = pa.schema(
@@ -40,14 +40,16 @@ class Prefix:
     """One unit of listing: a folder under an input, listed recursively, or an input's own files."""
 
     input_uri: str
-    root: str  # the input root on its filesystem (keys are relative to it)
+    root: str  # the input's folder on its filesystem (include / exclude match keys relative to it)
     path: str  # what to list
     recursive: bool  # False: only the files directly in `path` (or `path` itself when it is a file)
+    key_root: str  # keys are relative to it: the folder above the input (io/discover.input_key_root)
 
     @property
     def prefix_id(self) -> str:
-        """Stable name of this prefix in the archive index (same input, same id, every run)."""
-        text = f"{self.input_uri.rstrip('/')}|{relative_key(self.path, self.root)}|{int(self.recursive)}"
+        """Stable name of this prefix in the archive index (same input, same id, every run). The key
+        scheme is part of it: index entries made under another scheme carry other case ids."""
+        text = f"{self.input_uri.rstrip('/')}|{relative_key(self.path, self.root)}|{int(self.recursive)}|named-keys"
         return hashlib.sha256(text.encode()).hexdigest()[:20]
 
     def to_dict(self) -> dict:
@@ -71,11 +73,14 @@ def top_prefixes(inputs: Sequence[str], *, storage: StorageOptions | None) -> li
     credentials): a job-level problem, said in one line.
     """
     prefixes: list[Prefix] = []
-    for uri in inputs:
+    located: list[tuple[str, str, str, str]] = []
+    for uri in unique_inputs(inputs):
         fs, root = filesystem_for(uri, storage)
         try:
             if fs.isfile(root):
-                prefixes.append(Prefix(uri, root.rsplit("/", 1)[0], root, recursive=False))
+                folder = root.rsplit("/", 1)[0]
+                located.append((uri, protocol_of(uri), root, input_key_root(folder)))
+                prefixes.append(Prefix(uri, folder, root, recursive=False, key_root=input_key_root(folder)))
                 continue
             entries = fs.ls(root, detail=True)
         except FileNotFoundError as e:
@@ -85,9 +90,12 @@ def top_prefixes(inputs: Sequence[str], *, storage: StorageOptions | None) -> li
         if not entries and not fs.exists(root):
             raise ConfigError(f"{uri}: input does not exist")
         folders = sorted(e["name"] for e in entries if e.get("type") == "directory")
+        key_root = input_key_root(root)
+        located.append((uri, protocol_of(uri), root, key_root))
         if any(e.get("type", "file") == "file" for e in entries):
-            prefixes.append(Prefix(uri, root, root, recursive=False))
-        prefixes.extend(Prefix(uri, root, folder, recursive=True) for folder in folders)
+            prefixes.append(Prefix(uri, root, root, recursive=False, key_root=key_root))
+        prefixes.extend(Prefix(uri, root, folder, recursive=True, key_root=key_root) for folder in folders)
+    check_inputs(located)
     return prefixes
 
 
@@ -113,10 +121,9 @@ def list_prefix_objects(
     for path, info in found.items():
         if info.get("type", "file") != "file":
             continue
-        rel = relative_key(path, prefix.root)
-        if matches(rel, include, exclude):
-            rows.append({"uri": to_uri(fs, path), "rel": rel, "size": int(info.get("size") or 0),
-                         "version": _version(info)})  # fmt: skip
+        if matches(relative_key(path, prefix.root), include, exclude):
+            rows.append({"uri": to_uri(fs, path), "rel": relative_key(path, prefix.key_root),
+                         "size": int(info.get("size") or 0), "version": _version(info)})  # fmt: skip
     return sorted(rows, key=lambda r: r["uri"])
 
 

@@ -157,7 +157,7 @@ def _sniff(ref: ObjectRef, fs) -> TruthItem | None:
 
 def list_truth(truth: str, *, storage: StorageOptions | None = None) -> TruthListing:
     """Every ground-truth item under `truth` (a folder, a prefix or one file); see the module doc."""
-    refs = list_objects([truth], storage=storage)
+    refs = list_objects([truth], storage=storage, named=False)
     paired = paper_layout(refs)
     if paired is not None:
         paired.ignored = [r.uri for r in refs if not r.rel.lower().startswith(("test_masks/", "test_images/"))]

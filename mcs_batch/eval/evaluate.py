@@ -47,8 +47,9 @@ SHOW_ERRORS = 10
 
 
 def prediction_key(row: dict) -> str:
-    """A case's matching key: its source path without extension; a multi-file DICOM series: its folder."""
-    keys = list(row.get("source_keys") or [])
+    """A case's matching key: its source path in the job's input (the key without its first folder,
+    the input's name) without extension; a multi-file DICOM series: its folder."""
+    keys = [k.split("/", 1)[-1] for k in row.get("source_keys") or []]
     if not keys:
         return ""
     if len(keys) > 1:

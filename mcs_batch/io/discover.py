@@ -10,6 +10,8 @@ from __future__ import annotations
 import fnmatch
 import gzip
 import io
+import itertools
+import posixpath
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import BinaryIO
@@ -20,7 +22,7 @@ from mcs_batch.errors import CaseError, ConfigError, ErrorCode
 from mcs_batch.io.dicom_header import DicomHeader, read_dicom_header
 from mcs_batch.io.images import image_record, sniff_image
 from mcs_batch.io.nifti import nifti_record, sniff_nifti
-from mcs_batch.io.storage import StorageOptions, filesystem_for, relative_key, to_uri
+from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of, relative_key, to_uri
 from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record
 
 HEADER_BLOCK = 16 * 1024  # bytes per ranged read while parsing headers (most headers fit in one)
@@ -31,7 +33,8 @@ IMAGE_SUFFIXES = (".dcm", ".dicom", ".ima", ".nii", ".nii.gz", ".png", ".jpg", "
 
 @dataclass(frozen=True)
 class ObjectRef:
-    """One object in storage. `rel` is its key relative to the input root it was found under."""
+    """One object in storage. `rel` is its key: its path from the folder above the input it was found
+    under (so it starts with the input's own name, see `input_key_root`)."""
 
     uri: str
     rel: str
@@ -48,20 +51,60 @@ def matches(rel: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     return not any(fnmatch.fnmatch(rel, p) or fnmatch.fnmatch(name, p) for p in exclude)
 
 
+def input_key_root(root_dir: str) -> str:
+    """What keys (and so the ids of files that are not DICOM) are relative to: the folder above an
+    input folder (above a file input's folder). Keys start with the input's own name, so two inputs
+    laid out alike (siteA/img.png, siteB/img.png) give different case ids, and a folder moved to
+    another bucket or prefix keeps its ids."""
+    return posixpath.dirname(root_dir.rstrip("/"))
+
+
+def check_inputs(located: Sequence[tuple[str, str, str, str]]) -> None:
+    """ConfigError when inputs would give one object two keys or two objects one key. `located`:
+    (uri, protocol, path, key root) of each input, the path without protocol (a folder or a file)."""
+    for (ua, proto_a, a, root_a), (ub, proto_b, b, root_b) in itertools.combinations(located, 2):
+        a, b = a.rstrip("/"), b.rstrip("/")
+        if proto_a == proto_b and a == b:
+            continue  # the same input twice: listed once
+        if proto_a == proto_b and (a.startswith(b + "/") or b.startswith(a + "/")):
+            inner, outer = (ua, ub) if a.startswith(b + "/") else (ub, ua)
+            raise ConfigError(f"input {inner} lies inside input {outer}: its objects would be listed twice; "
+                              "give only one of them")  # fmt: skip
+        ka, kb = relative_key(a, root_a), relative_key(b, root_b)
+        if ka == kb or ka.startswith(kb + "/") or kb.startswith(ka + "/"):
+            raise ConfigError(f"inputs {ua} and {ub} are both named {min(ka, kb, key=len)!r}: their objects "
+                              "would get the same keys and case ids; give their parent folders instead, or "
+                              "segment them into separate outputs")  # fmt: skip
+
+
+def unique_inputs(inputs: Sequence[str]) -> list[str]:
+    """The inputs in order, each once (a trailing slash does not make another input)."""
+    seen: dict[str, str] = {}
+    for uri in inputs:
+        seen.setdefault(uri.rstrip("/") or uri, uri)
+    return list(seen.values())
+
+
 def list_objects(
     inputs: Sequence[str],
     *,
     storage: StorageOptions | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
+    named: bool = True,
 ) -> list[ObjectRef]:
-    """Every object under the input URIs (files or prefixes), sorted by URI.
+    """Every object under the input URIs (files or prefixes), sorted by URI. Keys start with the
+    input's name (`input_key_root`); `named=False`: keys relative to the input itself (evaluation's
+    ground-truth folders, whose layout is fixed). include/exclude match keys relative to the input.
 
     Raises ConfigError when an input does not exist or cannot be listed (unreachable bucket,
-    missing credentials): that is a job-level problem, not a case-level one.
+    missing credentials): that is a job-level problem, not a case-level one; or when inputs overlap
+    (`check_inputs`).
     """
     refs: dict[str, ObjectRef] = {}
-    for uri in inputs:
+    located: list[tuple[str, str, str, str]] = []
+    listed: list[tuple[str, fsspec.AbstractFileSystem, dict, str]] = []
+    for uri in unique_inputs(inputs):
         fs, root = filesystem_for(uri, storage)
         try:
             if fs.isfile(root):
@@ -79,14 +122,16 @@ def list_objects(
             raise ConfigError(f"{uri}: input does not exist") from e
         except Exception as e:  # botocore / aiohttp errors: unreachable endpoint, denied, ...
             raise ConfigError(f"{uri}: cannot list input ({type(e).__name__}: {e})") from e
+        key_root = input_key_root(root_dir) if named else root_dir
+        located.append((uri, protocol_of(uri), root, key_root))
+        listed.append((root_dir, fs, found, key_root))
+    check_inputs(located)
+    for root_dir, fs, found, key_root in listed:
         for path, info in found.items():
-            if info.get("type", "file") != "file":
-                continue
-            rel = relative_key(path, root_dir)
-            if not matches(rel, include, exclude):
+            if info.get("type", "file") != "file" or not matches(relative_key(path, root_dir), include, exclude):
                 continue
             full = to_uri(fs, path)
-            refs[full] = ObjectRef(uri=full, rel=rel, size=int(info.get("size") or 0))
+            refs[full] = ObjectRef(uri=full, rel=relative_key(path, key_root), size=int(info.get("size") or 0))
     return [refs[k] for k in sorted(refs)]
 
 

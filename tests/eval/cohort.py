@@ -53,16 +53,17 @@ def paper_dataset(root: Path, folder: str, n: int, *, seed: int, mask_suffix: st
 class FakeRun:
     """Writes a segment run's outputs (masks + committed catalog rows) for chosen predictions."""
 
-    def __init__(self, out: Path, target: str = "lesion"):
+    def __init__(self, out: Path, target: str = "lesion", input_name: str = "in"):
         self.catalog = Catalog(str(out))
-        self.out, self.target, self.rows = out, target, []
+        self.out, self.target, self.input_name, self.rows = out, target, input_name, []
 
     def image(self, rel: str, mask_hw: np.ndarray | None, *, status: str = "ok", error_code: str | None = None,
               shape_hw: tuple[int, int] = (8, 8)):  # fmt: skip
         """A 2D image case (PNG input, no pixel size) predicted as mask_hw ([H, W]; None: failed, with
         the image size shape_hw from its header)."""
         height, width = mask_hw.shape if mask_hw is not None else shape_hw
-        row = self._row(make_case_id(f"file:{rel}"), "image", [rel], [width, height, 1], IMAGE_AFFINE, status)
+        case_id = make_case_id(f"file:{self.input_name}/{rel}")  # as a job over the input folder names it
+        row = self._row(case_id, "image", [rel], [width, height, 1], IMAGE_AFFINE, status)
         row["warnings"] = [PIXELS_WARNING]
         if mask_hw is not None and status == "ok":
             self._mask(row, np.asarray(mask_hw).T[:, :, None], IMAGE_AFFINE)
@@ -79,11 +80,13 @@ class FakeRun:
         self.rows.append(row)
         return row
 
-    def _row(self, case_id, kind, keys, shape, affine, status) -> dict:
+    def _row(self, case_id, kind, paths, shape, affine, status) -> dict:
+        """`paths`: the sources' paths in the input; keys start with the input's name, as a job's do."""
         spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0).tolist()
+        keys = [f"{self.input_name}/{p}" for p in paths]
         return {
             "case_id": case_id, "target": self.target, "status": status, "kind": kind, "source_keys": keys,
-            "source_uris": [f"file:///in/{k}" for k in keys], "shape": shape, "spacing_mm": spacing,
+            "source_uris": [f"file:///{k}" for k in keys], "shape": shape, "spacing_mm": spacing,
             "affine": np.asarray(affine, float).reshape(-1).tolist(), "config_hash": "fakehash", "run_id": "run-fake",
             "tiny_models": False, "warnings": [],
         }  # fmt: skip

@@ -114,7 +114,8 @@ def test_evaluate_matches_a_seg_to_its_series_by_uid(tmp_path: Path, series):
     truth = tmp_path / "truth"
     write_seg(truth / "anything.dcm", {1: ("Lesion", blob)}, affine, series_uid=record.series_uid, sop_uids=sop_uids)
     run = FakeRun(tmp_path / "out")
-    run.volume(record.case_id, record.source_keys, blob, affine, series_uid=record.series_uid)
+    paths = [k.split("/", 1)[1] for k in record.source_keys]  # in the input: FakeRun adds its name
+    run.volume(record.case_id, paths, blob, affine, series_uid=record.series_uid)
     run.volume("f" * 24, ["other/x.dcm", "other/y.dcm"], blob, affine, series_uid="1.2.3.4")
     out = run.commit()
     result = evaluate(out, list_truth(str(truth)).items, truth_root=str(truth), dataset="seg")

@@ -261,7 +261,7 @@ def test_random_bytes_named_dcm_fail_and_other_files_skip(tmp_path: Path):
     (folder / "noise.dcm").write_bytes(np.random.default_rng(0).bytes(4000))
     (folder / "notes.txt").write_text("not an image")
     (folder / "empty.dcm").write_bytes(b"")
-    records = {r.source_keys[0]: r for r in scan_folder(folder)}
+    records = {r.source_keys[0].split("/", 1)[1]: r for r in scan_folder(folder)}  # keys: <input name>/<path>
     assert (records["noise.dcm"].status, records["noise.dcm"].error_code) == (Status.FAILED, ErrorCode.NOT_DICOM)
     assert (records["notes.txt"].status, records["notes.txt"].error_code) == (Status.SKIPPED, ErrorCode.NOT_DICOM)
     assert (records["empty.dcm"].status, records["empty.dcm"].error_code) == (Status.FAILED, ErrorCode.EMPTY_OBJECT)
@@ -289,7 +289,7 @@ def test_a_nifti_with_nan_geometry_fails_as_bad_geometry_before_any_model(tmp_pa
     _nifti(folder / "nan_sform.nii.gz", nan_sform)
     _nifti(folder / "nan_voxel.nii", np.eye(4), nan_voxel=True)
     _nifti(folder / "good.nii.gz", np.diag([0.5, 0.5, 2.0, 1.0]))
-    records = {r.source_keys[0]: r for r in scan_folder(folder)}
+    records = {r.source_keys[0].split("/", 1)[1]: r for r in scan_folder(folder)}  # keys: <input name>/<path>
     for name in ("nan_sform.nii.gz", "nan_voxel.nii"):
         assert (records[name].status, records[name].error_code) == (Status.FAILED, ErrorCode.BAD_GEOMETRY), name
         assert name in records[name].error_message

@@ -22,7 +22,7 @@ def test_png_gray_and_rgb_keep_orientation(tmp_path: Path):
     rgb = np.zeros((30, 50, 3), np.uint8)
     rgb[7, 3] = (10, 20, 30)
     Image.fromarray(rgb).save(tmp_path / "c.jpg", quality=100)
-    records = {r.source_keys[0]: r for r in scan_folder(tmp_path)}
+    records = {r.source_keys[0].split("/", 1)[1]: r for r in scan_folder(tmp_path)}  # keys: <input name>/<path>
     g = records["g.png"]
     assert (g.kind, g.status, g.shape) == (CaseKind.IMAGE, Status.OK, [50, 30, 1])
     volume = load_case(g)

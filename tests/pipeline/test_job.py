@@ -66,20 +66,20 @@ def test_job_from_s3_to_s3_accounts_for_every_input(tmp_path: Path, s3_bucket, s
     archive = build_sample_archive(tmp_path / "archive")
     for p in sorted(archive.rglob("*")):
         if p.is_file():
-            fs.put_file(str(p), f"{bucket}/in/{p.relative_to(archive).as_posix()}")
+            fs.put_file(str(p), f"{bucket}/cohorts/archive/{p.relative_to(archive).as_posix()}")
     storage = StorageOptions(endpoint_url=s3_server["endpoint_url"], key=s3_server["key"], secret=s3_server["secret"])
-    cfg = job([f"s3://{bucket}/in"], f"s3://{bucket}/out", tmp_path)
+    cfg = job([f"s3://{bucket}/cohorts/archive"], f"s3://{bucket}/out", tmp_path)
     summary = run_job(cfg, storage=storage, **QUIET)
 
     catalog = Catalog(f"s3://{bucket}/out", storage=storage)
     rows = {r["case_id"]: r for r in catalog.cases().to_pylist()}
-    expected = {r.case_id: r for r in discover_cases([str(archive)])}
+    expected = {r.case_id: r for r in discover_cases([str(archive)])}  # the same ids on local disk and S3
     assert set(rows) == set(expected) and len(pairs(catalog)) == len(expected)  # every case, once
     keys = sorted(k for r in rows.values() for k in r["source_keys"])
-    assert keys == sorted(str(p.relative_to(archive)) for p in archive.rglob("*") if p.is_file())
-    statuses = {r["source_keys"][0].split("/")[0] + "/" + r["kind"]: r["status"] for r in rows.values()}
+    assert keys == sorted(f"archive/{p.relative_to(archive)}" for p in archive.rglob("*") if p.is_file())
+    statuses = {r["source_keys"][0].split("/")[1] + "/" + r["kind"]: r["status"] for r in rows.values()}
     assert statuses["phantom_ct/dicom_series"] == "ok" and statuses["nifti/nifti"] == "ok"
-    by_key = {k: r for r in rows.values() for k in r["source_keys"]}
+    by_key = {k.removeprefix("archive/"): r for r in rows.values() for k in r["source_keys"]}
     assert (by_key["broken/MR_truncated.dcm"]["status"], by_key["broken/MR_truncated.dcm"]["error_code"]) == (
         "failed", "truncated")  # fmt: skip
     assert by_key["broken/truncated.png"]["status"] == "failed"  # fails at decode, in the pipeline

@@ -35,7 +35,7 @@ class SelectionConfig:
     min_agreement: float = 0.0  # per slice with a mask: box IoU of mask vs saliency prompts >= this
     min_mask_pixels: int = 1  # per slice: smaller masks count as empty
     max_components: int = 0  # per case (the catalog's n_components): at most this many; 0 = no limit
-    max_cases_per_dataset: int = 0  # a dataset = the first folder of the case's first source key; 0 = no cap
+    max_cases_per_dataset: int = 0  # a dataset: the first folder of a case's first key (its input); 0: no cap
     include: tuple[str, ...] = ()  # case ids: only these (empty: all)
     exclude: tuple[str, ...] = ()  # case ids never used
     keep_empty_slices: bool = False  # volumes: also train on the slices of a selected case without a mask
