@@ -2,7 +2,10 @@
 
 Within a series, slices are sorted by position along the slice normal; a series that mixes
 orientations or image sizes is split into consistent parts; localizers are split off and skipped;
-duplicate positions and gaps are detected (see geometry.layout_slices).
+duplicate positions and gaps are detected (see geometry.layout_slices). Duplicate positions that the
+acquisition / echo / temporal indices separate make one volume each; a part that still forms no
+regular volume becomes one 2D case per image (warning `fallback_2d`), never a failure of decodable
+images.
 """
 
 from __future__ import annotations
@@ -20,6 +23,11 @@ from mcs_batch.records import CaseKind, CaseRecord, Status, make_case_id
 # Projection and photographic modalities: each object is its own 2D case even when positioned.
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "XA", "RF", "IO", "PX", "US", "OP", "XC", "SM", "ES", "GM", "OT"}
 _LOCALIZER_MAX_SLICES = 3  # a small differently oriented part of a series is a scout / localizer
+# A series part that cannot form a regular volume (slices unevenly spread, two images at one position
+# that no acquisition / echo / temporal index separates) loses nothing: its images become 2D cases,
+# each row warning with FALLBACK_2D first.
+IMAGES_INSTEAD = (ErrorCode.INCONSISTENT_SERIES, ErrorCode.DUPLICATE_POSITION)
+FALLBACK_2D = "fallback_2d"
 
 
 def _is_projection(h: DicomHeader) -> bool:
@@ -62,11 +70,11 @@ def _skip_or_fail(h: DicomHeader, kind: CaseKind, status: Status, code: ErrorCod
     return _single_object_record(h, identity, kind, status=status, error_code=code, error_message=message)
 
 
-def _image_record(h: DicomHeader) -> CaseRecord:
+def _image_record(h: DicomHeader, warnings: list[str] = ()) -> CaseRecord:
     """A 2D DICOM image (one frame) as a case of K = 1."""
     thickness = h.slice_thickness or 1.0
     affine = affine_from_dicom(h.orientation, h.pixel_spacing, h.position, None, slice_spacing=thickness)
-    warnings = [] if h.pixel_spacing else ["no pixel spacing in the header: 1 mm pixels assumed"]
+    warnings = list(warnings) + ([] if h.pixel_spacing else ["no pixel spacing in the header: 1 mm pixels assumed"])
     return _single_object_record(
         h,
         f"dicom-image:{h.sop_instance_uid or h.rel}",
@@ -171,6 +179,10 @@ def _volume_cases(series_uid: str, slices: list[DicomHeader]) -> list[CaseRecord
         try:
             records.extend(_split_acquisitions(part, identity, warnings))
         except CaseError as e:
+            if e.code in IMAGES_INSTEAD:  # decodable images that form no volume: each one a 2D case
+                note = f"{FALLBACK_2D}: {e.message}; each image segmented as a 2D case"
+                records.extend(_image_record(h, warnings=[*warnings, note]) for h in part)
+                continue
             records.append(
                 CaseRecord(
                     case_id=make_case_id(identity),

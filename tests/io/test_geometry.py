@@ -111,13 +111,28 @@ def test_missing_slice_keeps_exact_geometry(tmp_path: Path):
     assert volume.array[:, :, 3].max() == volume.array.min()  # the filled slice holds no invented structure
 
 
-def test_duplicate_position_is_a_failure_with_reason(tmp_path: Path):
-    write_series(tmp_path, duplicate=[2])
-    (record,) = [r for r in scan_folder(tmp_path) if r.kind == CaseKind.DICOM_SERIES]
-    assert record.status == Status.FAILED
-    assert record.error_code == ErrorCode.DUPLICATE_POSITION
-    assert record.n_files == 7  # nothing silently dropped
-    assert "duplicate slice position" in record.error_message
+def test_a_duplicate_position_nothing_separates_gives_one_2d_case_per_image(tmp_path: Path):
+    paths = write_series(tmp_path, duplicate=[2])
+    records = scan_folder(tmp_path)
+    assert not [r for r in records if r.kind == CaseKind.DICOM_SERIES]  # no volume to build ...
+    assert sorted(u.removeprefix("file://") for r in records for u in r.source_uris) == sorted(map(str, paths))
+    for record in records:  # ... and no decodable image lost: 7 cases of K = 1, each saying why
+        assert (record.kind, record.status, record.shape) == (CaseKind.DICOM_IMAGE, Status.OK, [24, 32, 1])
+        assert record.warnings[0].startswith("fallback_2d: ") and "duplicate slice position" in record.warnings[0]
+    assert len({r.case_id for r in records}) == 7
+    image = load_case(records[0])
+    assert image.array.shape == (24, 32, 1)
+
+
+def test_a_sparse_series_gives_2d_cases_where_each_image_stays_in_place(tmp_path: Path):
+    origin = np.array([-10.0, -20.0, 30.0])
+    heights = [0.0, 2.5, 5.0, 11.0, 12.5]  # unevenly spread: no regular volume
+    write_series(tmp_path, positions=[origin + [0.0, 0.0, z] for z in heights])
+    records = scan_folder(tmp_path)
+    assert len(records) == 5 and {(r.kind, r.status) for r in records} == {(CaseKind.DICOM_IMAGE, Status.OK)}
+    assert all("irregular slice spacing" in r.warnings[0] for r in records)
+    placed = sorted(float((record_affine(r) @ [0, 0, 0, 1])[2]) for r in records)  # RAS z = LPS z
+    np.testing.assert_allclose(placed, origin[2] + np.array(heights), atol=1e-4)
 
 
 def test_two_series_in_one_folder(tmp_path: Path):
