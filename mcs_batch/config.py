@@ -134,6 +134,11 @@ class ResourcesConfig:
 class FailureBudget:
     max_failed_fraction: float = 0.5  # abort when more than this fraction of finished cases failed ...
     min_cases: int = 20  # ... once at least this many cases have finished
+    transient_attempts: int = 3  # runs that try a pair whose failures are transient (storage, memory)
+
+    def __post_init__(self):
+        if self.transient_attempts < 1:
+            raise ConfigError(f"failure_budget.transient_attempts: must be >= 1, got {self.transient_attempts}")
 
 
 class Ablation(StrEnum):

@@ -34,7 +34,14 @@ class ErrorCode(StrEnum):
     # -- segmentation stages (issue 3+) ----------------------------------------------------------
     EMPTY_SALIENCY = "empty_saliency"  # the coarse mask from the saliency map is empty
     MODEL_ERROR = "model_error"  # a model stage raised on this case
+    OUT_OF_MEMORY = "out_of_memory"  # a model ran out of (GPU) memory on this slice, even alone in its batch
     INTERNAL_ERROR = "internal_error"  # a bug: anything not classified above
+
+
+# Failures of the moment, not of the case: storage errors past the client's retries, memory taken by
+# other work. The next runs retry them without --retry-failed, up to failure_budget.transient_attempts
+# attempts in all; then they stay, with their history (outputs/retries.py).
+TRANSIENT_CODES = frozenset({ErrorCode.UNREADABLE, ErrorCode.OUT_OF_MEMORY})
 
 
 class CaseError(Exception):

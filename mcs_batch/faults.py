@@ -27,6 +27,9 @@ class TestingConfig:
     # assembly task exits hard with a mask half written: mask_half_written (once, with fault_marker)
     crash_point: str = ""
     crash_at_commit: int = 1
+    # job: loading the case whose first source key is this fails as storage does (unreadable, a
+    # transient code); once with fault_marker, else on every run
+    unreadable_key: str = ""
 
 
 CRASH_POINTS = frozenset(
@@ -75,3 +78,8 @@ def fire_once(marker: str) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     return True
+
+
+def storage_fault(testing: TestingConfig, keys: list[str]) -> bool:
+    """True where a load of an object with these keys must fail as storage does (unreadable_key)."""
+    return bool(testing.unreadable_key) and testing.unreadable_key in keys[:1] and fire_once(testing.fault_marker)

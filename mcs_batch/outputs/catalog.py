@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mcs_batch.errors import ConfigError
+from mcs_batch.errors import TRANSIENT_CODES, ConfigError
 from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.schema import CASES_SCHEMA, SLICES_SCHEMA, table_from_rows
 
@@ -49,6 +49,15 @@ SHARED_TMP = "tmp"  # staging/tmp: temporaries of writers that are not a job (ev
 STALE_TMP_S = 600  # a shared temporary older than this belongs to a dead writer
 COMMITS = "commits"  # staging/<run_id>/commits: parts and intents of commits being published
 EVALUATION_DIR = "catalog/evaluation"  # written by mcs_batch.eval.evaluate
+
+
+def stamp_attempts(row: dict, taken: dict[tuple[str, str], tuple[int, list[str]]], max_attempts: int) -> None:
+    """A case row's attempts, history and whether a later run retries it: a failure with a transient
+    code and attempts to spare (errors.TRANSIENT_CODES, failure_budget.transient_attempts)."""
+    attempts, history = taken.get((row["case_id"], row["target"]), (0, []))
+    row["attempts"], row["history"] = attempts + 1, list(history)
+    row["retryable"] = bool(row["status"] == "failed" and row.get("error_code") in TRANSIENT_CODES
+                            and row["attempts"] < max_attempts)  # fmt: skip
 
 
 class Catalog:
@@ -223,6 +232,35 @@ class Catalog:
                 pairs.extend(zip(table.column("case_id").to_pylist(), table.column("target").to_pylist(), strict=True))
                 self.fs.rm(path)
         return pairs
+
+    def take_retryable(self, max_attempts: int) -> dict[tuple[str, str], tuple[int, list[str]]]:
+        """Remove the failed rows whose failure was transient (errors.TRANSIENT_CODES) and that have
+        had fewer than `max_attempts` attempts, so that this run redoes their pairs without
+        --retry-failed. Returns (case_id, target) -> (attempts so far, history), the history now
+        ending with the removed row's outcome; the run's new rows carry both on (`stamp_attempts`).
+        Each failed part is rewritten atomically without those rows (or removed when none is left)."""
+        taken: dict[tuple[str, str], tuple[int, list[str]]] = {}
+        columns = ["case_id", "target", "error_code", "error_message", "run_id", "attempts", "history"]
+        for path in self._list(CASES_DIR):
+            if not posixpath.basename(path).startswith("failed-"):
+                continue
+            with self.fs.open(path, "rb") as f:
+                table = pq.read_table(f, schema=CASES_SCHEMA)
+            rows = table.select(columns).to_pylist()
+            retry = [r["error_code"] in TRANSIENT_CODES and (r["attempts"] or 1) < max_attempts for r in rows]
+            if not any(retry):
+                continue
+            for row, again in zip(rows, retry, strict=True):
+                if again:
+                    n = row["attempts"] or 1  # rows of catalogs before version 3 count as one attempt
+                    outcome = f"attempt {n} ({row['run_id']}): {row['error_code']}: {row['error_message']}"
+                    taken[(row["case_id"], row["target"])] = (n, [*(row["history"] or []), outcome])
+            kept = table.filter(pa.array([not again for again in retry]))
+            if kept.num_rows:
+                self.write_table(path, kept)
+            else:
+                self.fs.rm(path)
+        return taken
 
     # -- committing --------------------------------------------------------------------------------
     def mask_paths(self, case_id: str, target: str) -> tuple[str, str]:

@@ -38,7 +38,8 @@ def manifest_table(rows: list[dict]) -> pa.Table:
     return table_from_rows(rows, MANIFEST_SCHEMA)
 
 
-CATALOG_SCHEMA_VERSION = "2"  # 2: cases.uncertainty, cases.uncertainty_spread (null in version-1 parts)
+# 2: cases.uncertainty, cases.uncertainty_spread; 3: cases.attempts, retryable, history (null in older parts)
+CATALOG_SCHEMA_VERSION = "3"
 
 # One row per (case, target): the contract with curation teams (see README).
 CASES_SCHEMA = pa.schema(
@@ -79,6 +80,10 @@ CASES_SCHEMA = pa.schema(
         pa.field("sam_seconds", pa.float64()),
         pa.field("committed_at", pa.string()),
         pa.field("warnings", pa.list_(pa.string())),
+        # retries: a failure with a transient code (storage, out of memory) is redone by later runs
+        pa.field("attempts", pa.int32()),  # runs that tried this pair, this one included
+        pa.field("retryable", pa.bool_()),  # a later run retries it (transient, attempts to spare)
+        pa.field("history", pa.list_(pa.string())),  # the earlier attempts' outcomes, oldest first
         # refined targets (`<target>@weak`, mcs_batch/train/weak): the ensemble's uncertainty of the case
         pa.field("uncertainty", pa.float64()),  # entropy of the mean probability / mask boundary length
         pa.field("uncertainty_spread", pa.float64()),  # spread of the foreground probability across checkpoints

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 
 from mcs_batch.archive.board import start_board
-from mcs_batch.archive.listing import list_archive
+from mcs_batch.archive.listing import list_archive, top_prefixes
 from mcs_batch.archive.source import cases_stream
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import ConfigError
@@ -194,13 +194,17 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
         "resources": resources.to_dict(),
         "attempts": [],
     }
+    top_prefixes(cfg.inputs.uris, storage=storage)  # missing or overlapping inputs: before the run record
     metrics = JobMetrics(cfg.outputs.metrics_port)  # a port in use stops the job before its run record
     summary.run_uri = catalog.write_run(run_id, document)
     index_uri = cfg.inputs.index or join(cfg.outputs.uri, "index")
     staging = catalog.uri("staging", run_id)
     board_name = f"mcs-batch-board-{run_id}"
     board = start_board(board_name)
-    writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources)
+    retried = catalog.take_retryable(cfg.failure_budget.transient_attempts)
+    if retried:
+        progress(f"retrying {len(retried)} (case, target) pair(s) whose failure was transient (storage, memory)")
+    writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources, retried=retried)
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             if attempt > 1:  # the cluster changed under the previous attempt: plan again on what is there

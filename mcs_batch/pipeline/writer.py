@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 
 from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions
-from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.catalog import Catalog, stamp_attempts
 from mcs_batch.outputs.schema import SLICES_SCHEMA
 from mcs_batch.pipeline.resources import Resolved
 from mcs_batch.stages.assemble import STAGE_TIMES, assemble_case, assemble_cases
@@ -101,10 +101,12 @@ class CaseWriter:
         *,
         storage: StorageOptions | None,
         resources: Resolved,
+        retried: dict[tuple[str, str], tuple[int, list[str]]] | None = None,
     ):
         import ray
 
         self.catalog, self.cfg, self.run_id, self.summary, self.metrics = catalog, cfg, run_id, summary, metrics
+        self.retried = retried or {}  # pairs redone after transient failures: attempts so far, history
         self.storage = storage
         self.pending: dict[str, _Pending] = {}
         self.ready: list[dict] = []
@@ -251,6 +253,7 @@ class CaseWriter:
             now = datetime.now(UTC).isoformat()
             for row in rows:
                 row["committed_at"] = now
+                stamp_attempts(row, self.retried, self.cfg.failure_budget.transient_attempts)
             self.catalog.commit(self.run_id, self.seq, rows, slices.filter(mask) if len(order) > size else slices)
             if self.first_commit_at is None:
                 self.first_commit_at = time.time()

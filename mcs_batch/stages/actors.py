@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from mcs_batch.errors import ErrorCode
+
 log = logging.getLogger(__name__)
 
 _BROKEN_CONTEXT = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access")
@@ -57,9 +59,15 @@ def announce(board: str | None, record: dict) -> None:
 
 
 def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+    return isinstance(error, torch.cuda.OutOfMemoryError | MemoryError) or (
         isinstance(error, RuntimeError) and "CUDA out of memory" in str(error)
     )
+
+
+def error_code(error: BaseException) -> ErrorCode:
+    """The catalog's code for a slice a model could not process: out of memory (even alone in its
+    batch) is transient, retried by later runs; anything else is the case's."""
+    return ErrorCode.OUT_OF_MEMORY if is_out_of_memory(error) else ErrorCode.MODEL_ERROR
 
 
 def breaks_cuda_context(error: BaseException) -> bool:

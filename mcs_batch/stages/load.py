@@ -13,6 +13,7 @@ import numpy as np
 
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.faults import storage_fault
 from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.io.window import to_model_rgb
@@ -111,6 +112,9 @@ def load_batch(batch: dict, *, cfg: JobConfig, storage: StorageOptions | None):
         record = case_of({"case_json": case_json})
         start = time.perf_counter()
         try:
+            if storage_fault(cfg.testing, record.source_keys):
+                raise CaseError(f"{record.source_uris[0]}: cannot read object (injected storage fault)",
+                                code=ErrorCode.UNREADABLE)  # fmt: skip
             fs = filesystem_for(record.source_uris[0], storage)[0]
             images = load_chunk(record, k0, k0 + n, cfg, fs=fs, cache=cache)
         except CaseError as e:

@@ -9,13 +9,12 @@ import numpy as np
 import torch
 
 from mcs_batch.config import Ablation, JobConfig
-from mcs_batch.errors import ErrorCode
 from mcs_batch.faults import fire_once
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.models.registry import load_sam_segmenter
 from mcs_batch.models.visual_prompts import VisualPrompts
 from mcs_batch.rows import PromptRecord, fail_rows, model_rows, pack_mask, target_column, unpack_mask
-from mcs_batch.stages.actors import ModelGuard, actor_record, announce
+from mcs_batch.stages.actors import ModelGuard, actor_record, announce, error_code
 from mcs_batch.stages.zero_shot import sam_masks
 
 
@@ -87,7 +86,7 @@ class SamStage:
                 for j, (mask, score) in enumerate(row):
                     masks[j][i], scores[j][i], pixels[j][i] = pack_mask(mask), score, int(mask.sum())
             for error in {type(e): e for e in failed.values()}.values():
-                fail_rows(batch, [i for i, e in failed.items() if type(e) is type(error)], ErrorCode.MODEL_ERROR,
+                fail_rows(batch, [i for i, e in failed.items() if type(e) is type(error)], error_code(error),
                           f"sam: {type(error).__name__}: {error}")  # fmt: skip
             seconds[rows] = (time.perf_counter() - start) / len(rows)
         del batch["image"]

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 
 from mcs_batch.config import JobConfig
-from mcs_batch.errors import ErrorCode
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.models.registry import load_clip
 from mcs_batch.rows import NO_MAP, fail_rows, model_rows, target_column
-from mcs_batch.stages.actors import ModelGuard, actor_record, announce
+from mcs_batch.stages.actors import ModelGuard, actor_record, announce, error_code
 from mcs_batch.stages.prompts import prompts_batch
 from mcs_batch.stages.zero_shot import ImageKey, saliency_maps
 
@@ -57,7 +56,7 @@ class SaliencyStage:
                 for j, m in enumerate(result):
                     maps[j][i] = m
             for error in {type(e): e for e in failed.values()}.values():
-                fail_rows(batch, [i for i, e in failed.items() if type(e) is type(error)], ErrorCode.MODEL_ERROR,
+                fail_rows(batch, [i for i, e in failed.items() if type(e) is type(error)], error_code(error),
                           f"saliency: {type(error).__name__}: {error}")  # fmt: skip
             seconds[rows] = (time.perf_counter() - start) / len(rows)
         for j, column in maps.items():

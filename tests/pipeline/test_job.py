@@ -250,7 +250,7 @@ def test_an_unwritable_mask_fails_only_its_own_target(tmp_path: Path):
     cohort = small_cohort(tmp_path / "in", n_images=1)
     (cohort / "ct").rename(tmp_path / "ct-not-used")
     out = tmp_path / "out"
-    blocker = out / "masks" / make_case_id("file:img00.png") / "first.nii.gz"
+    blocker = out / "masks" / make_case_id("file:in/img00.png") / "first.nii.gz"
     blocker.mkdir(parents=True)  # a folder where the mask file should go: the write fails
     cfg = job(
         [cohort], out, tmp_path, "targets=[{name: first, prompts: [a lesion]}, {name: second, prompts: [a mass]}]"
