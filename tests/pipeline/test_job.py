@@ -133,8 +133,12 @@ def test_another_config_is_refused_in_the_same_output(tmp_path: Path):
     run_job(job([cohort], tmp_path / "out", tmp_path), **QUIET)
     with pytest.raises(ConfigError, match="another configuration"):
         run_job(job([cohort], tmp_path / "out", tmp_path, prompts=("something else",)), **QUIET)
-    # resources do not change results: allowed
+    # resources, the weight cache and the device do not change results: allowed
     run_job(job([cohort], tmp_path / "out", tmp_path, "resources.sam_batch=1"), **QUIET)
+    small_cohort(tmp_path / "in", n_images=2)  # a backfill, with the weights cached elsewhere
+    moved = job([cohort], tmp_path / "out", tmp_path, f"models.cache_dir={tmp_path / 'cache'}", "models.device=cpu")
+    assert run_job(moved, **QUIET).cases == 1
+    assert len(pairs(Catalog(str(tmp_path / "out")))) == 3
 
 
 def start_segment(cohort: Path, out: Path, tmp_path: Path, *settings: str) -> subprocess.Popen:
