@@ -14,7 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.volume import LPS_TO_RAS, Volume
-from mcs_batch.records import CaseKind, CaseRecord, make_case_id
+from mcs_batch.records import SPACING_ASSUMED, CaseKind, CaseRecord, make_case_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -46,7 +46,7 @@ def image_record(fileobj: BinaryIO, *, uri: str, rel: str) -> CaseRecord:
         spacing_mm=[1.0, 1.0, 1.0],
         affine=[float(v) for v in IMAGE_AFFINE.reshape(-1)],
         photometric="RGB" if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "MONOCHROME2",
-        warnings=["2D image without physical spacing: 1 mm pixels assumed"],
+        warnings=[f"2D image without physical spacing: {SPACING_ASSUMED}"],
     )
 
 

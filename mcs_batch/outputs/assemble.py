@@ -11,7 +11,7 @@ import numpy as np
 from scipy import ndimage
 
 from mcs_batch.config import JobConfig
-from mcs_batch.records import CaseRecord, Status, slice_axis_for
+from mcs_batch.records import CaseRecord, Status, slice_axis_for, spacing_known
 from mcs_batch.rows import PromptRecord, target_column, unpack_mask
 
 
@@ -27,6 +27,11 @@ def place(volume: np.ndarray, k: int, axis: int, mask_hw: np.ndarray) -> None:
     index = [slice(None)] * 3
     index[axis] = k
     volume[tuple(index)] = mask_hw.T
+
+
+def mask_volume_ml(record: CaseRecord, voxels: int) -> float | None:
+    """The mask's volume in millilitres, or None when the voxel size is not known (spacing_known)."""
+    return voxels * float(np.prod(record.spacing_mm)) / 1000.0 if spacing_known(record) else None
 
 
 def assemble_target(record: CaseRecord, slices: dict[int, dict], j: int, cfg: JobConfig) -> TargetVolume:
@@ -55,11 +60,10 @@ def assemble_target(record: CaseRecord, slices: dict[int, dict], j: int, cfg: Jo
             "reason": prompts.reason,
         })  # fmt: skip
     voxels = int(mask.sum())
-    spacing = np.asarray(record.spacing_mm or (1.0, 1.0, 1.0), float)
     n_components = int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]) if voxels else 0
     case_row = {
         "mask_voxels": voxels,
-        "mask_volume_ml": voxels * float(np.prod(spacing)) / 1000.0,
+        "mask_volume_ml": mask_volume_ml(record, voxels),
         "n_components": n_components,
         "n_slices": len(slices),
         "n_slices_with_mask": n_with_mask,

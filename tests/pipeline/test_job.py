@@ -95,6 +95,11 @@ def test_job_from_s3_to_s3_accounts_for_every_input(tmp_path: Path, s3_bucket, s
         np.testing.assert_allclose(mask.affine, np.asarray(record.affine).reshape(4, 4), atol=1e-5)
         assert mask.get_data_dtype() == np.uint8
         assert int(np.asarray(mask.dataobj).sum()) == row["mask_voxels"]
+        if record.kind == "image" or any(w.endswith("1 mm pixels assumed") for w in record.warnings):
+            assert row["mask_volume_ml"] is None  # no physical pixel size: no volume
+        else:
+            volume_ml = row["mask_voxels"] * float(np.prod(record.spacing_mm)) / 1000
+            assert row["mask_volume_ml"] == pytest.approx(volume_ml) and record.kind != "image"
         assert row["tiny_models"] is True and row["config_hash"] == cfg.hash()
         assert len(row["clip_sha256"]) == 64 and len(row["sam_sha256"]) == 64
         if record.shape[2] == 1:

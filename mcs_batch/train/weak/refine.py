@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join
+from mcs_batch.outputs.assemble import mask_volume_ml
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import WriterLease
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
@@ -87,10 +88,9 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
         catalog.write_bytes(png_path, png_bytes(mask[:, :, 0].T))
         out["mask_png_uri"] = catalog.fs.unstrip_protocol(png_path)
     voxels = int(mask.sum())
-    spacing = np.asarray(record.spacing_mm or (1.0, 1.0, 1.0), float)
     out.update(
         mask_voxels=voxels,
-        mask_volume_ml=voxels * float(np.prod(spacing)) / 1000.0,
+        mask_volume_ml=mask_volume_ml(record, voxels),
         n_components=int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]) if voxels else 0,
         n_slices=len(scores),
         n_slices_with_mask=sum(1 for s in scores if s.mask.any()),
