@@ -57,7 +57,8 @@ def load_chunk(
     record: CaseRecord, k0: int, k1: int, cfg: JobConfig, *, fs, cache: dict | None = None
 ) -> list[np.ndarray]:
     """Slices k0..k1-1 along the case's slice axis as model input: uint8 RGB [H, W, 3] each
-    (windowed for the modality). The job and `explain` both read slices through this.
+    (windowed for the modality, or 8-bit values as stored). The job, `explain` and weak
+    supervision all read slices through this.
 
     A DICOM series is read file by file, chunk by chunk. A NIfTI file (a gzip stream: no random
     access) or a volume sliced along another axis is decoded whole once and kept in `cache` (one case)
@@ -76,7 +77,8 @@ def load_chunk(
                 cache.clear()
                 cache[record.case_id] = volume
         planes = [volume.slice_image(k, axis=axis) for k in range(k0, k1)]
-    return [to_model_rgb(p, modality=record.modality, settings=cfg.window) for p in planes]
+    as_stored = bool(volume.meta.get("as_stored"))
+    return [to_model_rgb(p, modality=record.modality, settings=cfg.window, as_stored=as_stored) for p in planes]
 
 
 # -- Ray Data wrappers ------------------------------------------------------------------------------
