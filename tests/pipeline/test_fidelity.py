@@ -17,6 +17,7 @@ from mcs_batch.explain import explain
 from mcs_batch.models.registry import load_models
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.pipeline import run_job
+from tests.io.test_display import write_twins
 from tests.pipeline.test_job import QUIET, job
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -73,3 +74,24 @@ def test_a_greyscale_png_and_its_rgb_twin_give_the_same_saliency_and_masks(tmp_p
     saliency = [np.load(tmp_path / f"explain-{n}" / folder / "lesion" / "saliency.npy") for n in ("grey", "rgb")]
     assert saliency[0].shape == (56, 72) and saliency[0].max() > saliency[0].min()
     np.testing.assert_array_equal(saliency[0], saliency[1])
+
+
+def test_a_nifti_volume_in_any_stored_layout_gives_its_dicom_twins_mask_in_world_coordinates(tmp_path: Path):
+    records = write_twins(tmp_path / "in")  # MR: every twin is windowed by the same percentiles
+    # One M2IB step: the map does not depend on the noise, hence not on the case id (the seed).
+    cfg = job([tmp_path / "in"], tmp_path / "out", tmp_path, "m2ib.steps=1", "resources.saliency_batch=1")
+    run_job(cfg, **QUIET)
+    rows = {r["case_id"]: r for r in Catalog(str(tmp_path / "out")).cases().to_pylist()}
+    masks = {name: read_mask(rows[r.case_id]["mask_uri"]) for name, r in records.items()}
+    assert all(rows[r.case_id]["status"] == "ok" for r in records.values())
+    reference = nib.as_closest_canonical(masks["dicom"])
+    voxels = int(np.asarray(reference.dataobj).sum())
+    assert 0 < voxels < np.prod(reference.shape)  # something segmented, not everything
+    for name, record in records.items():
+        mask = masks[name]
+        assert mask.shape == tuple(record.shape), name  # each in its own stored grid
+        np.testing.assert_allclose(mask.affine, np.reshape(record.affine, (4, 4)), atol=1e-5, err_msg=name)
+        canonical = nib.as_closest_canonical(mask)  # world coordinates, one layout for all
+        np.testing.assert_allclose(canonical.affine, reference.affine, atol=1e-4, err_msg=name)
+        np.testing.assert_array_equal(np.asarray(canonical.dataobj), np.asarray(reference.dataobj), err_msg=name)
+        assert rows[record.case_id]["mask_voxels"] == voxels and rows[record.case_id]["mask_volume_ml"] > 0

@@ -93,7 +93,8 @@ def test_selection_and_export_from_and_to_object_storage(tmp_path: Path, s3_serv
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_dicom_series_exports_its_masked_slices_in_the_display_frame(tmp_path: Path):
-    from mcs_batch.train.weak.export import mask_plane, read_mask
+    from mcs_batch.io.volume import plane
+    from mcs_batch.train.weak.export import read_mask
     from tests.train.weak.cases import add_series_case
 
     out = tmp_path / "out"
@@ -109,4 +110,4 @@ def test_a_dicom_series_exports_its_masked_slices_in_the_display_frame(tmp_path:
         label = np.asarray(Image.open(raw / "labelsTr" / f"{r['identifier']}.png"))
         image = np.asarray(Image.open(raw / "imagesTr" / f"{r['identifier']}_0000.png"))
         assert label.shape == image.shape[:2] == (24, 20)  # rows x columns of the DICOM frame
-        assert np.array_equal(label, mask_plane(mask, r["slice_index"], 2)) and label.sum() == 7 * 9
+        assert np.array_equal(label, plane(mask, r["slice_index"], 2)) and label.sum() == 7 * 9
