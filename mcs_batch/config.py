@@ -197,18 +197,25 @@ class JobConfig:
         return to_plain(self)
 
     def method_dict(self) -> dict:
-        """The sections that determine the results (not where they come from or how fast)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUN_SECTIONS}
+        """The settings that determine the results (not where they come from, where they go or how
+        fast). The run-only keys of `models` are set to their defaults rather than dropped, so that
+        the hash of a config that never set them stays what it was."""
+        tree = {k: v for k, v in self.to_dict().items() if k not in RUN_SECTIONS}
+        defaults = ModelsConfig()
+        tree["models"].update({key: getattr(defaults, key) for key in RUN_MODEL_KEYS})
+        return tree
 
     def hash(self) -> str:
-        """Config hash: sha256 of the canonical JSON of the method sections (16 hex characters).
-        Inputs, outputs, resources, failure budget and test hooks do not change any result."""
+        """Config hash: sha256 of the canonical JSON of `method_dict` (16 hex characters). Inputs,
+        outputs, resources, failure budget, test hooks, the weight cache and the device do not
+        change any result."""
         blob = json.dumps(self.method_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
 ABLATIONS = tuple(a.value for a in Ablation)
 RUN_SECTIONS = ("inputs", "outputs", "resources", "failure_budget", "testing", "weak")
+RUN_MODEL_KEYS = ("cache_dir", "device")  # where the weights are cached and which device runs them
 
 # Presets for --models: tiny random models (smoke runs, tests) or the published weights.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

@@ -23,10 +23,11 @@ from PIL import Image
 
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError
+from mcs_batch.io.display import slice_count
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.models.registry import LoadedModels
 from mcs_batch.outputs.qc import overlay
-from mcs_batch.records import CaseRecord, Status, slice_axis_for
+from mcs_batch.records import CaseRecord, Status
 from mcs_batch.scan import discover_cases
 from mcs_batch.stages.load import load_chunk
 from mcs_batch.stages.zero_shot import ImageKey, TargetResult, segment_images
@@ -35,7 +36,7 @@ BATCH = 4  # images per model call
 
 
 def _slices_for(record: CaseRecord, wanted: Sequence[int] | None, axis: int) -> list[int]:
-    n = record.shape[slice_axis_for(record, axis)]
+    n = slice_count(record, axis)
     if not wanted or n == 1:  # 2D images have one slice, whatever was asked for volumes
         return [n // 2]
     bad = [k for k in wanted if not 0 <= k < n]

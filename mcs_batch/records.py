@@ -28,6 +28,9 @@ class Status(StrEnum):
     FAILED = "failed"  # should have been segmentable, but is broken
 
 
+SPACING_ASSUMED = "1 mm pixels assumed"  # ends the warning of a record whose pixel size is not known
+
+
 def make_case_id(identity: str) -> str:
     """Deterministic case id from a stable identity string (a UID, or an object's key: its path from
     the folder above its input, see io/discover.input_key_root; never a machine-specific absolute
@@ -100,3 +103,11 @@ def slice_axis_for(record: CaseRecord, axis: int) -> int:
     """The array axis a case is segmented along: `axis` (config slice_axis) for volumes, always 2
     (the one slice) for 2D images and cases without a shape."""
     return 2 if record.shape is None or record.shape[2] == 1 else axis
+
+
+def spacing_known(record: CaseRecord) -> bool:
+    """Whether the record's voxel size is physical: not for PNG/JPEG images, nor for DICOM objects
+    without pixel spacing (their records carry a warning ending in SPACING_ASSUMED)."""
+    if record.kind == CaseKind.IMAGE or record.spacing_mm is None:
+        return False
+    return not any(w.endswith(SPACING_ASSUMED) for w in record.warnings)

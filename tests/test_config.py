@@ -92,6 +92,14 @@ def test_hash_is_pinned():
     assert load_config(preset="real", prompts=["a lung"], target="lungs").hash() == "72638a2e9af75876"
 
 
+def test_weight_cache_and_device_do_not_change_the_hash():
+    base = load_config(preset="tiny")
+    moved = load_config(preset="tiny", overrides=["models.cache_dir=/elsewhere", "models.device=cpu"])
+    assert moved.models.cache_dir == "/elsewhere" and moved.hash() == base.hash() == "4175ac861afcb24e"
+    assert load_config(preset="tiny", overrides=["models.sam_precision=bf16"]).hash() != base.hash()
+    assert load_config(preset="tiny", overrides=["models.sam_sha256=" + "ab" * 32]).hash() != base.hash()
+
+
 def test_command_line_inputs_and_out_are_config_fields():
     cfg = load_config(prompts=["a lung"], inputs=["s3://a/", "/b"], out="s3://c/out")
     assert cfg.inputs.uris == ("s3://a/", "/b") and cfg.outputs.uri == "s3://c/out"

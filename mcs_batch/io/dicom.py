@@ -99,6 +99,22 @@ def decode_frames(ds: pydicom.Dataset, *, uri: str) -> np.ndarray:
     return out
 
 
+def shown_as_stored(ds: pydicom.Dataset) -> bool:
+    """8-bit greyscale without physical units: MONOCHROME2, unsigned, at most 8 bits stored, no Modality
+    LUT and an identity rescale (if any), not CT. Its values reach the models as stored (io/window.py)."""
+    rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+    return (
+        str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME2"
+        and int(ds.get("SamplesPerPixel", 1)) == 1
+        and int(ds.get("BitsStored", ds.get("BitsAllocated", 16))) <= 8
+        and int(ds.get("PixelRepresentation", 0)) == 0
+        and "ModalityLUTSequence" not in ds
+        and rescale == (1.0, 0.0)
+        and _rescale(ds, 0) in (None, (1.0, 0.0))
+        and str(ds.get("Modality", "")).upper() != "CT"
+    )
+
+
 def read_dataset(data: bytes, *, uri: str) -> pydicom.Dataset:
     """Parse a whole object; a missing Transfer Syntax UID is filled in from the encoding pydicom
     detected while reading (objects without file meta are common in old archives)."""
@@ -129,6 +145,12 @@ def load_dicom_case(
     affine[:3, 3] += affine[:3, 2] * k0
     chunk: np.ndarray | None = None
     filled = np.zeros(len(k_range), bool)
+    as_stored: list[bool] = []  # shown_as_stored of each object read
+
+    def frames_of(uri: str) -> np.ndarray:
+        ds = read_dataset(fetch_bytes(fs, uri), uri=uri)
+        as_stored.append(shown_as_stored(ds))
+        return decode_frames(ds, uri=uri)
 
     def put(frame: np.ndarray, k: int):
         nonlocal chunk
@@ -148,11 +170,10 @@ def load_dicom_case(
     if record.kind == CaseKind.DICOM_SERIES:
         for uri, k in zip(record.source_uris, record.slice_index, strict=True):
             if k in k_range:
-                frames = decode_frames(read_dataset(fetch_bytes(fs, uri), uri=uri), uri=uri)
-                put(frames[0], k)
+                put(frames_of(uri)[0], k)
     else:
         uri = record.source_uris[0]
-        frames = decode_frames(read_dataset(fetch_bytes(fs, uri), uri=uri), uri=uri)
+        frames = frames_of(uri)
         ks = record.slice_index or list(range(frames.shape[0]))
         if len(ks) != frames.shape[0]:
             raise CaseError(f"{uri}: {frames.shape[0]} frames decoded, {len(ks)} expected", code=ErrorCode.DECODE_ERROR)
@@ -166,5 +187,5 @@ def load_dicom_case(
         array=chunk,
         affine=affine,
         modality=record.modality,
-        meta={"source": "dicom", "filled_slices": int((~filled).sum())},
+        meta={"source": "dicom", "filled_slices": int((~filled).sum()), "as_stored": any(as_stored) and all(as_stored)},
     )

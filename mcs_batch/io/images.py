@@ -14,11 +14,12 @@ from PIL import Image, UnidentifiedImageError
 
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.volume import LPS_TO_RAS, Volume
-from mcs_batch.records import CaseKind, CaseRecord, make_case_id
+from mcs_batch.records import SPACING_ASSUMED, CaseKind, CaseRecord, make_case_id
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 JPEG_MAGIC = b"\xff\xd8\xff"
 IMAGE_AFFINE = LPS_TO_RAS.copy()
+EIGHT_BIT_GREY = ("L", "LA", "1")  # PIL modes whose values reach the models as stored
 
 
 def sniff_image(head: bytes) -> str | None:
@@ -46,22 +47,29 @@ def image_record(fileobj: BinaryIO, *, uri: str, rel: str) -> CaseRecord:
         spacing_mm=[1.0, 1.0, 1.0],
         affine=[float(v) for v in IMAGE_AFFINE.reshape(-1)],
         photometric="RGB" if mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr") else "MONOCHROME2",
-        warnings=["2D image without physical spacing: 1 mm pixels assumed"],
+        warnings=[f"2D image without physical spacing: {SPACING_ASSUMED}"],
     )
 
 
 def load_image(data: bytes, *, uri: str) -> Volume:
-    """Decode PNG/JPEG bytes: grayscale -> float32 [W, H, 1]; colour -> uint8 [W, H, 1, 3]."""
+    """Decode PNG/JPEG bytes: greyscale -> float32 [W, H, 1]; colour -> uint8 [W, H, 1, 3].
+
+    8-bit greyscale (modes L, LA, 1; a bilevel image as 0 / 255, the alpha dropped) is marked
+    `as_stored`: its values reach the models unchanged, as its RGB twin's do. 16-bit and float
+    greyscale (I;16, I, F) is windowed (io/window.py).
+    """
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "LA", "PA"):
+            as_stored = im.mode in EIGHT_BIT_GREY
+            if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "PA"):
                 rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)  # [H, W, 3]
                 array = np.ascontiguousarray(rgb.transpose(1, 0, 2)[:, :, None, :])
             else:
-                gray = np.asarray(im, dtype=np.float32)  # modes L, I;16, I, F
+                gray = np.asarray(im.convert("L") if as_stored else im, dtype=np.float32)  # [H, W]
                 array = np.ascontiguousarray(gray.T[:, :, None])
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         code = ErrorCode.TRUNCATED if "truncated" in str(e).lower() else ErrorCode.DECODE_ERROR
         raise CaseError(f"{uri}: cannot decode image ({e})", code=code) from e
-    return Volume(array=array, affine=IMAGE_AFFINE.copy(), modality="", meta={"source": "image"})
+    meta = {"source": "image", "as_stored": as_stored}
+    return Volume(array=array, affine=IMAGE_AFFINE.copy(), modality="", meta=meta)

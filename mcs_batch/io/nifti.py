@@ -105,7 +105,8 @@ def nifti_record(fileobj: BinaryIO, *, uri: str, rel: str, gzipped: bool) -> Cas
 
 
 def load_nifti(data: bytes, *, uri: str, record: CaseRecord, slices: slice | None = None) -> Volume:
-    """Decode a NIfTI file's bytes into a Volume (float32, scaled by scl_slope/scl_inter)."""
+    """Decode a NIfTI file's bytes into a Volume (float32, scaled by scl_slope/scl_inter; uint8
+    without scaling is marked `as_stored`, see io/window.py)."""
     gzipped = data[:2] == b"\x1f\x8b"
     try:
         raw = gzip.decompress(data) if gzipped else data
@@ -120,6 +121,7 @@ def load_nifti(data: bytes, *, uri: str, record: CaseRecord, slices: slice | Non
         if len(img.shape) == 4:
             index = (*index, record.volume_index or 0)
         array = np.asarray(proxy[index], dtype=np.float32)
+        as_stored = img.get_data_dtype() == np.uint8 and (proxy.slope, proxy.inter) == (1.0, 0.0)
     except Exception as e:
         code = ErrorCode.TRUNCATED if "too short" in str(e) or "Expected" in str(e) else ErrorCode.DECODE_ERROR
         raise CaseError(f"{uri}: cannot read NIfTI data ({type(e).__name__}: {e})", code=code) from e
@@ -130,4 +132,5 @@ def load_nifti(data: bytes, *, uri: str, record: CaseRecord, slices: slice | Non
     if slices is not None and slices.start:
         affine = affine.copy()
         affine[:3, 3] += affine[:3, 2] * slices.start
-    return Volume(array=array, affine=affine, modality=record.modality, meta={"source": "nifti"})
+    meta = {"source": "nifti", "as_stored": bool(as_stored)}  # uint8 without scaling: shown as stored
+    return Volume(array=array, affine=affine, modality=record.modality, meta=meta)

@@ -18,7 +18,7 @@ import numpy as np
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.dicom_header import DicomHeader, non_image_reason
 from mcs_batch.io.geometry import affine_from_dicom, layout_slices, slice_normal
-from mcs_batch.records import CaseKind, CaseRecord, Status, make_case_id
+from mcs_batch.records import SPACING_ASSUMED, CaseKind, CaseRecord, Status, make_case_id
 
 # Projection and photographic modalities: each object is its own 2D case even when positioned.
 PROJECTION_MODALITIES = {"CR", "DX", "MG", "XA", "RF", "IO", "PX", "US", "OP", "XC", "SM", "ES", "GM", "OT"}
@@ -53,6 +53,11 @@ def _geometry_fields(shape, affine: np.ndarray) -> dict:
     }
 
 
+def _spacing_warnings(h: DicomHeader) -> list[str]:
+    """Nothing, or the warning that marks a record without physical pixel size (records.spacing_known)."""
+    return [] if h.pixel_spacing else [f"no pixel spacing in the header: {SPACING_ASSUMED}"]
+
+
 def _single_object_record(h: DicomHeader, identity: str, kind: CaseKind, **extra) -> CaseRecord:
     return CaseRecord(
         case_id=make_case_id(identity),
@@ -74,7 +79,7 @@ def _image_record(h: DicomHeader, warnings: list[str] = ()) -> CaseRecord:
     """A 2D DICOM image (one frame) as a case of K = 1."""
     thickness = h.slice_thickness or 1.0
     affine = affine_from_dicom(h.orientation, h.pixel_spacing, h.position, None, slice_spacing=thickness)
-    warnings = list(warnings) + ([] if h.pixel_spacing else ["no pixel spacing in the header: 1 mm pixels assumed"])
+    warnings = list(warnings) + _spacing_warnings(h)
     return _single_object_record(
         h,
         f"dicom-image:{h.sop_instance_uid or h.rel}",
@@ -87,7 +92,7 @@ def _image_record(h: DicomHeader, warnings: list[str] = ()) -> CaseRecord:
 def _multiframe_record(h: DicomHeader) -> CaseRecord:
     """One multi-frame object; frames positioned in space become slices of a volume."""
     identity = f"dicom-multiframe:{h.sop_instance_uid or h.rel}"
-    warnings: list[str] = []
+    warnings = _spacing_warnings(h)
     slice_index = list(range(h.frames))
     thickness = h.slice_thickness or 1.0
     origin, step = h.position, None
@@ -98,7 +103,8 @@ def _multiframe_record(h: DicomHeader) -> CaseRecord:
         slice_index = [0] * h.frames
         for k, i in zip(layout.k_index, layout.order, strict=True):
             slice_index[i] = k
-        origin, step, warnings = layout.origin_lps, layout.step_lps, layout.warnings
+        origin, step = layout.origin_lps, layout.step_lps
+        warnings += layout.warnings
     else:
         warnings.append("frames without patient positions: k is the frame number")
     affine = affine_from_dicom(h.orientation, h.pixel_spacing, origin, step, slice_spacing=thickness)
@@ -137,7 +143,7 @@ def _series_record(slices: list[DicomHeader], identity: str, warnings: list[str]
         source_uris=[h.uri for h in ordered],
         source_keys=[h.rel for h in ordered],
         slice_index=layout.k_index,
-        warnings=warnings + layout.warnings,
+        warnings=warnings + layout.warnings + _spacing_warnings(first),
         bytes_read=sum(h.bytes_read for h in slices),
         **_base_fields(first),
         **_geometry_fields((first.columns, first.rows, layout.n_slices), affine),

@@ -54,14 +54,24 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
     def slice_image(self, index: int, axis: int = 2) -> np.ndarray:
-        """One 2D slice in display orientation [H, W] (or [H, W, 3]).
+        """One 2D slice as shown [H, W] (or [H, W, 3]): `plane` of the array."""
+        return plane(self.array, index, axis)
 
-        For axis 2 (axial for an axial DICOM series) this is exactly the stored DICOM frame:
-        H runs along j (rows), W along i (columns).
-        """
-        where: list = [slice(None)] * self.array.ndim
-        where[axis] = index  # a view: np.take copies the whole (Fortran-ordered, NIfTI) volume first
-        return np.swapaxes(self.array[tuple(where)], 0, 1)
+
+def plane(array: np.ndarray, index: int, axis: int = 2) -> np.ndarray:
+    """Slice `index` along `axis` of an [I, J, K] (or [I, J, K, 3]) array as an image [H, W] (or
+    [H, W, 3]): H runs along the lower remaining axis. For axis 2 (axial for an axial DICOM series)
+    this is exactly the stored DICOM frame: H runs along j (rows), W along i (columns)."""
+    where: list = [slice(None)] * array.ndim
+    where[axis] = index  # a view: np.take copies the whole (Fortran-ordered, NIfTI) volume first
+    return np.swapaxes(array[tuple(where)], 0, 1)
+
+
+def place(array: np.ndarray, index: int, axis: int, image_hw: np.ndarray) -> None:
+    """Inverse of `plane`: put an [H, W] image back at `index` along `axis` of an [I, J, K] array."""
+    where: list = [slice(None)] * 3
+    where[axis] = index
+    array[tuple(where)] = image_hw.T
 
 
 def corners_world(shape: tuple[int, int, int], affine: np.ndarray) -> np.ndarray:

@@ -1,7 +1,11 @@
 """Modality-aware conversion of a slice to model input: uint8 RGB [H, W, 3].
 
-CT: a window preset in Hounsfield units (level, width). MR, US, X-ray and anything else: percentile
-clipping of the slice's own values. Colour images pass through unchanged.
+8-bit greyscale without physical units (PNG/JPEG modes L, LA and 1; 8-bit MONOCHROME2 DICOM with no
+rescale, not CT; uint8 NIfTI without scaling): the stored values, replicated to RGB, as the
+reference code feeds its images (the reader marks the volume `meta["as_stored"]`). CT: a window
+preset in Hounsfield units (level, width). MR, US, X-ray and anything else of more than 8 bits (16-bit
+PNG, 12/16-bit DICOM, float NIfTI): percentile clipping of the slice's own values. Colour images pass
+through unchanged.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ CT_WINDOWS: dict[CTWindow, tuple[float, float]] = {
 class WindowSettings:
     ct_window: CTWindow = CTWindow.MEDIASTINUM  # preset for CT
     ct_level_width: tuple[float, float] | None = None  # explicit (level, width) overrides the preset
-    percentiles: tuple[float, float] = (0.5, 99.5)  # clipping for MR, US, X-ray, PNG, ...
+    percentiles: tuple[float, float] = (0.5, 99.5)  # clipping for MR, US, X-ray, 16-bit PNG, ...
 
     def __post_init__(self):
         try:
@@ -67,14 +71,21 @@ def percentile_window(values: np.ndarray, low: float, high: float) -> np.ndarray
     return np.clip((v - lo) * (255.0 / (hi - lo)), 0.0, 255.0)
 
 
-def to_model_rgb(image: np.ndarray, *, modality: str, settings: WindowSettings | None = None) -> np.ndarray:
-    """A 2D slice (float [H, W] physical units, or uint8 [H, W, 3]) -> uint8 RGB [H, W, 3]."""
+def to_model_rgb(
+    image: np.ndarray, *, modality: str, settings: WindowSettings | None = None, as_stored: bool = False
+) -> np.ndarray:
+    """A 2D slice (float [H, W] physical units, or uint8 [H, W, 3]) -> uint8 RGB [H, W, 3].
+
+    as_stored: the slice holds 8-bit values (0..255) that reach the models unchanged (no window).
+    """
     settings = settings or WindowSettings()
     if image.ndim == 3:
         if image.shape[2] != 3:
             raise ValueError(f"expected [H, W] or [H, W, 3], got {image.shape}")
         return image.astype(np.uint8, copy=False)
-    if modality.upper() == "CT":
+    if as_stored:
+        scaled = np.clip(image, 0.0, 255.0)
+    elif modality.upper() == "CT":
         level, width = settings.ct_level_width or CT_WINDOWS[CTWindow(settings.ct_window)]
         scaled = window_level(image, level, width)
     else:

@@ -11,28 +11,29 @@ import numpy as np
 from scipy import ndimage
 
 from mcs_batch.config import JobConfig
-from mcs_batch.records import CaseRecord, Status, slice_axis_for
+from mcs_batch.io.display import display_shape, to_stored
+from mcs_batch.io.volume import place
+from mcs_batch.records import CaseRecord, Status, slice_axis_for, spacing_known
 from mcs_batch.rows import PromptRecord, target_column, unpack_mask
 
 
 @dataclass
 class TargetVolume:
-    mask: np.ndarray  # uint8 [I, J, K], source geometry
+    mask: np.ndarray  # uint8 [I, J, K], the source's stored grid
     case_row: dict  # catalog fields computed from the slices (mask statistics, timings)
     slice_rows: list[dict]
 
 
-def place(volume: np.ndarray, k: int, axis: int, mask_hw: np.ndarray) -> None:
-    """Inverse of Volume.slice_image: put a display-frame [H, W] slice back at index k of `axis`."""
-    index = [slice(None)] * 3
-    index[axis] = k
-    volume[tuple(index)] = mask_hw.T
+def mask_volume_ml(record: CaseRecord, voxels: int) -> float | None:
+    """The mask's volume in millilitres, or None when the voxel size is not known (spacing_known)."""
+    return voxels * float(np.prod(record.spacing_mm)) / 1000.0 if spacing_known(record) else None
 
 
 def assemble_target(record: CaseRecord, slices: dict[int, dict], j: int, cfg: JobConfig) -> TargetVolume:
-    """Mask volume and statistics of target j from the case's slice rows (all present, no errors)."""
+    """Mask volume and statistics of target j from the case's slice rows (all present, no errors).
+    The slices are placed in the display grid (io/display.py), the mask returned in the stored one."""
     axis = slice_axis_for(record, cfg.slice_axis)
-    mask = np.zeros(tuple(record.shape), np.uint8)
+    mask = np.zeros(display_shape(record), np.uint8)
     slice_rows, scores, means, maxima = [], [], [], []
     n_empty_saliency = n_with_mask = 0
     for k in sorted(slices):
@@ -54,12 +55,12 @@ def assemble_target(record: CaseRecord, slices: dict[int, dict], j: int, cfg: Jo
             "saliency_mean": prompts.saliency_mean, "saliency_max": prompts.saliency_max,
             "reason": prompts.reason,
         })  # fmt: skip
+    mask = np.ascontiguousarray(to_stored(mask, record))
     voxels = int(mask.sum())
-    spacing = np.asarray(record.spacing_mm or (1.0, 1.0, 1.0), float)
     n_components = int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]) if voxels else 0
     case_row = {
         "mask_voxels": voxels,
-        "mask_volume_ml": voxels * float(np.prod(spacing)) / 1000.0,
+        "mask_volume_ml": mask_volume_ml(record, voxels),
         "n_components": n_components,
         "n_slices": len(slices),
         "n_slices_with_mask": n_with_mask,

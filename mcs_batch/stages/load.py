@@ -14,6 +14,7 @@ import numpy as np
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.faults import storage_fault
+from mcs_batch.io.display import display_shape, slice_count, volume_in_display
 from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.io.window import to_model_rgb
@@ -25,7 +26,7 @@ LOAD_YIELD_ROWS = 16  # decoded slices handed on at a time (bounds a load task's
 
 def plan_case(record: CaseRecord, *, slice_chunk: int, axis: int, done_targets=()) -> list[dict]:
     """One case row, then one chunk row per `slice_chunk` slices (none for cases that are not ok)."""
-    n = record.shape[slice_axis_for(record, axis)] if record.status == Status.OK else 0
+    n = slice_count(record, axis) if record.status == Status.OK else 0
     head = case_row(record, n, done_targets)
     return [head] + [chunk_row(head, k0, min(k0 + slice_chunk, n) - k0) for k0 in range(0, n, slice_chunk)]
 
@@ -37,7 +38,7 @@ def check_size(record: CaseRecord, cfg: JobConfig) -> CaseRecord:
     if record.status != Status.OK or record.shape is None:
         return record
     axis = slice_axis_for(record, cfg.slice_axis)
-    shape = [int(v) for v in record.shape]
+    shape = display_shape(record)
     in_plane = int(np.prod([shape[a] for a in range(3) if a != axis]))
     limits = cfg.resources
     message = None
@@ -58,11 +59,13 @@ def load_chunk(
     record: CaseRecord, k0: int, k1: int, cfg: JobConfig, *, fs, cache: dict | None = None
 ) -> list[np.ndarray]:
     """Slices k0..k1-1 along the case's slice axis as model input: uint8 RGB [H, W, 3] each
-    (windowed for the modality). The job and `explain` both read slices through this.
+    (windowed for the modality, or 8-bit values as stored). The job, `explain` and weak
+    supervision all read slices through this.
 
     A DICOM series is read file by file, chunk by chunk. A NIfTI file (a gzip stream: no random
-    access) or a volume sliced along another axis is decoded whole once and kept in `cache` (one case)
-    for the chunks that follow, instead of being fetched and decompressed again for every chunk.
+    access) or a volume sliced along another axis is decoded whole once, put in the display
+    orientation (io/display.py) and kept in `cache` (one case) for the chunks that follow, instead of
+    being fetched and decompressed again for every chunk.
     """
     axis = slice_axis_for(record, cfg.slice_axis)
     whole = axis != 2 or record.kind == CaseKind.NIFTI
@@ -72,12 +75,13 @@ def load_chunk(
     else:
         volume = cache.get(record.case_id) if cache is not None else None
         if volume is None:
-            volume = load_case(record, fs=fs)
+            volume = volume_in_display(load_case(record, fs=fs), record)
             if cache is not None:
                 cache.clear()
                 cache[record.case_id] = volume
         planes = [volume.slice_image(k, axis=axis) for k in range(k0, k1)]
-    return [to_model_rgb(p, modality=record.modality, settings=cfg.window) for p in planes]
+    as_stored = bool(volume.meta.get("as_stored"))
+    return [to_model_rgb(p, modality=record.modality, settings=cfg.window, as_stored=as_stored) for p in planes]
 
 
 # -- Ray Data wrappers ------------------------------------------------------------------------------

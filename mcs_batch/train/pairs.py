@@ -14,8 +14,8 @@ So every caption of one image lands in the same split, and the split never chang
 machines (never Python's `hash()`).
 
 Images get exactly the segmentation job's preprocessing: DICOM frames and PNG/JPEG through
-`to_model_rgb` (modality window / percentiles), then `resize_for_clip` into the model's square
-(resize or pad, never crop). Rows leave decoding as uint8 [S, S, 3] ("pixels"): the worker
+`to_model_rgb` (modality window / percentiles; 8-bit greyscale as stored), then `resize_for_clip` into
+the model's square (resize or pad, never crop). Rows leave decoding as uint8 [S, S, 3] ("pixels"): the worker
 normalises them with the model's own mean / std (`normalise_pixels`), which is what `to_clip_input`
 does. An image that cannot be read or decoded is dropped with a warning naming it.
 """
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from mcs_batch.errors import CaseError, ConfigError, ErrorCode
-from mcs_batch.io.dicom import decode_frames, read_dataset
+from mcs_batch.io.dicom import decode_frames, read_dataset, shown_as_stored
 from mcs_batch.io.images import load_image, sniff_image
 from mcs_batch.io.storage import StorageOptions, fetch_bytes, filesystem_for, protocol_of
 from mcs_batch.io.window import WindowSettings, to_model_rgb
@@ -110,14 +110,15 @@ def load_pair_image(data: bytes, *, uri: str, window: WindowSettings) -> np.ndar
     """
     if sniff_image(data[:16]):
         volume = load_image(data, uri=uri)
-        return to_model_rgb(volume.slice_image(0), modality="", settings=window)
+        return to_model_rgb(volume.slice_image(0), modality="", settings=window, as_stored=volume.meta["as_stored"])
     ds = read_dataset(data, uri=uri)
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         if "SOPClassUID" not in ds and "Modality" not in ds:
             raise CaseError(f"{uri}: neither PNG, JPEG nor DICOM", code=ErrorCode.NOT_DICOM)
         raise CaseError(f"{uri}: DICOM object without pixel data", code=ErrorCode.NO_PIXEL_DATA)
     frames = decode_frames(ds, uri=uri)
-    return to_model_rgb(frames[len(frames) // 2], modality=str(ds.get("Modality", "")), settings=window)
+    modality = str(ds.get("Modality", ""))
+    return to_model_rgb(frames[len(frames) // 2], modality=modality, settings=window, as_stored=shown_as_stored(ds))
 
 
 def decode_batch(batch: dict, *, storage: StorageOptions | None, image_size: int, resize: str, window: WindowSettings):

@@ -127,7 +127,7 @@ def test_a_duplicate_position_nothing_separates_gives_one_2d_case_per_image(tmp_
 def test_a_sparse_series_gives_2d_cases_where_each_image_stays_in_place(tmp_path: Path):
     origin = np.array([-10.0, -20.0, 30.0])
     heights = [0.0, 2.5, 5.0, 11.0, 12.5]  # unevenly spread: no regular volume
-    write_series(tmp_path, positions=[origin + [0.0, 0.0, z] for z in heights])
+    write_series(tmp_path, positions=[origin + np.array([0.0, 0.0, z]) for z in heights])
     records = scan_folder(tmp_path)
     assert len(records) == 5 and {(r.kind, r.status) for r in records} == {(CaseKind.DICOM_IMAGE, Status.OK)}
     assert all("irregular slice spacing" in r.warnings[0] for r in records)

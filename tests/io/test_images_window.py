@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
+from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError, ConfigError, ErrorCode
 from mcs_batch.io.load import load_case
 from mcs_batch.io.window import WindowSettings, percentile_window, to_model_rgb, window_level
 from mcs_batch.records import CaseKind, Status
+from mcs_batch.stages.load import load_chunk
+from mcs_batch.testdata.series import write_series
 from tests.io.test_geometry import scan_folder
 
 
@@ -26,11 +31,69 @@ def test_png_gray_and_rgb_keep_orientation(tmp_path: Path):
     g = records["g.png"]
     assert (g.kind, g.status, g.shape) == (CaseKind.IMAGE, Status.OK, [50, 30, 1])
     volume = load_case(g)
-    assert volume.array[40, 5, 0] == 200  # (i = column, j = row)
+    assert volume.array[40, 5, 0] == 200 and volume.meta["as_stored"]  # (i = column, j = row)
     np.testing.assert_array_equal(volume.slice_image(0), gray.astype(np.float32))  # display frame = the PNG
     c = load_case(records["c.jpg"])
     assert c.is_rgb and c.array.shape == (50, 30, 1, 3)
     assert np.abs(c.slice_image(0)[7, 3].astype(int) - [10, 20, 30]).max() < 12
+
+
+def model_input(folder: Path) -> dict[str, np.ndarray]:
+    """Source key -> the first slice as the job's reader gives it to the models."""
+    return {r.source_keys[0]: load_chunk(r, 0, 1, JobConfig(), fs=None)[0] for r in scan_folder(folder)}
+
+
+def test_8bit_greyscale_reaches_the_models_as_stored_and_16bit_is_windowed(tmp_path: Path):
+    gray = np.random.default_rng(1).integers(60, 181, (30, 50), dtype=np.uint8)  # a stretch would widen it
+    stored = np.repeat(gray[:, :, None], 3, axis=2)
+    Image.fromarray(gray).save(tmp_path / "l.png")
+    Image.fromarray(stored).save(tmp_path / "rgb.png")  # the RGB twin: R = G = B
+    Image.fromarray(gray).convert("LA").save(tmp_path / "la.png")
+    Image.fromarray(gray).save(tmp_path / "l.jpg", quality=95)
+    Image.fromarray(gray > 120).save(tmp_path / "bilevel.png")  # mode 1
+    Image.fromarray(gray.astype(np.uint16) * 200).save(tmp_path / "sixteen.png")  # mode I;16
+    got = model_input(tmp_path)
+    for key in ("l.png", "rgb.png", "la.png"):
+        assert got[key].dtype == np.uint8 and got[key].shape == (30, 50, 3)
+        np.testing.assert_array_equal(got[key], stored, err_msg=key)
+    jpeg = np.asarray(Image.open(tmp_path / "l.jpg"))  # what PIL decodes, unchanged
+    np.testing.assert_array_equal(got["l.jpg"], np.repeat(jpeg[:, :, None], 3, axis=2))
+    np.testing.assert_array_equal(got["bilevel.png"][:, :, 0], np.where(gray > 120, 255, 0))
+    sixteen = got["sixteen.png"][:, :, 0]
+    np.testing.assert_array_equal(sixteen, percentile_window(gray.astype(np.float32) * 200, 0.5, 99.5).round())
+    assert sixteen.min() == 0 and sixteen.max() == 255  # windowed: the 0.5-99.5 percentiles stretched
+
+
+def eight_bit_dicom(folder: Path, pixels: np.ndarray, *, modality: str, slope: str = "1") -> None:
+    """One synthetic slice rewritten as 8-bit unsigned MONOCHROME2."""
+    (path,) = write_series(folder, rows=pixels.shape[0], cols=pixels.shape[1], n_slices=1, modality=modality,
+                           series_seed=f"{folder.name}")  # fmt: skip
+    ds = pydicom.dcmread(path)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.RescaleSlope, ds.PixelData = slope, pixels.astype(np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_8bit_dicom_and_nifti_without_units_reach_the_models_as_stored(tmp_path: Path):
+    gray = np.random.default_rng(2).integers(60, 181, (24, 32), dtype=np.uint8)
+    stored = np.repeat(gray[:, :, None], 3, axis=2)
+    eight_bit_dicom(tmp_path / "mr", gray, modality="MR")
+    eight_bit_dicom(tmp_path / "ct", gray, modality="CT")  # HU: windowed
+    eight_bit_dicom(tmp_path / "scaled", gray, modality="MR", slope="2")  # rescaled: windowed
+    volume = np.repeat(gray.T[:, :, None], 3, axis=2)  # [I, J, K], three equal slices
+    nib.save(nib.Nifti1Image(volume, np.diag([-1.0, -1.0, 1.0, 1.0])), tmp_path / "u8.nii.gz")
+    scaled = nib.Nifti1Image(volume, np.diag([-1.0, -1.0, 1.0, 1.0]))
+    scaled.header.set_slope_inter(2.0, 0.0)
+    nib.save(scaled, tmp_path / "u8_scaled.nii.gz")
+    got = {key.split("/")[0]: image for key, image in model_input(tmp_path).items()}
+    np.testing.assert_array_equal(got["mr"], stored)
+    np.testing.assert_array_equal(got["u8.nii.gz"], stored)
+    ct = to_model_rgb(gray.astype(np.float32), modality="CT")
+    np.testing.assert_array_equal(got["ct"], ct)
+    assert not np.array_equal(ct, stored)
+    for key in ("scaled", "u8_scaled.nii.gz"):
+        np.testing.assert_array_equal(got[key], to_model_rgb(gray * np.float32(2), modality="MR"), err_msg=key)
+        assert not np.array_equal(got[key], stored)
 
 
 def test_truncated_png_fails_at_load_with_a_code(tmp_path: Path):

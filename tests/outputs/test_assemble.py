@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mcs_batch.io.volume import Volume
-from mcs_batch.outputs.assemble import place
+from mcs_batch.io.volume import Volume, place
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

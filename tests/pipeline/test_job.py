@@ -95,6 +95,11 @@ def test_job_from_s3_to_s3_accounts_for_every_input(tmp_path: Path, s3_bucket, s
         np.testing.assert_allclose(mask.affine, np.asarray(record.affine).reshape(4, 4), atol=1e-5)
         assert mask.get_data_dtype() == np.uint8
         assert int(np.asarray(mask.dataobj).sum()) == row["mask_voxels"]
+        if record.kind == "image" or any(w.endswith("1 mm pixels assumed") for w in record.warnings):
+            assert row["mask_volume_ml"] is None  # no physical pixel size: no volume
+        else:
+            volume_ml = row["mask_voxels"] * float(np.prod(record.spacing_mm)) / 1000
+            assert row["mask_volume_ml"] == pytest.approx(volume_ml) and record.kind != "image"
         assert row["tiny_models"] is True and row["config_hash"] == cfg.hash()
         assert len(row["clip_sha256"]) == 64 and len(row["sam_sha256"]) == 64
         if record.shape[2] == 1:
@@ -133,8 +138,12 @@ def test_another_config_is_refused_in_the_same_output(tmp_path: Path):
     run_job(job([cohort], tmp_path / "out", tmp_path), **QUIET)
     with pytest.raises(ConfigError, match="another configuration"):
         run_job(job([cohort], tmp_path / "out", tmp_path, prompts=("something else",)), **QUIET)
-    # resources do not change results: allowed
+    # resources, the weight cache and the device do not change results: allowed
     run_job(job([cohort], tmp_path / "out", tmp_path, "resources.sam_batch=1"), **QUIET)
+    small_cohort(tmp_path / "in", n_images=2)  # a backfill, with the weights cached elsewhere
+    moved = job([cohort], tmp_path / "out", tmp_path, f"models.cache_dir={tmp_path / 'cache'}", "models.device=cpu")
+    assert run_job(moved, **QUIET).cases == 1
+    assert len(pairs(Catalog(str(tmp_path / "out")))) == 3
 
 
 def start_segment(cohort: Path, out: Path, tmp_path: Path, *settings: str) -> subprocess.Popen:

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mcs_batch.config import JobConfig
 from mcs_batch.errors import ConfigError
-from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions
-from mcs_batch.io.window import to_model_rgb
 from mcs_batch.models.biomedclip import resize_for_clip
 from mcs_batch.scan import discover_cases
+from mcs_batch.stages.load import load_chunk
 from mcs_batch.testdata.pairs import write_shape_pairs
 from mcs_batch.testdata.series import write_series
 from mcs_batch.train.config import PairsConfig
@@ -63,10 +63,9 @@ def test_decoding_png_and_dicom_matches_the_segmentation_job(ray_local, tmp_path
     out = {r["caption"]: r for r in decoded(pairs, TRAIN, cfg, image_size=224, storage=None, num_cpus=0.25).take_all()}
     assert set(out) == {rows[0]["caption"], rows[1]["caption"]}  # the broken PNG is dropped, not fatal
     for row in rows[:2]:
-        # the job's path: discover -> load_case -> slice -> to_model_rgb -> CLIP placement
+        # the job's path: discover -> load_chunk (decode, slice, window) -> CLIP placement
         (record,) = discover_cases([str(tmp_path / row["image"])])
-        volume = load_case(record)
-        image = to_model_rgb(volume.slice_image(0), modality=record.modality)
+        (image,) = load_chunk(record, 0, 1, JobConfig(), fs=None)
         expected, _ = resize_for_clip(image, "pad", size=224)
         got = out[row["caption"]]["pixels"]
         assert got.dtype == np.uint8 and got.shape == (224, 224, 3)

@@ -27,7 +27,9 @@ from PIL import Image
 
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError
+from mcs_batch.io.display import to_display
 from mcs_batch.io.storage import StorageOptions, fetch_bytes, filesystem_for, join
+from mcs_batch.io.volume import plane
 from mcs_batch.records import CaseKind, CaseRecord, slice_axis_for
 from mcs_batch.stages.load import load_chunk
 from mcs_batch.train.weak.config import WeakConfig
@@ -85,13 +87,6 @@ def read_mask(uri: str, storage: StorageOptions | None) -> np.ndarray:
     return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj, dtype=np.uint8)
 
 
-def mask_plane(mask: np.ndarray, k: int, axis: int) -> np.ndarray:
-    """Slice k of a mask volume in display orientation [H, W] (as Volume.slice_image)."""
-    where: list = [slice(None)] * 3
-    where[axis] = k
-    return np.swapaxes(mask[tuple(where)], 0, 1)
-
-
 def png(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
@@ -114,29 +109,29 @@ def export_cases(cases: list[dict], slices: dict[str, list[dict]], *, cfg: WeakC
         record = record_of(case)
         axis = slice_axis_for(record, job.slice_axis)
         try:
-            mask = read_mask(case["mask_uri"], storage)
+            mask = to_display(read_mask(case["mask_uri"], storage), record)  # the grid the job's slices came from
             source_fs = filesystem_for(record.source_uris[0], storage)[0]
             keep = []
             for s in sorted(slices.get(case["case_id"], []), key=lambda s: s["slice_index"]):
                 k = int(s["slice_index"])
-                plane = mask_plane(mask, k, axis) > 0
-                agree = agreement(plane, s.get("boxes_xyxy"))
-                reason = slice_drop_reason(int(plane.sum()), s.get("sam_score"), agree, cfg.select)
+                mask_hw = plane(mask, k, axis) > 0
+                agree = agreement(mask_hw, s.get("boxes_xyxy"))
+                reason = slice_drop_reason(int(mask_hw.sum()), s.get("sam_score"), agree, cfg.select)
                 if reason:
                     dropped[reason] += 1
                 else:
-                    keep.append((k, plane, s.get("sam_score"), agree))
+                    keep.append((k, mask_hw, s.get("sam_score"), agree))
             cache: dict = {}
-            for k, plane, score, agree in keep:
+            for k, mask_hw, score, agree in keep:
                 (image,) = load_chunk(record, k, k + 1, job, fs=source_fs, cache=cache)
                 name = identifier(record.case_id, k)
                 fs.makedirs(posixpath.join(root, "imagesTr"), exist_ok=True)
                 fs.makedirs(posixpath.join(root, "labelsTr"), exist_ok=True)
                 fs.pipe_file(posixpath.join(root, "imagesTr", f"{name}_0000.png"), png(image))
-                fs.pipe_file(posixpath.join(root, "labelsTr", f"{name}.png"), png(plane.astype(np.uint8)))
+                fs.pipe_file(posixpath.join(root, "labelsTr", f"{name}.png"), png(mask_hw.astype(np.uint8)))
                 rows.append({"identifier": name, "case_id": record.case_id, "slice_index": k,
                              "dataset": case.get("dataset", ""), "sam_score": score, "agreement": agree,
-                             "mask_pixels": int(plane.sum())})  # fmt: skip
+                             "mask_pixels": int(mask_hw.sum())})  # fmt: skip
         except CaseError as e:
             dropped[f"unreadable:{e.code}"] += 1
         except (OSError, ValueError) as e:  # a mask or image that cannot be read: the case is left out

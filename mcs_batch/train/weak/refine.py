@@ -4,8 +4,9 @@
 
 A Ray Data actor pool (`RefineActor`, the ensemble loaded once per actor) reads each case's planes as the
 job did (stages.load.load_chunk, the job's window and slice axis), averages the members' foreground
-probabilities, thresholds them (refine.threshold, 0.2) and writes the refined mask in the zero-shot
-mask's geometry (NIfTI with the source affine, PNG too for 2D images) at OUT/masks/<case>/<target>@weak.
+probabilities, thresholds them (refine.threshold, 0.2), places the slices in the job's display grid
+(io/display.py) and writes the refined mask back in the zero-shot mask's geometry (NIfTI with the
+source affine, PNG too for 2D images) at OUT/masks/<case>/<target>@weak.
 The driver commits the rows through Catalog.commit: a cases row per case (the zero-shot row's
 identity and geometry, the refined mask's statistics) and a slices row per slice. Zero-shot rows and
 masks are never touched; refined pairs already committed are skipped, so a second run finishes an
@@ -31,7 +32,10 @@ import pyarrow.parquet as pq
 from scipy import ndimage
 
 from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.io.display import display_shape, slice_count, to_stored
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join
+from mcs_batch.io.volume import place
+from mcs_batch.outputs.assemble import mask_volume_ml
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import WriterLease
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
@@ -51,31 +55,25 @@ ZERO_SHOT_ONLY = ("n_slices_empty_saliency", "sam_score_mean", "saliency_mean", 
                   "error_message")  # fmt: skip
 
 
-def place(volume: np.ndarray, k: int, axis: int, mask_hw: np.ndarray) -> None:
-    """Put a display-frame [H, W] slice at index k of `axis` (inverse of Volume.slice_image)."""
-    index: list = [slice(None)] * 3
-    index[axis] = k
-    volume[tuple(index)] = mask_hw.T
-
-
 def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_id: str, storage) -> dict:
     """One zero-shot case row -> its refined case row (mask written) and slice rows."""
     record = record_of(row)
     job = job_config_of_run(cfg.source, row.get("run_id"), storage)
     axis = slice_axis_for(record, job.slice_axis)
-    shape = tuple(int(v) for v in record.shape)
-    mask = np.zeros(shape, np.uint8)
+    mask = np.zeros(display_shape(record), np.uint8)  # the job's display grid (io/display.py)
     fs = filesystem_for(record.source_uris[0], storage)[0]
     cache: dict = {}
     scores, slice_rows = [], []
-    for k0 in range(0, shape[axis], SLICES_PER_READ):
-        k1 = min(k0 + SLICES_PER_READ, shape[axis])
+    n = slice_count(record, job.slice_axis)
+    for k0 in range(0, n, SLICES_PER_READ):
+        k1 = min(k0 + SLICES_PER_READ, n)
         for k, image in zip(range(k0, k1), load_chunk(record, k0, k1, job, fs=fs, cache=cache), strict=True):
             scored = score_slice(predictor.probabilities(image), cfg.refine.threshold)
             place(mask, k, axis, scored.mask.astype(np.uint8))
             scores.append(scored)
             slice_rows.append({"case_id": record.case_id, "target": cfg.refined_target, "slice_index": k,
                                "mask_pixels": int(scored.mask.sum()), "run_id": run_id})  # fmt: skip
+    mask = np.ascontiguousarray(to_stored(mask, record))
     affine = np.asarray(record.affine, float).reshape(4, 4)
     nifti_path, png_path = catalog.mask_paths(record.case_id, cfg.refined_target)
     tiny = bool(row.get("tiny_models"))
@@ -83,14 +81,13 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
     out = {k: v for k, v in row.items() if k not in ZERO_SHOT_ONLY and k != "dataset"}
     out.update(target=cfg.refined_target, run_id=run_id, config_hash=cfg.hash(), status="ok",
                mask_uri=catalog.fs.unstrip_protocol(nifti_path), mask_png_uri=None)  # fmt: skip
-    if shape[2] == 1:
+    if mask.shape[2] == 1:
         catalog.write_bytes(png_path, png_bytes(mask[:, :, 0].T))
         out["mask_png_uri"] = catalog.fs.unstrip_protocol(png_path)
     voxels = int(mask.sum())
-    spacing = np.asarray(record.spacing_mm or (1.0, 1.0, 1.0), float)
     out.update(
         mask_voxels=voxels,
-        mask_volume_ml=voxels * float(np.prod(spacing)) / 1000.0,
+        mask_volume_ml=mask_volume_ml(record, voxels),
         n_components=int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]) if voxels else 0,
         n_slices=len(scores),
         n_slices_with_mask=sum(1 for s in scores if s.mask.any()),

@@ -93,7 +93,8 @@ def test_selection_and_export_from_and_to_object_storage(tmp_path: Path, s3_serv
 
 @pytest.mark.usefixtures("ray_local")
 def test_a_dicom_series_exports_its_masked_slices_in_the_display_frame(tmp_path: Path):
-    from mcs_batch.train.weak.export import mask_plane, read_mask
+    from mcs_batch.io.volume import plane
+    from mcs_batch.train.weak.export import read_mask
     from tests.train.weak.cases import add_series_case
 
     out = tmp_path / "out"
@@ -109,4 +110,26 @@ def test_a_dicom_series_exports_its_masked_slices_in_the_display_frame(tmp_path:
         label = np.asarray(Image.open(raw / "labelsTr" / f"{r['identifier']}.png"))
         image = np.asarray(Image.open(raw / "imagesTr" / f"{r['identifier']}_0000.png"))
         assert label.shape == image.shape[:2] == (24, 20)  # rows x columns of the DICOM frame
-        assert np.array_equal(label, mask_plane(mask, r["slice_index"], 2)) and label.sum() == 7 * 9
+        assert np.array_equal(label, plane(mask, r["slice_index"], 2)) and label.sum() == 7 * 9
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_a_nifti_stored_ras_exports_label_and_image_in_the_same_display_frame(tmp_path: Path):
+    from mcs_batch.io.volume import plane
+    from tests.train.weak.cases import add_nifti_case
+
+    out = tmp_path / "out"
+    catalog = Catalog(str(out))
+    _, mask = add_nifti_case(catalog, tmp_path / "nifti")
+    cfg = load_weak_config(source=str(out), target="lesion", work=str(tmp_path / "w"))
+    export = export_dataset(cfg, select_from_catalog(catalog, "lesion", cfg.select), storage=None, **QUIET)
+    assert export["images"] == 2 and export["slices_dropped"] == {"empty_slice": 2}
+    raw = Path(raw_folder(cfg))
+    for r in read_mapping(str(tmp_path / "w"), None).to_pylist():
+        assert r["slice_index"] in (1, 2) and r["agreement"] > 0.9
+        label = np.asarray(Image.open(raw / "labelsTr" / f"{r['identifier']}.png"))
+        image = np.asarray(Image.open(raw / "imagesTr" / f"{r['identifier']}_0000.png"))[..., 0]
+        assert label.shape == image.shape == (24, 20)
+        # the stored plane flipped on both axes (R, A -> L, P), and on the image's bright block
+        np.testing.assert_array_equal(label, plane(mask, r["slice_index"], 2)[::-1, ::-1])
+        assert image[label == 1].min() == 255 and image[label == 0].max() == 0
