@@ -203,6 +203,7 @@ class JobConfig:
         tree = {k: v for k, v in self.to_dict().items() if k not in RUN_SECTIONS}
         defaults = ModelsConfig()
         tree["models"].update({key: getattr(defaults, key) for key in RUN_MODEL_KEYS})
+        tree["preprocessing"] = PREPROCESSING_VERSION
         return tree
 
     def hash(self) -> str:
@@ -216,6 +217,10 @@ class JobConfig:
 ABLATIONS = tuple(a.value for a in Ablation)
 RUN_SECTIONS = ("inputs", "outputs", "resources", "failure_budget", "testing", "weak")
 RUN_MODEL_KEYS = ("cache_dir", "device")  # where the weights are cached and which device runs them
+# How pixels become model input, where no setting says it: 2 = 8-bit greyscale as stored (1 stretched
+# it) and NIfTI volumes in the L, P, S display orientation (1 showed them as stored). Part of the hash:
+# an OUT written under another version refuses a backfill instead of mixing the two.
+PREPROCESSING_VERSION = 2
 
 # Presets for --models: tiny random models (smoke runs, tests) or the published weights.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

@@ -3,6 +3,7 @@ stored axes, and what is built in the display grid goes back to the stored grid 
 
 from __future__ import annotations
 
+import posixpath
 from pathlib import Path
 
 import nibabel as nib
@@ -37,7 +38,8 @@ def write_twins(folder: Path, *, modality: str = "MR") -> dict[str, CaseRecord]:
         twin = reoriented(lps, axcodes)
         assert nib.aff2axcodes(twin.affine) == axcodes
         nib.save(twin, folder / f"{name}.nii.gz")
-    records = {r.source_keys[0].removesuffix(".nii.gz"): r for r in scan_folder(folder) if r.kind == "nifti"}
+    records = {posixpath.basename(r.source_keys[0]).removesuffix(".nii.gz"): r
+               for r in scan_folder(folder) if r.kind == "nifti"}  # fmt: skip
     return {"dicom": series, **records}
 
 

@@ -39,8 +39,9 @@ def test_png_gray_and_rgb_keep_orientation(tmp_path: Path):
 
 
 def model_input(folder: Path) -> dict[str, np.ndarray]:
-    """Source key -> the first slice as the job's reader gives it to the models."""
-    return {r.source_keys[0]: load_chunk(r, 0, 1, JobConfig(), fs=None)[0] for r in scan_folder(folder)}
+    """Source key in the folder -> the first slice as the job's reader gives it to the models."""
+    records = scan_folder(folder)  # keys start with the folder's own name
+    return {r.source_keys[0].split("/", 1)[1]: load_chunk(r, 0, 1, JobConfig(), fs=None)[0] for r in records}
 
 
 def test_8bit_greyscale_reaches_the_models_as_stored_and_16bit_is_windowed(tmp_path: Path):

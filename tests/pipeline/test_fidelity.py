@@ -48,11 +48,11 @@ def test_a_greyscale_png_and_its_rgb_twin_give_the_same_saliency_and_masks(tmp_p
     gray = rng.integers(50, 90, (56, 72), dtype=np.uint8)
     gray[14:34, 20:44] = 170  # 50..170: a percentile stretch would change every pixel
     for name, image in (("grey", gray), ("rgb", np.repeat(gray[:, :, None], 3, axis=2))):
-        (tmp_path / name).mkdir()
-        Image.fromarray(image).save(tmp_path / name / "img.png")  # one relative path: one case id
-    assert [Image.open(tmp_path / n / "img.png").mode for n in ("grey", "rgb")] == ["L", "RGB"]
+        (tmp_path / name / "twin").mkdir(parents=True)
+        Image.fromarray(image).save(tmp_path / name / "twin" / "img.png")  # one key (twin/img.png): one case id
+    assert [Image.open(tmp_path / n / "twin" / "img.png").mode for n in ("grey", "rgb")] == ["L", "RGB"]
     for name in ("grey", "rgb"):
-        run_job(job([tmp_path / name], tmp_path / f"out-{name}", tmp_path), **QUIET)
+        run_job(job([tmp_path / name / "twin"], tmp_path / f"out-{name}", tmp_path), **QUIET)
     grey_cases, grey_slices, grey_masks = results(tmp_path / "out-grey")
     rgb_cases, rgb_slices, rgb_masks = results(tmp_path / "out-rgb")
     assert [r["status"] for r in grey_cases] == ["ok"] and grey_cases == rgb_cases
@@ -66,7 +66,7 @@ def test_a_greyscale_png_and_its_rgb_twin_give_the_same_saliency_and_masks(tmp_p
                       overrides=[f"models.cache_dir={tmp_path.parent / 'model-cache'}"])  # fmt: skip
     models = load_models(cfg.models)
     for name in ("grey", "rgb"):
-        explain([str(tmp_path / name)], tmp_path / f"explain-{name}", cfg, models, progress=lambda m: None)
+        explain([str(tmp_path / name / "twin")], tmp_path / f"explain-{name}", cfg, models, progress=lambda m: None)
     folder = Path(case_id) / "k0"
     grey_image = np.asarray(Image.open(tmp_path / "explain-grey" / folder / "image.png"))
     np.testing.assert_array_equal(grey_image, np.repeat(gray[:, :, None], 3, axis=2))  # as stored, no stretch
