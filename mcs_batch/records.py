@@ -84,6 +84,15 @@ class CaseRecord:
         return cls(**values)
 
 
+def instances_digest(record: CaseRecord) -> str | None:
+    """The instance set of a DICOM series case (a digest of its sorted source keys), None for cases of
+    one object. A series committed while its files were still arriving has another digest once
+    complete, and the next run redoes it (archive/grouping.py)."""
+    if record.kind != CaseKind.DICOM_SERIES or not record.source_keys:
+        return None
+    return hashlib.sha256("\n".join(sorted(record.source_keys)).encode("utf-8")).hexdigest()[:16]
+
+
 def failed_record(identity: str, kind: str, uri: str, key: str, code: str, message: str, **extra) -> CaseRecord:
     """A failure (or skip, with status=...) row for one object."""
     status = extra.pop("status", Status.FAILED)

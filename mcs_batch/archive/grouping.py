@@ -7,7 +7,8 @@ the one after its last file has been probed. A series whose files are contiguous
 folder, or neighbouring folders: how archives are laid out) is therefore assembled once, with all its
 files, while later waves are still being read. Files of an already released series that turn up
 further on (a series scattered across the archive) become failure rows naming the reason, never a
-second case with the same id.
+second case with the same id. A series committed before with another instance set (files still
+arriving then) is redone, and its new rows supersede the old ones (pipeline/writer.py).
 
 CaseGrouper is a Ray Data actor of a pool of size one (it holds the open series), placed on the
 driver's node. It also appends what it learnt to the archive index and reports progress to the job's
@@ -30,7 +31,7 @@ from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.index import ArchiveIndex
 from mcs_batch.outputs.schema import manifest_table
-from mcs_batch.records import CaseKind, CaseRecord, failed_record
+from mcs_batch.records import CaseKind, CaseRecord, failed_record, instances_digest
 
 INDEX_FLUSH_ROWS = 5000  # index rows buffered per prefix before a part is written
 
@@ -82,9 +83,12 @@ class CaseGrouper:
         self.run_id = run_id
         self.targets = frozenset(targets)
         self.done: dict[str, set[str]] = defaultdict(set)
+        self.instances: dict[str, str] = {}  # committed series: their instance digest
         if committed_out is not None:
-            for (case_id, target), _status in Catalog(committed_out, storage=storage).committed().items():
+            catalog = Catalog(committed_out, storage=storage)
+            for (case_id, target), _status in catalog.committed().items():
                 self.done[case_id].add(target)
+            self.instances = {case_id: digest for (case_id, _), (_, digest) in catalog.series_rows().items()}
         self.board = None
         if board:
             import ray
@@ -172,6 +176,10 @@ class CaseGrouper:
         kept = []
         for record in records:
             done = self.done.get(record.case_id, set())
+            committed = self.instances.get(record.case_id)
+            if done and committed is not None and committed != instances_digest(record):
+                done = set()  # files arrived (or left) since the series was committed: redo every target
+                delta["grown_series"] = delta.get("grown_series", 0) + 1
             if self.targets and self.targets <= done:
                 delta["skipped_committed"] = delta.get("skipped_committed", 0) + 1
                 continue

@@ -13,7 +13,7 @@ from scipy import ndimage
 from mcs_batch.config import JobConfig
 from mcs_batch.io.display import display_shape, to_stored
 from mcs_batch.io.volume import place
-from mcs_batch.records import CaseRecord, Status, slice_axis_for, spacing_known
+from mcs_batch.records import CaseRecord, Status, instances_digest, slice_axis_for, spacing_known
 from mcs_batch.rows import PromptRecord, target_column, unpack_mask
 
 
@@ -96,6 +96,7 @@ def base_case_row(record: CaseRecord, target_index: int, cfg: JobConfig) -> dict
         "affine": record.affine,
         "config_hash": cfg.hash(),
         "warnings": list(record.warnings),
+        "instances": instances_digest(record),
     }
 
 

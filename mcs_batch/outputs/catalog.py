@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable, Iterable
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mcs_batch.errors import TRANSIENT_CODES, ConfigError
@@ -151,6 +152,19 @@ class Catalog:
         """(case_id, target) -> status of every committed pair."""
         table = self.cases(["case_id", "target", "status"])
         return {(c, t): s for c, t, s in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True)}
+
+    def series_rows(self) -> dict[tuple[str, str], tuple[str, str]]:
+        """(case_id, target) -> (cases part holding the row, instance digest) for the rows of DICOM
+        series (the cases whose instance set can grow): what a run that redoes a grown series
+        supersedes. One entry per series and target, so small next to the catalog."""
+        found: dict[tuple[str, str], tuple[str, str]] = {}
+        for path in self._list(CASES_DIR):
+            with self.fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["case_id", "target", "instances"], schema=CASES_SCHEMA)
+            table = table.filter(pc.is_valid(table.column("instances")))
+            for case_id, target, digest in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True):
+                found[(case_id, target)] = (path, digest)
+        return found
 
     def config_hashes(self) -> set[str]:
         """Config hashes of the segmentation rows. Derived targets (`<target>@<kind>`, e.g. refined
@@ -268,10 +282,19 @@ class Catalog:
         base = self.path(MASKS_DIR, case_id, target)
         return base + ".nii.gz", base + ".png"
 
-    def commit(self, run_id: str, seq: int, case_rows: Iterable[dict], slice_rows: Iterable[dict] | pa.Table) -> None:
+    def commit(
+        self,
+        run_id: str,
+        seq: int,
+        case_rows: Iterable[dict],
+        slice_rows: Iterable[dict] | pa.Table,
+        supersede: dict[tuple[str, str], str] | None = None,
+    ) -> None:
         """Commit finished cases (protocol in the module docstring): parts staged, the intent written,
         then published into catalog/. `slice_rows` are dicts or a table with SLICES_SCHEMA. Failed rows
-        go to their own file so that --retry-failed can drop them."""
+        go to their own file so that --retry-failed can drop them. `supersede`: pairs these rows
+        replace -> the cases part holding their old row (a grown series redone); that part and its
+        slices part are rewritten without them, published in the same intent (`_superseding`)."""
         if self.lease is not None:
             self.lease.check()
         case_rows = list(case_rows)
@@ -293,6 +316,10 @@ class Catalog:
             )
         if not parts:
             return
+        if supersede:
+            old_cases, old_slices = self._superseding(supersede)
+            new_slices = 1 if ok and slice_rows.num_rows else 0
+            parts = parts[:new_slices] + old_cases + parts[new_slices:] + old_slices
         for staged, _, table in parts:
             point = "slices_half_written" if staged.startswith("slices") else "cases_half_written"
             self.write_table(posixpath.join(staging, staged), table, crash_point=point)
@@ -303,6 +330,29 @@ class Catalog:
         self._crash("after_intent")
         self._publish(intent | {"_path": intent_path})
         self.commits += 1
+
+    def _superseding(self, supersede: dict[tuple[str, str], str]) -> tuple[list, list]:
+        """Staged rewrites of the cases and slices parts that hold superseded pairs, without them:
+        (cases rewrites, slices rewrites) as commit parts. Published in the order new slices, old
+        cases rewritten, new cases, old slices rewritten: a reader may briefly see a pair's slice rows
+        twice or its case row missing, never two case rows."""
+        cases, slices = [], []
+        by_part: dict[str, set[tuple[str, str]]] = {}
+        for pair, path in supersede.items():
+            by_part.setdefault(path, set()).add(pair)
+        for path, pairs in sorted(by_part.items()):
+            base = posixpath.basename(path)
+            slices_path = self.path(SLICES_DIR, "part-" + base.removeprefix("failed-").removeprefix("part-"))
+            for folder, target_path, schema in ((cases, path, CASES_SCHEMA), (slices, slices_path, SLICES_SCHEMA)):
+                if not self.fs.exists(target_path):
+                    continue
+                with self.fs.open(target_path, "rb") as f:
+                    table = pq.read_table(f, schema=schema)
+                keys = zip(table.column("case_id").to_pylist(), table.column("target").to_pylist(), strict=True)
+                keep = pa.array([key not in pairs for key in keys], pa.bool_())
+                staged = f"rewrite-{'cases' if schema is CASES_SCHEMA else 'slices'}-{base}"
+                folder.append((staged, target_path, table.filter(keep)))
+        return cases, slices
 
     def _publish(self, intent: dict) -> list[str]:
         """Move an intent's staged parts into catalog/, in order, then delete the intent. Idempotent:

@@ -38,7 +38,8 @@ def manifest_table(rows: list[dict]) -> pa.Table:
     return table_from_rows(rows, MANIFEST_SCHEMA)
 
 
-# 2: cases.uncertainty, cases.uncertainty_spread; 3: cases.attempts, retryable, history (null in older parts)
+# 2: cases.uncertainty, cases.uncertainty_spread; 3: cases.attempts, retryable, history, instances (null in
+# older parts)
 CATALOG_SCHEMA_VERSION = "3"
 
 # One row per (case, target): the contract with curation teams (see README).
@@ -84,6 +85,8 @@ CASES_SCHEMA = pa.schema(
         pa.field("attempts", pa.int32()),  # runs that tried this pair, this one included
         pa.field("retryable", pa.bool_()),  # a later run retries it (transient, attempts to spare)
         pa.field("history", pa.list_(pa.string())),  # the earlier attempts' outcomes, oldest first
+        # a DICOM series' instance set (records.instances_digest): another set later redoes the case
+        pa.field("instances", pa.string()),
         # refined targets (`<target>@weak`, mcs_batch/train/weak): the ensemble's uncertainty of the case
         pa.field("uncertainty", pa.float64()),  # entropy of the mean probability / mask boundary length
         pa.field("uncertainty_spread", pa.float64()),  # spread of the foreground probability across checkpoints

@@ -246,6 +246,7 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
             progress(f"{len(fake)} model actor(s) were given GPU(s) by Ray but CUDA is not available on their "
                      "node(s): their models ran on CPU")  # fmt: skip
         summary.skipped_committed = int(snapshot.get("scan", {}).get("skipped_committed", 0))
+        summary.grown_series = int(snapshot.get("scan", {}).get("grown_series", 0))
         document.update(
             finished_at=datetime.now(UTC).isoformat(),
             wall_seconds=round(summary.seconds, 3),
@@ -255,6 +256,7 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
                 "by_status": summary.by_status,
                 "by_error": summary.by_error,
                 "skipped_committed": summary.skipped_committed,
+                "grown_series": summary.grown_series,
             },
             scan=snapshot.get("scan"),
             actors=snapshot.get("actors"),

@@ -63,6 +63,7 @@ class JobSummary:
     slices: int = 0
     seconds: float = 0.0
     skipped_committed: int = 0
+    grown_series: int = 0  # committed series found with another instance set, redone
     aborted: str = ""
     run_uri: str = ""
 
@@ -79,7 +80,7 @@ class JobSummary:
             f"in {self.seconds:.1f} s ({rate:.2f} slices/s)",
             f"  (case, target) rows: {fmt(self.by_status)}",
             f"  errors:              {fmt(self.by_error)}",
-            f"  already committed, skipped: {self.skipped_committed} case(s)",
+            f"  already committed, skipped: {self.skipped_committed} case(s); grown series redone: {self.grown_series}",
             f"  outputs: {self.out}  (masks/, catalog/cases, catalog/slices, {self.run_uri})",
             f'  example: mcs-batch query {self.out} "SELECT status, error_code, count(*) FROM cases GROUP BY 1, 2"',
         ]
@@ -107,6 +108,7 @@ class CaseWriter:
 
         self.catalog, self.cfg, self.run_id, self.summary, self.metrics = catalog, cfg, run_id, summary, metrics
         self.retried = retried or {}  # pairs redone after transient failures: attempts so far, history
+        self.series_parts = catalog.series_rows()  # a grown series redone supersedes these rows
         self.storage = storage
         self.pending: dict[str, _Pending] = {}
         self.ready: list[dict] = []
@@ -251,10 +253,14 @@ class CaseWriter:
             rows = [r for r in self.case_rows if r["case_id"] in part]
             mask = pc.is_in(slices.column("case_id"), value_set=pa.array(sorted(part)))
             now = datetime.now(UTC).isoformat()
+            supersede = {}
             for row in rows:
                 row["committed_at"] = now
                 stamp_attempts(row, self.retried, self.cfg.failure_budget.transient_attempts)
-            self.catalog.commit(self.run_id, self.seq, rows, slices.filter(mask) if len(order) > size else slices)
+                if (key := (row["case_id"], row["target"])) in self.series_parts:
+                    supersede[key] = self.series_parts.pop(key)[0]
+            self.catalog.commit(self.run_id, self.seq, rows, slices.filter(mask) if len(order) > size else slices,
+                                supersede=supersede)  # fmt: skip
             if self.first_commit_at is None:
                 self.first_commit_at = time.time()
             self.seq += 1

@@ -136,3 +136,39 @@ def test_a_half_written_temporary_in_the_catalog_does_not_block_the_next_run(tmp
     assert sorted(catalog.committed()) == [(c, "t") for c in CASES[:3]]  # readers skip hidden files
     assert any(".tmp-0123" in d for d in catalog.repair(live="r2"))
     assert not list(out.rglob(".tmp-*"))
+
+
+SUPERSEDE_CHILD = r"""
+import sys
+from mcs_batch.faults import TestingConfig, crash_hook
+from mcs_batch.outputs.catalog import Catalog
+out, run, point = sys.argv[1], sys.argv[2], sys.argv[3]
+catalog = Catalog(out, owner=run)
+if run == "v1":  # three series, two slices each
+    rows = [{"case_id": c, "target": "t", "status": "ok", "run_id": run, "instances": "v1"} for c in ("a", "b", "c")]
+    catalog.commit(run, 0, rows, [{"case_id": c, "target": "t", "slice_index": k, "run_id": run}
+                                  for c in ("a", "b", "c") for k in range(2)])
+else:  # series b grew to three slices: its new rows supersede the old ones
+    catalog.crash_hook = crash_hook(TestingConfig(crash_point=point, crash_at_commit=1), lambda: catalog.commits)
+    supersede = {key: path for key, (path, _) in catalog.series_rows().items() if key[0] == "b"}
+    row = {"case_id": "b", "target": "t", "status": "ok", "run_id": run, "instances": "v2"}
+    catalog.commit(run, 0, [row], [{"case_id": "b", "target": "t", "slice_index": k, "run_id": run} for k in range(3)],
+                   supersede=supersede)
+catalog.end_staging(run)
+"""
+
+
+@pytest.mark.parametrize("point", ["", "after_intent", "between_publish"])
+def test_a_superseding_commit_never_shows_two_rows_of_a_pair_and_is_finished_by_repair(tmp_path, point):
+    out = tmp_path / "out"
+    child = [sys.executable, "-c", SUPERSEDE_CHILD, str(out)]
+    assert subprocess.run([*child, "v1", ""], timeout=120).returncode == 0
+    assert subprocess.run([*child, "v2", point], timeout=120).returncode == (137 if point else 0)
+    for reader, (cases, _) in read_everywhere(out).items():  # slice rows may show twice until repaired
+        assert len(cases) == len(set(cases)) and set(cases) <= {"a", "b", "c"}, reader
+    Catalog(str(out), owner="r3").repair(live="r3")
+    for reader, (cases, slices) in read_everywhere(out).items():
+        assert sorted(cases) == ["a", "b", "c"], reader
+        assert sorted(slices) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("c", 0), ("c", 1)], reader
+    rows = {r["case_id"]: r for r in Catalog(str(out)).cases(["case_id", "run_id", "instances"]).to_pylist()}
+    assert (rows["b"]["run_id"], rows["b"]["instances"]) == ("v2", "v2") and rows["a"]["run_id"] == "v1"
