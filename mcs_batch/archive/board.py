@@ -4,6 +4,9 @@ The grouper reports scan progress (objects probed, headers reused from the index
 the scan finished); every model actor registers itself (stage, node, pid, the GPU ids Ray assigned it,
 the device its model runs on). The driver polls it for its progress line and writes it into the run
 record. It holds counters and one small record per actor: nothing that grows with the archive.
+
+It also passes the grouper's cases that have nothing to segment (skipped, failed at the scan) straight
+to the driver, which takes them every POLL_SECONDS: they never queue behind images for the model actors.
 """
 
 from __future__ import annotations
@@ -18,6 +21,15 @@ class JobBoard:
         self.scan_finished_at: float | None = None
         self.actors: dict[str, dict] = {}
         self._handles: list[tuple[float, object]] = []  # (registered_at, actor handle)
+        self._unsegmented: list[str] = []  # case rows' case_json of cases with nothing to segment
+
+    def add_unsegmented(self, case_jsons: list[str]) -> None:
+        self._unsegmented.extend(case_jsons)
+
+    def take_unsegmented(self) -> list[str]:
+        """What the grouper left since the last call (the driver's poll: bounded by its pace)."""
+        taken, self._unsegmented = self._unsegmented, []
+        return taken
 
     def scan_progress(self, delta: dict) -> None:
         for key in self.scan:

@@ -11,8 +11,9 @@ second case with the same id. A series committed before with another instance se
 arriving then) is redone, and its new rows supersede the old ones (pipeline/writer.py).
 
 CaseGrouper is a Ray Data actor of a pool of size one (it holds the open series), placed on the
-driver's node. It also appends what it learnt to the archive index and reports progress to the job's
-board.
+driver's node. In a job, cases with nothing to segment (skipped, failed at the scan) leave through the
+job's board to the driver instead of flowing past the model actors. It also appends what it learnt to
+the archive index and reports progress to the job's board.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.index import ArchiveIndex
 from mcs_batch.outputs.schema import manifest_table
-from mcs_batch.records import CaseKind, CaseRecord, failed_record, instances_digest
+from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record, instances_digest
+from mcs_batch.rows import case_row
 
 INDEX_FLUSH_ROWS = 5000  # index rows buffered per prefix before a part is written
 
@@ -68,8 +70,10 @@ class CaseGrouper:
         committed_out: str | None = None,
         targets: tuple[str, ...] = (),
         board: str | None = None,
+        divert_unsegmented: bool = False,
     ):
         self.expected = list(wave_sizes)
+        self.divert = divert_unsegmented and bool(board)
         self.seen = [0] * len(self.expected)
         self.frontier = 0  # the first wave not yet fully probed
         self._advance()
@@ -139,6 +143,13 @@ class CaseGrouper:
         else:
             self._flush_index()
         kept = self._not_committed(out, delta)
+        if self.divert:
+            to_board = [case_row(r, 0, done)["case_json"] for r, done in kept if r.status != Status.OK]
+            kept = [(r, done) for r, done in kept if r.status == Status.OK]
+            if to_board:  # waited for: the driver drains the board once the stream has ended
+                import ray
+
+                ray.get(self.board.add_unsegmented.remote(to_board))
         self._report(delta)
         return self._table(kept)
 

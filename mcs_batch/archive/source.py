@@ -38,8 +38,11 @@ def cases_stream(
     board: str | None = None,
     probe_cpus: float = 0.25,
     scan_tasks: int | None = None,
+    divert_unsegmented: bool = False,
 ):
     """A lazy Dataset of case rows (manifest schema + done_targets) for the listed waves.
+    divert_unsegmented (a job, with a board): cases with nothing to segment go to the board, not the
+    stream (archive/board.py).
 
     scan_tasks caps the waves scanned at once (None: as many as the CPUs allow), so that on a small
     cluster the scan does not take the CPUs the first cases need to be segmented."""
@@ -66,6 +69,7 @@ def cases_stream(
             "committed_out": committed_out,
             "targets": tuple(targets),
             "board": board,
+            "divert_unsegmented": divert_unsegmented,
         },
         batch_size=None,
         batch_format="pyarrow",

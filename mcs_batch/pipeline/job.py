@@ -295,6 +295,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
     flight), what was assembled is committed, and the job plans again on the remaining cluster.
     Committed cases are skipped by the next attempt, as by a next run.
     """
+    import ray
 
     waves = list_archive(
         cfg.inputs.uris, storage=storage, include=cfg.inputs.include, exclude=cfg.inputs.exclude,
@@ -312,12 +313,12 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
     nodes, since = _alive_nodes(), time.time()
     cases = cases_stream(
         waves, storage=storage, index_uri=index_uri, run_id=writer.run_id, committed_out=cfg.outputs.uri,
-        targets=tuple(t.name for t in cfg.targets), board=board_name,
+        targets=tuple(t.name for t in cfg.targets), board=board_name, divert_unsegmented=True,
         scan_tasks=max(1, int(resources.cluster.get("cpus", 1) // SCAN_CPU_SHARE)),
     )  # fmt: skip
     rows = build_pipeline(cases, cfg, resources, storage=storage, staging_uri=join(staging, "parts"),
                           board=board_name, stages=stages)  # fmt: skip
-    last_progress = last_check = time.monotonic()
+    last_progress = last_check = last_take = time.monotonic()
     lost: set[str] = set()
     try:
         for batch in _batches(rows, POLL_SECONDS):
@@ -326,6 +327,9 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
             else:
                 writer.dispatch()
             now = time.monotonic()
+            if now - last_take >= POLL_SECONDS:
+                last_take = now
+                writer.add_unsegmented(ray.get(board.take_unsegmented.remote(), timeout=60))
             if now - last_progress >= PROGRESS_SECONDS:
                 last_progress = now
                 _progress_line(progress, writer, board, start)
@@ -341,6 +345,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
             raise
         lost = nodes - _alive_nodes()  # the attempt failed because nodes went away: plan again
         _stop_attempt(board, since)
+    writer.add_unsegmented(ray.get(board.take_unsegmented.remote(), timeout=60))  # what the grouper left last
     if lost:
         writer.abandon_in_flight()
         record["lost_nodes"] = sorted(lost)

@@ -171,6 +171,14 @@ class CaseWriter:
                 self.ready_slices += pending.expected
         self.dispatch()
 
+    def add_unsegmented(self, case_jsons: list[str]) -> None:
+        """Cases with nothing to segment (skipped, failed at the scan), from the board: their rows are
+        made here (no mask, no slice), committed with the next flush."""
+        for case_json in case_jsons:
+            self._add_case(assemble_case({"case_json": case_json, "parts": []}, self.cfg, self.catalog, self.run_id,
+                                         self.storage))  # fmt: skip
+        self.flush()
+
     # -- assembly in the cluster ----------------------------------------------------------------------
     def dispatch(self, force: bool = False) -> None:
 
