@@ -13,6 +13,8 @@ from pathlib import Path
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pydicom
 import pytest
 
@@ -20,6 +22,7 @@ from mcs_batch.config import Code, SegmentCodes
 from mcs_batch.io.dicom_header import read_dicom_header
 from mcs_batch.io.series import cases_from_headers
 from mcs_batch.io.volume import LPS_TO_RAS
+from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.dicom_seg import (
     Algorithm,
     SegRefused,
@@ -31,6 +34,7 @@ from mcs_batch.outputs.dicom_seg import (
     voxels_without_source,
 )
 from mcs_batch.outputs.masks import nifti_bytes
+from mcs_batch.outputs.schema import CASES_SCHEMA
 from mcs_batch.records import CaseKind, CaseRecord, Status
 from mcs_batch.testdata.series import oblique_orientation, write_series
 
@@ -227,3 +231,12 @@ def test_error_reasons_carry_no_patient_values(tmp_path):
     reason = safe_reason(ValueError(f"patient {name} ({pid}) and {name.split('^')[0]} differ"), [header])
     assert name not in reason and pid not in reason and name.split("^")[0] not in reason
     assert reason.startswith("ValueError: patient <redacted>")
+
+
+def test_catalog_parts_before_schema_4_read_seg_uri_as_null(tmp_path):
+    v3 = pa.schema([f for f in CASES_SCHEMA if f.name != "seg_uri"])
+    (tmp_path / "catalog" / "cases").mkdir(parents=True)
+    row = {"case_id": "c1", "target": "lesion", "status": "ok", "mask_uri": "file:///m.nii.gz"}
+    pq.write_table(pa.Table.from_pylist([row], schema=v3), tmp_path / "catalog" / "cases" / "part-old.parquet")
+    cases = Catalog(str(tmp_path)).cases().to_pylist()
+    assert cases == [{**{name: None for name in CASES_SCHEMA.names}, **row}]
