@@ -88,7 +88,7 @@ def read_source_headers(uris: Sequence[str], *, storage: StorageOptions | None) 
     headers = []
     for uri in uris:
         fs, path = filesystem_for(uri, storage)
-        with fs.open(path, "rb") as f:
+        with fs.open(path, "rb") as f, _quiet():
             headers.append(pydicom.dcmread(f, stop_before_pixels=True, force=True))
     return headers
 
