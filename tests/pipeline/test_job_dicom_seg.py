@@ -14,18 +14,20 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+from PIL import Image
 
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.pipeline import run_job
-from tests.pipeline.test_job import QUIET, job, small_cohort
+from tests.pipeline.test_job import QUIET, job
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 CT5N = Path(pydicom.__file__).parent / "data" / "test_files" / "dicomdirtests" / "98892001" / "CT5N"
 
 
 def test_job_writes_a_seg_per_dicom_case_and_lists_it(tmp_path: Path):
-    cohort = small_cohort(tmp_path / "cohort", n_images=1)  # a PNG and a synthetic CT series
+    cohort = tmp_path / "cohort"
     shutil.copytree(CT5N, cohort / "real_ct")  # pydicom's real CT series (with a patient module)
+    Image.fromarray(np.tile(np.arange(48, dtype=np.uint8) * 5, (40, 1))).save(cohort / "image.png")  # no SEG
     out = tmp_path / "out"
     cfg = job([cohort], out, tmp_path, "outputs.dicom_seg=true", "targets.0.dicom_seg.type.value=108369006",
               "targets.0.dicom_seg.type.meaning=Neoplasm")  # fmt: skip
@@ -33,7 +35,7 @@ def test_job_writes_a_seg_per_dicom_case_and_lists_it(tmp_path: Path):
 
     catalog = Catalog(str(out))
     rows = catalog.cases().to_pylist()
-    assert sorted(r["kind"] for r in rows) == ["dicom_series", "dicom_series", "image"]
+    assert sorted(r["kind"] for r in rows) == ["dicom_series", "image"]
     assert all(r["status"] == "ok" for r in rows)
     for row in rows:
         if row["kind"] == "image":
