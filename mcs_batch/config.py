@@ -28,12 +28,41 @@ SAM_VIT_B_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec6
 
 
 @dataclass(frozen=True)
+class Code:
+    """A coded concept as DICOM writes it: code value, coding scheme designator, code meaning."""
+
+    value: str | int = "85756007"  # a string once built (YAML and --set read SNOMED codes as numbers)
+    scheme: str = "SCT"  # SNOMED CT; DCM for DICOM's own codes
+    meaning: str = "Tissue"
+
+    def __post_init__(self):
+        object.__setattr__(self, "value", str(self.value))
+        if not (str(self.value).strip() and str(self.scheme).strip() and str(self.meaning).strip()):
+            raise ConfigError(
+                f"targets.dicom_seg: code {self.value!r} ({self.scheme}, {self.meaning!r}) "
+                "needs a value, a scheme and a meaning"
+            )
+
+
+@dataclass(frozen=True)
+class SegmentCodes:
+    """How a target is described as a segment of a DICOM SEG (outputs.dicom_seg): its segmented property
+    category (CID 7150) and type (CID 7151). The defaults say no more than "tissue" (as 3D Slicer's generic
+    segment does); a lesion would be category 49755003 "Morphologically abnormal structure", type
+    108369006 "Neoplasm". Not part of the config hash: they label the result, they do not change it."""
+
+    category: Code = field(default_factory=Code)  # SCT 85756007 Tissue
+    type: Code = field(default_factory=Code)  # SCT 85756007 Tissue
+
+
+@dataclass(frozen=True)
 class TargetConfig:
     """One thing to segment, with its prompt set and post-processing."""
 
     name: str = "target"  # used in output paths: letters, digits, '-' and '_' only
     prompts: tuple[str, ...] = ("a medical image",)
     coarse: PromptSettings = field(default_factory=PromptSettings)
+    dicom_seg: SegmentCodes = field(default_factory=SegmentCodes)  # coded concepts of its DICOM SEG segment
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
@@ -72,6 +101,7 @@ class OutputsConfig:
     metrics_port: int = 0  # > 0: the driver serves Prometheus metrics on this port (infra/ uses 9500)
     lock_wait_seconds: float = 0.0  # one writer per OUT: wait this long for another job's lease, then exit 2
     lock_ttl_seconds: float = 120.0  # a lease whose heartbeat (every 10 s) is older than this is free
+    dicom_seg: bool = False  # DICOM cases also get masks/<case_id>/<target>.seg.dcm (binary DICOM SEG)
 
 
 AUTO = "auto"
@@ -203,6 +233,8 @@ class JobConfig:
         tree = {k: v for k, v in self.to_dict().items() if k not in RUN_SECTIONS}
         defaults = ModelsConfig()
         tree["models"].update({key: getattr(defaults, key) for key in RUN_MODEL_KEYS})
+        for target in tree["targets"]:
+            target.pop("dicom_seg")  # labels of the SEG's segment, not of the method
         tree["preprocessing"] = PREPROCESSING_VERSION
         return tree
 

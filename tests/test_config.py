@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from mcs_batch.config import BIOMEDCLIP_HF, JobConfig, load_config
+from mcs_batch.config import BIOMEDCLIP_HF, Code, JobConfig, load_config
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.window import CTWindow
 from mcs_batch.models.visual_prompts import CoarseMethod
@@ -98,6 +98,27 @@ def test_weight_cache_and_device_do_not_change_the_hash():
     assert moved.models.cache_dir == "/elsewhere" and moved.hash() == base.hash() == "603cb583a52abbf9"
     assert load_config(preset="tiny", overrides=["models.sam_precision=bf16"]).hash() != base.hash()
     assert load_config(preset="tiny", overrides=["models.sam_sha256=" + "ab" * 32]).hash() != base.hash()
+
+
+def test_dicom_seg_settings_label_the_result_and_leave_the_hash(tmp_path):
+    """outputs.dicom_seg and targets[].dicom_seg (SEG segment codes) do not change the results."""
+    base = load_config(preset="tiny")
+    assert base.outputs.dicom_seg is False
+    assert base.targets[0].dicom_seg.category == base.targets[0].dicom_seg.type == Code("85756007", "SCT", "Tissue")
+    (tmp_path / "job.yaml").write_text(
+        "outputs: {dicom_seg: true}\n"
+        "targets:\n  - name: nodule\n    prompts: [a lung nodule]\n    dicom_seg:\n"
+        "      category: {value: 49755003, meaning: Morphologically abnormal structure}\n"
+        "      type: {value: 27925004, scheme: SCT, meaning: Nodule}\n"
+    )  # fmt: skip
+    cfg = load_config(tmp_path / "job.yaml", preset="tiny", overrides=["targets.0.dicom_seg.type.value=108369006"])
+    codes = cfg.targets[0].dicom_seg
+    assert cfg.outputs.dicom_seg and codes.category == Code("49755003", "SCT", "Morphologically abnormal structure")
+    assert codes.type == Code("108369006", "SCT", "Nodule")  # numbers from YAML and --set become strings
+    same_method = load_config(preset="tiny", prompts=["a lung nodule"], target="nodule")
+    assert cfg.hash() == same_method.hash()
+    with pytest.raises(ConfigError, match=r"targets\.dicom_seg: code"):
+        load_config(overrides=["targets.0.dicom_seg.type.meaning="])
 
 
 def test_command_line_inputs_and_out_are_config_fields():

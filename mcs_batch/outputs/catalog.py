@@ -282,6 +282,10 @@ class Catalog:
         base = self.path(MASKS_DIR, case_id, target)
         return base + ".nii.gz", base + ".png"
 
+    def seg_path(self, case_id: str, target: str) -> str:
+        """Path of a mask's DICOM SEG (beside its NIfTI); built from the case id and target name only."""
+        return self.path(MASKS_DIR, case_id, target) + ".seg.dcm"
+
     def commit(
         self,
         run_id: str,

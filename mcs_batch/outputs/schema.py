@@ -38,9 +38,9 @@ def manifest_table(rows: list[dict]) -> pa.Table:
     return table_from_rows(rows, MANIFEST_SCHEMA)
 
 
-# 2: cases.uncertainty, cases.uncertainty_spread; 3: cases.attempts, retryable, history, instances (null in
-# older parts)
-CATALOG_SCHEMA_VERSION = "3"
+# 2: cases.uncertainty, cases.uncertainty_spread; 3: cases.attempts, retryable, history, instances;
+# 4: cases.seg_uri (columns a version added read as null in older parts)
+CATALOG_SCHEMA_VERSION = "4"
 
 # One row per (case, target): the contract with curation teams (see README).
 CASES_SCHEMA = pa.schema(
@@ -62,6 +62,7 @@ CASES_SCHEMA = pa.schema(
         pa.field("affine", pa.list_(pa.float64())),
         pa.field("mask_uri", pa.string()),
         pa.field("mask_png_uri", pa.string()),
+        pa.field("seg_uri", pa.string()),  # masks/<case_id>/<target>.seg.dcm (outputs.dicom_seg, DICOM cases)
         pa.field("mask_voxels", pa.int64()),
         pa.field("mask_volume_ml", pa.float64()),
         pa.field("n_components", pa.int32()),

@@ -32,6 +32,16 @@ from mcs_batch.faults import worker_crash_hook
 from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.assemble import assemble_target, base_case_row, failed_from_slices, status_of
 from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.dicom_seg import (
+    SEG_KINDS,
+    Algorithm,
+    build_segmentation,
+    read_source_headers,
+    safe_reason,
+    seg_bytes,
+    seg_uids,
+    voxels_without_source,
+)
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
 from mcs_batch.outputs.schema import SLICES_SCHEMA, table_from_rows
 from mcs_batch.records import CaseRecord, Status
@@ -123,6 +133,7 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
     tiny = any(bool(r.get("models_tiny")) for r in slices.values())
     case_rows, slice_rows = [], []
     case_failed = status == Status.FAILED
+    seg_sources = _SegSources(record, storage) if cfg.outputs.dicom_seg and record.kind in SEG_KINDS else None
     for j, target in enumerate(cfg.targets):
         if target.name in done:
             continue
@@ -131,7 +142,7 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
             row["error_code"], row["error_message"] = error
         if status == Status.OK:
             try:
-                slice_rows.extend(_write_masks(record, slices, j, row, cfg, catalog, tiny))
+                slice_rows.extend(_write_masks(record, slices, j, row, cfg, catalog, tiny, seg_sources))
             except Exception as e:  # one unwritable target must not stop the job
                 message = f"writing masks of {record.case_id}/{target.name}: {type(e).__name__}: {e}"
                 row.update(status=Status.FAILED, error_code=ErrorCode.INTERNAL_ERROR, error_message=message)
@@ -151,9 +162,17 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
 
 
 def _write_masks(
-    record: CaseRecord, slices: dict[int, dict], j: int, row: dict, cfg: JobConfig, catalog: Catalog, tiny: bool
+    record: CaseRecord,
+    slices: dict[int, dict],
+    j: int,
+    row: dict,
+    cfg: JobConfig,
+    catalog: Catalog,
+    tiny: bool,
+    seg_sources: _SegSources | None = None,
 ) -> list[dict]:
-    """Masks of target j (NIfTI in the source geometry; PNG too for 2D), its row fields; slice rows."""
+    """Masks of target j (NIfTI in the source geometry; PNG too for 2D; a DICOM SEG when asked), its
+    row fields; slice rows."""
     target = cfg.targets[j]
     built = assemble_target(record, slices, j, cfg)
     affine = np.asarray(record.affine, float).reshape(4, 4)
@@ -165,7 +184,49 @@ def _write_masks(
         row["mask_png_uri"] = catalog.fs.unstrip_protocol(png_path)
     any_slice = next(iter(slices.values()), {})
     row.update(built.case_row, clip_sha256=any_slice.get("clip_sha256"), sam_sha256=any_slice.get("sam_sha256"))
+    if seg_sources is not None:
+        _write_seg(built.mask, record, j, row, cfg, catalog, seg_sources, tiny)
     return built.slice_rows
+
+
+class _SegSources:
+    """A case's source headers, read once (on first use) for all its targets' SEGs."""
+
+    def __init__(self, record: CaseRecord, storage: StorageOptions | None):
+        self.record, self.storage = record, storage
+        self.headers: list | None = None
+
+    def get(self) -> list:
+        if self.headers is None:
+            self.headers = read_source_headers(self.record.source_uris, storage=self.storage)
+        return self.headers
+
+
+def _write_seg(
+    mask: np.ndarray, record: CaseRecord, j: int, row: dict, cfg: JobConfig, catalog: Catalog, sources: _SegSources,
+    tiny: bool,
+) -> None:  # fmt: skip
+    """The DICOM SEG of target j beside its NIfTI (seg_uri). A SEG that cannot be made leaves the mask
+    and the row ok, with seg_uri null and a `dicom_seg:` warning naming why (no header values)."""
+    target = cfg.targets[j]
+    try:
+        series_uid, sop_uid = seg_uids(str(row["run_id"]), record.case_id, target.name)
+        parameters = {"config_hash": row["config_hash"], "clip_sha256": row.get("clip_sha256") or "",
+                      "sam_sha256": row.get("sam_sha256") or ""}  # fmt: skip
+        seg = build_segmentation(
+            mask, record, sources.get(), label=target.name, codes=target.dicom_seg,
+            algorithm=Algorithm(parameters=parameters), series_uid=series_uid, sop_uid=sop_uid,
+            instance_number=j + 1, tiny=tiny,
+        )  # fmt: skip
+        path = catalog.seg_path(record.case_id, target.name)
+        catalog.write_bytes(path, seg_bytes(seg))
+        row["seg_uri"] = catalog.fs.unstrip_protocol(path)
+        lost = voxels_without_source(mask, record)
+        if lost:
+            row["warnings"] = [*row["warnings"], f"dicom_seg: {lost} mask voxels on slices no source image holds"]
+    except Exception as e:  # the NIfTI mask stands; the SEG is an extra
+        reason = safe_reason(e, sources.headers or ())
+        row["warnings"] = [*row["warnings"], f"dicom_seg: not written ({reason})"]
 
 
 def assemble_cases(cases: list[dict], *, cfg: JobConfig, storage: StorageOptions | None, run_id: str) -> dict:

@@ -89,6 +89,7 @@ def write_series(
         ds.SOPInstanceUID = sop_uid
         ds.StudyInstanceUID = study_uid
         ds.SeriesInstanceUID = series_uid
+        ds.FrameOfReferenceUID = synthetic_uid(series_seed + "/frame-of-reference")
         ds.Modality = modality
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         ds.InstanceNumber = 1000 - file_no  # deliberately unrelated to position

@@ -1,0 +1,234 @@
+"""DICOM SEG of a mask: a binary Segmentation (highdicom) that references the case's source objects.
+
+One SEG per (DICOM case, target), one segment (the target) in it:
+- a series of single-frame slices: one SEG frame per source instance, in source_uris order, with the
+  instance's SOP instance UID in its derivation (source image) reference and its plane position;
+- a multi-frame object: one SEG frame per source frame (frame n shows mask slice slice_index[n]);
+  only objects whose frames carry patient positions (a volume), others are refused with SegRefused;
+- a 2D DICOM image: one frame.
+
+The mask arrives as the NIfTI mask does: uint8 [I, J, K] in the source's stored grid (i along a DICOM
+row, j down a column, k = slice order), so SEG frame n is `mask[:, :, k_n].T` ([rows, columns]).
+Slice positions between source slices (gaps that io/geometry.layout_slices fills) have no source
+instance and no frame. An all-empty mask is written with every frame present and empty (highdicom
+cannot omit every frame); otherwise empty frames are omitted, as usual for SEG.
+
+The SEG takes the patient and study modules from its sources (highdicom copies them): it must
+reference the patient. Nothing read here leaves this module except inside the SEG: warnings from
+highdicom and pydicom (which can quote header values) are swallowed, and `safe_reason` removes
+patient attribute values from error messages before they reach a catalog row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import numpy as np
+import pydicom
+from pydicom.uid import generate_uid
+
+from mcs_batch.config import Code, SegmentCodes
+from mcs_batch.io.storage import StorageOptions, filesystem_for
+from mcs_batch.records import CaseKind, CaseRecord
+
+SEG_KINDS = (CaseKind.DICOM_SERIES, CaseKind.DICOM_MULTIFRAME, CaseKind.DICOM_IMAGE)
+SEG_SERIES_NUMBER = 9000  # series number of every SEG this writes (one SEG series per case and run)
+MANUFACTURER = "mcs-batch"
+# Header attributes whose values must never leave the SEG (error messages are scrubbed of them).
+PATIENT_KEYWORDS = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "OtherPatientIDs", "OtherPatientNames",
+    "PatientAddress", "PatientMotherBirthName", "PatientTelephoneNumbers", "IssuerOfPatientID",
+    "ReferringPhysicianName", "AccessionNumber", "InstitutionName",
+)  # fmt: skip
+
+
+# Type 2 attributes (present, may be empty) that highdicom copies from the first source; archives that
+# dropped them (anonymised exports, synthetic series) get them empty rather than no SEG.
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
+                 "StudyDate", "StudyTime")  # fmt: skip
+
+
+class SegRefused(Exception):
+    """This case cannot have a SEG that references its sources (the message names why, no header text)."""
+
+
+@dataclass
+class Algorithm:
+    """Who made the segment: name, version and parameters (model digests, config hash)."""
+
+    name: str = MANUFACTURER
+    version: str = ""  # default: the installed mcs-batch's version
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not self.version:
+            try:
+                self.version = metadata.version("mcs-batch")
+            except metadata.PackageNotFoundError:
+                self.version = "unknown"
+
+
+def seg_uids(run_id: str, case_id: str, target: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID): one SEG series per case and run, one instance per target.
+    Derived from the run, so a rerun after a crash rewrites the same objects and another run never
+    reuses them."""
+    series = generate_uid(entropy_srcs=["mcs-batch seg series", run_id, case_id])
+    return series, generate_uid(entropy_srcs=["mcs-batch seg instance", run_id, case_id, target])
+
+
+def read_source_headers(uris: Sequence[str], *, storage: StorageOptions | None) -> list[pydicom.Dataset]:
+    """The sources' headers (everything before Pixel Data), in `uris` order, through fsspec (local, s3://)."""
+    headers = []
+    for uri in uris:
+        fs, path = filesystem_for(uri, storage)
+        with fs.open(path, "rb") as f, _quiet():
+            headers.append(pydicom.dcmread(f, stop_before_pixels=True, force=True))
+    return headers
+
+
+def source_frames(mask: np.ndarray, record: CaseRecord) -> np.ndarray:
+    """uint8 [N, rows, columns]: frame n is the mask plane of source instance n (series), of source
+    frame n + 1 (multi-frame), or the one plane (2D image). mask: uint8 [I, J, K], stored grid."""
+    if mask.ndim != 3 or record.shape is None or list(mask.shape) != list(record.shape):
+        raise SegRefused(f"mask shape {list(mask.shape)} is not the case's {record.shape}")
+    ks = [0] if record.kind == CaseKind.DICOM_IMAGE else list(record.slice_index or range(mask.shape[2]))
+    return np.ascontiguousarray(np.stack([mask[:, :, k].T for k in ks]).astype(np.uint8))
+
+
+def voxels_without_source(mask: np.ndarray, record: CaseRecord) -> int:
+    """Mask voxels on slice positions no source object holds (gaps in a series): not in the SEG."""
+    return int(mask.sum()) - int(source_frames(mask, record).sum())
+
+
+def _check_sources(record: CaseRecord, sources: Sequence[pydicom.Dataset], frames: np.ndarray) -> None:
+    if record.kind not in SEG_KINDS:
+        raise SegRefused(f"{record.kind} is not a DICOM image case")
+    expected = len(frames) if record.kind == CaseKind.DICOM_SERIES else 1
+    if len(sources) != expected:
+        raise SegRefused(f"{len(sources)} source objects for {expected} expected")
+    for ds in sources:
+        if (int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)) != frames.shape[1:]:
+            raise SegRefused(f"source image size differs from the mask's {list(frames.shape[1:])} (rows, columns)")
+    if record.kind == CaseKind.DICOM_SERIES and "FrameOfReferenceUID" not in sources[0]:
+        raise SegRefused("series without a frame of reference")
+    if record.kind == CaseKind.DICOM_MULTIFRAME:
+        groups = sources[0].get("PerFrameFunctionalGroupsSequence")
+        if "FrameOfReferenceUID" not in sources[0] or not groups or len(groups) != len(frames):
+            raise SegRefused("multi-frame object without a frame of reference and per-frame positions")
+
+
+def _code(code: Code):
+    from highdicom.sr import CodedConcept
+
+    return CodedConcept(value=code.value, scheme_designator=code.scheme, meaning=code.meaning)
+
+
+def _content_label(label: str) -> str:
+    """A DICOM CS value (upper case, digits, '_', at most 16 characters)."""
+    return re.sub(r"[^A-Z0-9_]", "_", label.upper())[:16] or "SEGMENTATION"
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """highdicom and pydicom warn with header values (a patient name that looks odd): not in our logs."""
+    logger = logging.getLogger("highdicom")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def build_segmentation(
+    mask: np.ndarray,
+    record: CaseRecord,
+    sources: Sequence[pydicom.Dataset],
+    *,
+    label: str,
+    codes: SegmentCodes,
+    algorithm: Algorithm,
+    series_uid: str,
+    sop_uid: str,
+    instance_number: int = 1,
+    tiny: bool = False,
+) -> pydicom.Dataset:
+    """A binary DICOM SEG (highdicom.seg.Segmentation) of `mask` over `sources` (headers suffice: the
+    case's source objects in source_uris order). mask: uint8 / bool [I, J, K] in the stored grid, 0/1.
+    label: the segment's label (the target name); codes: its property category and type. Raises
+    SegRefused when the sources cannot be referenced frame by frame."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes as dcm_codes
+
+    frames = source_frames(np.asarray(mask) > 0, record)
+    _check_sources(record, sources, frames)
+    for keyword in _TYPE2_COPIED:
+        if keyword not in sources[0]:
+            setattr(sources[0], keyword, None)
+    dy_dx = [float(record.spacing_mm[1]), float(record.spacing_mm[0])]  # PixelSpacing: between rows, columns
+    thickness = float(sources[0].get("SliceThickness") or 0) or float(record.spacing_mm[2])
+    segment = hd.seg.SegmentDescription(
+        segment_number=1,
+        segment_label=label[:64],
+        segmented_property_category=_code(codes.category),
+        segmented_property_type=_code(codes.type),
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name=algorithm.name,
+            version=algorithm.version,
+            family=dcm_codes.cid7162.ArtificialIntelligence,
+            parameters={k: v for k, v in algorithm.parameters.items() if v} or None,
+        ),
+    )
+    description = "mcs-batch, TINY random models: meaningless" if tiny else "mcs-batch text-prompted segmentation"
+    with _quiet():
+        return hd.seg.Segmentation(
+            source_images=list(sources),
+            pixel_array=frames if len(frames) > 1 else frames[0],
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=[segment],
+            series_instance_uid=series_uid,
+            series_number=SEG_SERIES_NUMBER,
+            sop_instance_uid=sop_uid,
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version,
+            device_serial_number="0",
+            content_label=_content_label(label),
+            content_description=description,
+            pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=dy_dx, slice_thickness=thickness),
+            omit_empty_frames=bool(frames.any()),  # all empty: every frame kept (none cannot be encoded)
+        )
+
+
+def seg_bytes(seg: pydicom.Dataset) -> bytes:
+    """The SEG as a DICOM file (preamble and file meta)."""
+    buffer = io.BytesIO()
+    with _quiet():
+        seg.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def safe_reason(error: BaseException, sources: Sequence[pydicom.Dataset] = ()) -> str:
+    """`Type: message` of an error, with the values of the sources' patient attributes cut out."""
+    text = f"{type(error).__name__}: {error}"
+    for ds in sources:
+        for keyword in PATIENT_KEYWORDS:
+            value = ds.get(keyword)
+            for part in value if isinstance(value, pydicom.multival.MultiValue) else [value]:
+                if part is None:
+                    continue
+                for piece in sorted({str(part).strip(), *str(part).split("^")}, key=len, reverse=True):
+                    if len(piece.strip()) >= 2:
+                        text = text.replace(piece.strip(), "<redacted>")
+    return text[:500]

@@ -1,0 +1,242 @@
+"""DICOM SEG output: read back with highdicom and pydicom, against the sources and the NIfTI mask.
+
+Real files, no mocks: pydicom's shipped CT series, a synthetic oblique series, an enhanced CT
+multi-frame and an ultrasound image (pydicom-data). Records come from the job's own discovery code.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pydicom
+import pytest
+
+from mcs_batch.config import Code, SegmentCodes
+from mcs_batch.io.dicom_header import read_dicom_header
+from mcs_batch.io.series import cases_from_headers
+from mcs_batch.io.volume import LPS_TO_RAS
+from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.dicom_seg import (
+    Algorithm,
+    SegRefused,
+    build_segmentation,
+    read_source_headers,
+    safe_reason,
+    seg_bytes,
+    seg_uids,
+    voxels_without_source,
+)
+from mcs_batch.outputs.masks import nifti_bytes
+from mcs_batch.outputs.schema import CASES_SCHEMA
+from mcs_batch.records import CaseKind, CaseRecord, Status
+from mcs_batch.testdata.series import oblique_orientation, write_series
+
+PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
+NEOPLASM = SegmentCodes(
+    category=Code("49755003", "SCT", "Morphologically abnormal structure"), type=Code("108369006", "SCT", "Neoplasm")
+)
+
+
+def _data_store_file(name: str) -> Path:
+    import data_store  # the pydicom-data package
+
+    return Path(data_store.__file__).parent / "data" / name
+
+
+def _record(paths: list[Path]) -> CaseRecord:
+    """The one ok case the job's discovery makes of these files."""
+    headers = []
+    for p in paths:
+        with open(p, "rb") as f:
+            headers.append(read_dicom_header(f, uri=p.as_uri(), rel=p.name, size=p.stat().st_size))
+    records = [r for r in cases_from_headers(headers) if r.status == Status.OK]
+    assert len(records) == 1
+    return records[0]
+
+
+def _mask(record: CaseRecord, *, seed: int = 0) -> np.ndarray:
+    """uint8 [I, J, K]: a lopsided blob on some slices, others empty (so frames are omitted)."""
+    i, j, k = record.shape
+    rng = np.random.default_rng(seed)
+    mask = (rng.random((i, j, k)) > 0.7).astype(np.uint8)
+    mask[: i // 3] = 0  # asymmetric in i and j: a transposed frame would not match
+    mask[:, : j // 4] = 0
+    if k > 2:
+        mask[:, :, 0] = 0
+    return mask
+
+
+def _write(tmp_path: Path, mask, record, **kw) -> tuple[Path, np.ndarray]:
+    """The SEG file and the NIfTI mask as read back from its own file."""
+    sources = read_source_headers(record.source_uris, storage=None)
+    series_uid, sop_uid = seg_uids("run-1", record.case_id, "lesion")
+    seg = build_segmentation(
+        mask, record, sources, label="lesion", codes=kw.pop("codes", NEOPLASM), series_uid=series_uid,
+        sop_uid=sop_uid, algorithm=Algorithm(parameters={"config_hash": "abc123", "sam_sha256": "ab" * 32}), **kw,
+    )  # fmt: skip
+    path = tmp_path / "lesion.seg.dcm"
+    path.write_bytes(seg_bytes(seg))
+    nifti = tmp_path / "lesion.nii.gz"
+    nifti.write_bytes(nifti_bytes(mask, np.asarray(record.affine).reshape(4, 4)))
+    return path, np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(nifti.read_bytes())).dataobj)
+
+
+def _check_series_seg(path: Path, record: CaseRecord, nifti_mask: np.ndarray) -> None:
+    """Frames reference the right instances at the right positions; the SEG decodes to the NIfTI mask."""
+    sources = [pydicom.dcmread(u.removeprefix("file://"), stop_before_pixels=True) for u in record.source_uris]
+    k_of_sop = {ds.SOPInstanceUID: k for ds, k in zip(sources, record.slice_index, strict=True)}
+    ipp_of_sop = {ds.SOPInstanceUID: [float(v) for v in ds.ImagePositionPatient] for ds in sources}
+    affine_lps = np.linalg.inv(LPS_TO_RAS) @ np.asarray(record.affine).reshape(4, 4)
+
+    raw = pydicom.dcmread(path)
+    assert raw.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and raw.Modality == "SEG"
+    assert raw.SegmentationType == "BINARY"
+    assert raw.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+    assert raw.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert raw.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+    assert {i.ReferencedSOPInstanceUID for i in raw.ReferencedSeriesSequence[0].ReferencedInstanceSequence} == set(
+        k_of_sop
+    )
+    non_empty_k = sorted({int(k) for k in np.nonzero(nifti_mask.any(axis=(0, 1)))[0]})
+    assert int(raw.NumberOfFrames) == len(non_empty_k)  # empty frames omitted
+    framed = []
+    for item in raw.PerFrameFunctionalGroupsSequence:
+        sop = item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        ipp = [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+        np.testing.assert_allclose(ipp, ipp_of_sop[sop], atol=1e-3)  # the source slice's position ...
+        np.testing.assert_allclose(ipp, (affine_lps @ [0, 0, k_of_sop[sop], 1])[:3], atol=1e-3)  # ... and k's
+        framed.append(k_of_sop[sop])
+    assert sorted(framed) == non_empty_k
+
+    seg = hd.seg.segread(path)
+    uids = [ds.SOPInstanceUID for ds in sources]
+    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1], assert_missing_frames_are_empty=True)
+    decoded = np.zeros_like(nifti_mask)
+    for frame, k in zip(pixels[..., 0], record.slice_index, strict=True):
+        decoded[:, :, k] = frame.T
+    np.testing.assert_array_equal(decoded, nifti_mask)
+
+    description = seg.get_segment_description(1)
+    assert description.segment_label == "lesion"
+    assert description.segmented_property_type == hd.sr.CodedConcept("108369006", "SCT", "Neoplasm")
+    assert description.segmented_property_category.value == "49755003"
+    algorithm = description.algorithm_identification[0]
+    assert algorithm.AlgorithmName == "mcs-batch" and algorithm.AlgorithmVersion
+    assert "config_hash=abc123" in algorithm.AlgorithmParameters
+
+
+def test_seg_of_pydicoms_real_ct_series(tmp_path):
+    folder = tmp_path / "ct"
+    shutil.copytree(PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N", folder)
+    record = _record(sorted(folder.iterdir()))
+    assert record.kind == CaseKind.DICOM_SERIES and record.shape[2] == 5
+    mask = _mask(record)
+    path, nifti_mask = _write(tmp_path, mask, record)
+    np.testing.assert_array_equal(nifti_mask, mask)
+    _check_series_seg(path, record, nifti_mask)
+    # the SEG references the patient: its patient module is the source's (by design, see README)
+    source = pydicom.dcmread(record.source_uris[0].removeprefix("file://"), stop_before_pixels=True)
+    assert pydicom.dcmread(path).PatientID == source.PatientID
+
+
+def test_seg_of_a_synthetic_oblique_series_with_shuffled_files(tmp_path):
+    paths = write_series(
+        tmp_path / "oblique", rows=20, cols=14, n_slices=7, pixel_spacing=(0.6, 0.9), slice_spacing=1.7,
+        orientation=oblique_orientation(25.0, 35.0), origin=(5.0, -12.0, 40.0),
+    )  # fmt: skip
+    record = _record(paths)
+    assert record.shape == [14, 20, 7]
+    assert [u.rsplit("/", 1)[1] for u in record.source_uris] != sorted(p.name for p in paths)  # files shuffled
+    path, nifti_mask = _write(tmp_path, _mask(record, seed=3), record)
+    _check_series_seg(path, record, nifti_mask)
+    raw = pydicom.dcmread(path)
+    orientation = raw.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    np.testing.assert_allclose([float(v) for v in orientation], oblique_orientation(25.0, 35.0), atol=1e-6)
+    spacing = raw.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].PixelSpacing
+    np.testing.assert_allclose([float(v) for v in spacing], [0.6, 0.9], atol=1e-6)
+
+
+def test_seg_of_a_series_with_a_gap_has_no_frame_there(tmp_path):
+    record = _record(write_series(tmp_path / "gap", n_slices=6, drop=[2]))
+    assert record.shape[2] == 6 and 2 not in record.slice_index
+    mask = np.ones(record.shape, np.uint8)
+    path, _ = _write(tmp_path, mask, record)
+    assert int(pydicom.dcmread(path).NumberOfFrames) == 5
+    assert voxels_without_source(mask, record) == record.shape[0] * record.shape[1]
+
+
+def test_an_empty_mask_gives_a_seg_with_every_frame_empty(tmp_path):
+    record = _record(write_series(tmp_path / "s", n_slices=4))
+    path, _ = _write(tmp_path, np.zeros(record.shape, np.uint8), record)
+    seg = hd.seg.segread(path)
+    assert int(seg.NumberOfFrames) == 4
+    uids = [pydicom.dcmread(u.removeprefix("file://")).SOPInstanceUID for u in record.source_uris]
+    assert not seg.get_pixels_by_source_instance(uids, segment_numbers=[1]).any()
+
+
+def test_seg_of_an_enhanced_multiframe_ct(tmp_path):
+    source = tmp_path / "ect.dcm"
+    shutil.copy(_data_store_file("eCT_Supplemental.dcm"), source)
+    record = _record([source])
+    assert record.kind == CaseKind.DICOM_MULTIFRAME and record.shape == [512, 512, 2]
+    mask = np.zeros(record.shape, np.uint8)
+    mask[300:340, 100:120, record.slice_index[1]] = 1  # source frame 2 only
+    path, nifti_mask = _write(tmp_path, mask, record, codes=SegmentCodes())
+    seg = hd.seg.segread(path)
+    sop = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    frames = seg.get_pixels_by_source_frame(sop, [1, 2], segment_numbers=[1], assert_missing_frames_are_empty=True)
+    for n, k in enumerate(record.slice_index):
+        np.testing.assert_array_equal(frames[n, ..., 0].T, nifti_mask[:, :, k])
+    raw = pydicom.dcmread(path)
+    assert int(raw.NumberOfFrames) == 1
+    reference = raw.PerFrameFunctionalGroupsSequence[0].DerivationImageSequence[0].SourceImageSequence[0]
+    assert reference.ReferencedSOPInstanceUID == sop and int(reference.ReferencedFrameNumber) == 2
+    assert seg.get_segment_description(1).segmented_property_type.meaning == "Tissue"  # the default codes
+
+
+def test_seg_of_a_2d_ultrasound_image(tmp_path):
+    source = tmp_path / "us.dcm"
+    shutil.copy(_data_store_file("US1_UNCR.dcm"), source)
+    record = _record([source])
+    assert record.kind == CaseKind.DICOM_IMAGE
+    mask = np.zeros(record.shape, np.uint8)
+    mask[200:260, 100:180, 0] = 1
+    path, nifti_mask = _write(tmp_path, mask, record)
+    seg = hd.seg.segread(path)
+    sop = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    pixels = seg.get_pixels_by_source_instance([sop], segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[0, ..., 0].T, nifti_mask[:, :, 0])
+
+
+def test_a_multiframe_without_positions_is_refused(tmp_path):
+    source = tmp_path / "mr.dcm"
+    shutil.copy(_data_store_file("emri_small.dcm"), source)
+    record = _record([source])
+    with pytest.raises(SegRefused, match="per-frame positions"):
+        _write(tmp_path, np.ones(record.shape, np.uint8), record)
+
+
+def test_error_reasons_carry_no_patient_values(tmp_path):
+    source = tmp_path / "ct.dcm"
+    shutil.copy(PYDICOM_FILES / "CT_small.dcm", source)
+    header = read_source_headers([source.as_uri()], storage=None)[0]
+    name, pid = str(header.PatientName), str(header.PatientID)
+    reason = safe_reason(ValueError(f"patient {name} ({pid}) and {name.split('^')[0]} differ"), [header])
+    assert name not in reason and pid not in reason and name.split("^")[0] not in reason
+    assert reason.startswith("ValueError: patient <redacted>")
+
+
+def test_catalog_parts_before_schema_4_read_seg_uri_as_null(tmp_path):
+    v3 = pa.schema([f for f in CASES_SCHEMA if f.name != "seg_uri"])
+    (tmp_path / "catalog" / "cases").mkdir(parents=True)
+    row = {"case_id": "c1", "target": "lesion", "status": "ok", "mask_uri": "file:///m.nii.gz"}
+    pq.write_table(pa.Table.from_pylist([row], schema=v3), tmp_path / "catalog" / "cases" / "part-old.parquet")
+    cases = Catalog(str(tmp_path)).cases().to_pylist()
+    assert cases == [{**{name: None for name in CASES_SCHEMA.names}, **row}]
