@@ -7,6 +7,7 @@ The library never reads credentials from the environment itself: the CLI builds 
 
 from __future__ import annotations
 
+import os
 import posixpath
 from dataclasses import dataclass, field
 
@@ -117,3 +118,14 @@ def arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.Fil
     """A pyarrow filesystem over the same fsspec filesystem (so S3 options apply identically)."""
     fs, path = filesystem_for(uri, storage)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def ray_train_storage(uri: str, storage: StorageOptions | None) -> tuple[str, pafs.FileSystem | None]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig: local paths as they are (absolute);
+    object stores through a pyarrow wrapper of the same fsspec filesystem (so endpoint and credentials
+    apply to checkpoints as to everything else)."""
+    if protocol_of(uri) in ("file", "local"):
+        path = uri[len("file://") :] if uri.startswith("file://") else uri
+        return os.path.abspath(os.path.expanduser(path)), None
+    fs, path = filesystem_for(uri, storage)
+    return path.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mcs_batch.errors import ConfigError
-from mcs_batch.io.storage import StorageOptions, filesystem_for, join, protocol_of
+from mcs_batch.io.storage import StorageOptions, filesystem_for, join, protocol_of, ray_train_storage
 from mcs_batch.models.biomedclip import CLIP_IMAGE_SIZE
 from mcs_batch.models.open_clip_folder import OPEN_CLIP_CONFIG
 from mcs_batch.models.weights import fetch
@@ -93,7 +93,7 @@ def finetune_clip(
     val_data = decoded(pairs, VAL, cfg.data, image_size=image_size, storage=storage, num_cpus=decode_cpus)
     val_data = val_data.materialize()  # decoded once, read by every worker at every evaluation
 
-    storage_path, storage_filesystem = _train_storage(cfg.run.storage_path, storage)
+    storage_path, storage_filesystem = ray_train_storage(cfg.run.storage_path, storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "storage": storage, "total_steps": total_steps},
@@ -196,18 +196,6 @@ def _image_size(folder: Path) -> int:
         return int(config["model_cfg"]["vision_cfg"].get("image_size", CLIP_IMAGE_SIZE))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{folder}: no readable {OPEN_CLIP_CONFIG} ({e})") from e
-
-
-def _train_storage(uri: str, storage: StorageOptions | None):
-    """(storage_path, storage_filesystem) for Ray Train: local paths as they are; object stores
-    through a pyarrow wrapper of the same fsspec filesystem (so endpoint and credentials apply)."""
-    if protocol_of(uri) in ("file", "local"):
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        return str(Path(path).expanduser().absolute()), None
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem_for(uri, storage)
-    return path.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def _first_line(e: BaseException) -> str:

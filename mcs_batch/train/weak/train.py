@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mcs_batch.errors import ConfigError
-from mcs_batch.io.storage import StorageOptions, filesystem_for, join, protocol_of
+from mcs_batch.io.storage import StorageOptions, filesystem_for, join, ray_train_storage
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.train.weak.config import WeakConfig
 from mcs_batch.train.weak.export import export_dataset, raw_folder
@@ -154,7 +154,7 @@ def _fit(cfg: WeakConfig, storage, config_hash: str) -> list[dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    storage_path, storage_filesystem = train_storage(join(cfg.work, "checkpoints"), storage)
+    storage_path, storage_filesystem = ray_train_storage(join(cfg.work, "checkpoints"), storage)
     trainer = TorchTrainer(
         member_loop,
         train_loop_config={"cfg": cfg, "storage": storage, "config_hash": config_hash},
@@ -221,18 +221,6 @@ def newest_checkpoint_state(cfg: WeakConfig, storage: StorageOptions | None) -> 
         return json.loads(fs.cat_file(states[-1])) if states else None
     except (OSError, ValueError) as e:
         raise ConfigError(f"{cfg.work}: cannot read the checkpoints of run {cfg.run.name} ({e})") from e
-
-
-def train_storage(uri: str, storage: StorageOptions | None):
-    """(storage_path, storage_filesystem) for Ray Train: local paths as they are; object stores through
-    a pyarrow wrapper of the same fsspec filesystem (so endpoint and credentials apply)."""
-    if protocol_of(uri) in ("file", "local"):
-        path = uri[len("file://") :] if uri.startswith("file://") else uri
-        return str(Path(path).expanduser().absolute()), None
-    import pyarrow.fs as pafs
-
-    fs, path = filesystem_for(uri, storage)
-    return path.rstrip("/"), pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def _read_json(uri: str, storage) -> dict | None:
