@@ -32,7 +32,7 @@ SECTIONS = ["summary", "counts", "failures", "distributions", "outliers", "sampl
 
 class Page(HTMLParser):
     """What the tests read from a report: section ids, images (with their section), case figures,
-    table rows per section, and all text."""
+    the tables of each section (lists of rows of cell texts), and all text."""
 
     def __init__(self, text: str):
         super().__init__()
@@ -50,6 +50,8 @@ class Page(HTMLParser):
             self.images.append((self._section, a))
         elif tag == "figure":
             self.figures.append((self._section, a["data-case-id"], a["data-target"]))
+        elif tag == "table":
+            self.tables.setdefault(self._section, []).append([])
         elif tag == "tr":
             self._row = []
         elif tag in ("td", "th"):
@@ -60,7 +62,7 @@ class Page(HTMLParser):
             self._row.append("".join(self._cell))
             self._cell = None
         elif tag == "tr":
-            self.tables.setdefault(self._section, []).append(self._row)
+            self.tables[self._section][-1].append(self._row)
             self._row = None
 
     def handle_data(self, data):
@@ -122,12 +124,17 @@ def test_the_report_has_its_sections_images_counts_and_cases(run):
     assert len(n_images) == len(summary.shown)
 
     # the numbers are the catalog's
-    status_rows = {r[0]: [int(v.replace(",", "")) for v in r[1:]] for r in page.tables["counts"][1:] if r[0] in
-                   ("ok", "failed", "skipped")}  # fmt: skip
+    status_rows = {r[0]: [int(v.replace(",", "")) for v in r[1:]] for r in page.tables["counts"][0][1:]}
     for status in ("ok", "failed", "skipped"):
         pairs = [r for r in catalog if r["status"] == status]
         assert status_rows[status] == [len(pairs), len({r["case_id"] for r in pairs})]
-    reasons = {(r[0], r[1]): (int(r[2]), r[3]) for r in page.tables["failures"][1:]}
+    kinds = {r[0]: [int(v) for v in r[1:]] for r in page.tables["counts"][1][1:]}
+    assert kinds == {k: [sum(r["kind"] == k for r in catalog), len({r["case_id"] for r in catalog if r["kind"] == k})]
+                     for k in {r["kind"] for r in catalog}}  # fmt: skip
+    targets = {r[0]: r[1:] for r in page.tables["counts"][2][1:]}
+    assert page.tables["counts"][2][0] == ["target", "failed", "ok", "skipped"]
+    assert targets == {TARGET: ["2", "7", "1"], f"{TARGET}@weak": ["0", "1", "0"]}
+    reasons = {(r[0], r[1]): (int(r[2]), r[3]) for r in page.tables["failures"][0][1:]}
     assert reasons == {("failed", "decode_error"): (2, "file:///in/broken0.png: truncated"),
                        ("skipped", "not_an_image"): (1, "in/rt.dcm: RTSTRUCT")}  # fmt: skip
     assert (summary.counts.pairs, summary.counts.cases) == (len(catalog), len(ids))
@@ -232,3 +239,34 @@ def test_the_report_of_an_s3_out(tmp_path: Path, s3_bucket, s3_server):
     assert page.sections == SECTIONS and summary.thumbnails > 0
     assert {c for _, c, _ in page.figures} <= {r["case_id"] for r in rows.values()}
     assert all(not s.problem for s in summary.shown)  # masks read from S3, sources from local disk
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_the_report_of_a_real_job_with_tiny_models(tmp_path: Path, capsys):
+    """A real job (tiny models) over PNGs, a DICOM series and a NIfTI, then `mcs-batch report`."""
+    import json
+
+    from mcs_batch.config import load_config
+    from mcs_batch.pipeline import run_job
+    from mcs_batch.query import query
+
+    src = write_inputs(tmp_path)
+    out = tmp_path / "out"
+    cfg = load_config(preset="tiny", prompts=["a bright lesion"], target=TARGET, overrides=[
+        f"inputs.uris={json.dumps([str(src)])}", f"outputs.uri={json.dumps(str(out))}",
+        f"models.cache_dir={tmp_path.parent / 'model-cache'}"])  # fmt: skip
+    run_job(cfg, progress=lambda message: None)
+    assert main(["report", str(out)]) == 0
+    uri = capsys.readouterr().out.strip().splitlines()[-1].removeprefix("written to ")
+    page = read_report(uri)
+    assert page.sections == SECTIONS
+    for _, img in page.images:
+        assert decode(img["src"]).size == (int(img["width"]), int(img["height"]))
+    _, by_status = query(str(out), "SELECT status, count(*), count(DISTINCT case_id) FROM cases GROUP BY 1")
+    table = {r[0]: [int(v.replace(",", "")) for v in r[1:]] for r in page.tables["counts"][0][1:]}
+    assert all(table[s] == [n, c] for s, n, c in by_status)
+    _, ids = query(str(out), "SELECT case_id, kind FROM cases WHERE status = 'ok'")
+    shown = {c for _, c, _ in page.figures}
+    assert shown and shown <= {c for c, _ in ids}
+    assert {k for c, k in ids if c in shown} == {"image", "dicom_series", "nifti"}  # 7 ok cases: all shown
+    assert "TINY RANDOM MODELS: 7 of 7 pair(s)" in " ".join(page.text)
