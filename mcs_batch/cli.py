@@ -157,6 +157,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from mcs_batch.report import write_report
+
+    if args.sample < 0:
+        raise ConfigError("report: --sample must be 0 or more")
+    summary = write_report(args.out, storage=storage_options(args), sample=args.sample, seed=args.seed,
+                           progress=progress)  # fmt: skip
+    print("\n".join(summary.lines()))
+    return EXIT_OK
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
     from mcs_batch.testdata.sample import build_sample_archive
 
@@ -268,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-width", type=int, default=0, help="cut table cells to this many characters (0: never)")
     add_common_args(p)
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("report", help="write a visual QC report (one HTML file) of a segment run to OUT/qc/")
+    p.add_argument("out", help="output folder or URI of a segment run")
+    p.add_argument("--sample", type=int, default=12, help="randomly sampled ok pairs to show (default: 12)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random sample (default: 0)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sample", help="write the small real sample archive to a folder")
     p.add_argument("dest", help="destination folder (replaced)")

@@ -19,9 +19,11 @@ PACKAGE = Path(mcs_batch.__file__).parent
 
 # The allowed order, top to bottom, written once. Each entry: floor name, module prefixes on it
 # (relative to mcs_batch; the longest matching prefix places a module).
+# fmt: off
 FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("cli", ("cli", "cli_common", "eval.cli", "train.cli")),
-    ("apps", ("pipeline", "archive", "explain", "scan", "query", "eval", "train", "testdata", "cluster", "telemetry")),
+    ("apps", ("pipeline", "archive", "explain", "scan", "query", "report", "eval", "train", "testdata", "cluster",
+              "telemetry")),
     ("stages", ("stages",)),
     ("outputs", ("outputs",)),
     ("config", ("config",)),
@@ -29,6 +31,7 @@ FLOORS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("io", ("io",)),
     ("vocabulary", ("records", "rows", "errors", "seeding", "faults", "yaml_config")),
 )
+# fmt: on
 
 
 def module_names() -> dict[str, Path]:
