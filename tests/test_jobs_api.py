@@ -260,13 +260,13 @@ def test_the_shipped_rayjob_entrypoint_runs_through_the_jobs_api(ray_head, tmp_p
          "--working-dir", str(REPO), "--", *argv],
         env=ray_head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
-    scraped = []  # the driver's metrics server, seen while the job runs
+    scraped, errors = [], set()  # the driver's metrics server, seen while the job runs
     while submit.poll() is None and time.monotonic() - started < JOB_TIMEOUT_S:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
                 scraped.append(r.read().decode())
-        except OSError:
-            pass
+        except OSError as e:
+            errors.add(str(e))
         time.sleep(0.5)
     if submit.poll() is None:
         submit.kill()
@@ -276,7 +276,9 @@ def test_the_shipped_rayjob_entrypoint_runs_through_the_jobs_api(ray_head, tmp_p
 
     status, info = _http(f"{ray_head.address}/api/jobs/{submission_id}", ray_head.token)
     assert status == 200 and json.loads(info)["status"] == "SUCCEEDED", info
-    assert any("mcs_batch_slices_total" in text for text in scraped), "the job serves its metrics while it runs"
+    said = _ray_job(ray_head, "status", "--address", ray_head.address, submission_id, timeout=120)  # README's
+    assert said.returncode == 0 and f"Job '{submission_id}' succeeded" in said.stdout, said.stdout + said.stderr
+    assert any("mcs_batch_slices_total" in text for text in scraped), f"no metrics while it ran: {errors}"
 
     cases = pd.read_parquet(out / "catalog" / "cases")
     assert sorted(k.split("/")[0] for k in cases["source_keys"].map(lambda keys: keys[0])) == [
