@@ -133,8 +133,17 @@ def run_segment(cfg, *, storage: StorageOptions, retry_failed: bool) -> int:
     return EXIT_OK
 
 
+def _require_inputs_and_out(cfg):
+    """A job file names what to segment, never where a site's archive is: said before Ray starts."""
+    if not cfg.inputs.uris:
+        raise ConfigError("inputs.uris: no inputs given (INPUT..., or --set 'inputs.uris=[s3://bucket/prefix/]')")
+    if not cfg.outputs.uri:
+        raise ConfigError("outputs.uri: no output folder given (--out OUT, or --set outputs.uri=s3://bucket/prefix)")
+    return cfg
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
-    cfg = _job_config(args)
+    cfg = _require_inputs_and_out(_job_config(args))
     storage = storage_options(args)
     start_ray(args)
     return run_segment(cfg, storage=storage, retry_failed=args.retry_failed)

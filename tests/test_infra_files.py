@@ -341,3 +341,23 @@ def test_the_rayjob_lets_its_model_actors_ask_for_every_gpu_the_cluster_may_laun
     from mcs_batch.config import load_config
 
     assert load_config(REPO / argv[argv.index("--config") + 1], overrides=[f"resources.gpus={sets['resources.gpus']}"])
+
+
+def test_the_rayjob_leaves_a_site_only_its_inputs_and_outputs_and_serves_metrics_where_prometheus_looks():
+    """The entrypoint is complete but for the SITE placeholders (tests/test_jobs_api.py runs it), and the
+    nightly job's metrics port is the head's declared "mcs-metrics" port and the launcher's scrape target."""
+    from mcs_batch.config import load_config
+
+    rayjob = _one(KUBERAY / "rayjob.yaml", "RayJob")["spec"]
+    argv = shlex.split(rayjob["entrypoint"])
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(REPO / argv[argv.index("--config") + 1], overrides=sets)
+    assert cfg.inputs.uris and all("SITE-" in uri for uri in cfg.inputs.uris)
+    assert "SITE-" in cfg.outputs.uri
+    assert "SITE-" not in " ".join(a for a in sets if not a.startswith(("inputs.uris=", "outputs.uri=")))
+    head = rayjob["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    (declared,) = [p["containerPort"] for p in head["ports"] if p["name"] == "mcs-metrics"]
+    assert cfg.outputs.metrics_port == declared
+    vm = yaml.safe_load((INFRA / "prometheus" / "prometheus-vm.yml").read_text())
+    targets = [t for job in vm["scrape_configs"] for c in job.get("static_configs", []) for t in c["targets"]]
+    assert f"localhost:{declared}" in targets
