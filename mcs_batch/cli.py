@@ -200,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cache = Path(os.path.expanduser(load_config().models.cache_dir))
     real = MODEL_PRESETS["real"]
     cached = all((cache / cache_key(real[k])).exists() for k in ("models.clip", "models.sam"))
-    preset = args.models or ("real" if cached else "tiny")
+    preset = args.models or (None if args.config else "real" if cached else "tiny")  # a file names its weights
     if preset == "tiny":
         progress("no real weights configured or cached: using TINY random models (masks are meaningless); "
                   "`mcs-batch weights fetch --models real` where the network allows")  # fmt: skip

@@ -271,16 +271,16 @@ def load_config(
     inputs: list[str] | tuple[str, ...] = (),
     out: str | None = None,
 ) -> JobConfig:
-    """Defaults <- preset <- YAML file <- prompts / target / inputs / out (the command line's
-    arguments) <- --set overrides, validated."""
+    """Defaults <- YAML file <- the command line's arguments (preset, prompts / target, inputs, out)
+    <- --set overrides, validated. An explicit `--models tiny` wins over the file's weights."""
     tree: dict = JobConfig().to_dict()  # complete, so that --set can address any key (targets.0.name)
+    if path is not None:
+        merge(tree, read_yaml_file(path))
     if preset is not None:
         if preset not in MODEL_PRESETS:
             raise ConfigError(f"--models {preset!r}: choose from {', '.join(MODEL_PRESETS)} or use a config file")
         for key, value in MODEL_PRESETS[preset].items():
             set_path(tree, key, value)
-    if path is not None:
-        merge(tree, read_yaml_file(path))
     if prompts:
         tree["targets"] = [{"name": target or "target", "prompts": list(prompts)}]
     if inputs:

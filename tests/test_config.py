@@ -11,6 +11,8 @@ from mcs_batch.errors import ConfigError
 from mcs_batch.io.window import CTWindow
 from mcs_batch.models.visual_prompts import CoarseMethod
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_defaults_are_the_method_defaults():
     cfg = load_config()
@@ -141,3 +143,11 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path: Path):
     assert load_config(overrides=["m2ib.lr=2e-1"]).m2ib.lr == 0.2
     with pytest.raises(ConfigError, match=r"m2ib\.lr: expected a number"):
         load_config(overrides=["m2ib.lr=fast"])
+
+
+def test_an_explicit_model_preset_wins_over_the_config_file(tmp_path):
+    shipped = REPO / "jobs" / "configs" / "lung_ct.yaml"  # names the real weights
+    assert load_config(shipped).models.clip != "tiny"
+    cfg = load_config(shipped, preset="tiny")  # `--config lung_ct.yaml --models tiny`: a smoke run, not a download
+    assert (cfg.models.clip, cfg.models.sam, cfg.m2ib.layer) == ("tiny", "tiny", 4)
+    assert load_config(shipped, preset="tiny", overrides=["m2ib.layer=2"]).m2ib.layer == 2  # --set still last
