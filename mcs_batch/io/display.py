@@ -1,12 +1,13 @@
 """The display orientation: how a case's voxels are laid out when its slices reach the models.
 
-NIfTI volumes (K > 1) are reoriented to the closest L, P, S axes (nibabel's axis codes: i runs towards
-the patient's left, j towards posterior, k towards superior), the layout of a standard axial DICOM
-series. Slice axis 2 is then axial, 1 coronal, 0 sagittal, and an axial slice as shown (`volume.plane`:
-H along j, W along i) is what its DICOM twin's frame shows: the radiological view, the patient's right
-on the image's left, anterior at the top. So a volume stored RAS, LPS or with permuted axes gives the
-models the same images. DICOM cases are shown as stored (an axial series already is L, P, S; other
-acquisitions keep their own plane), 2D images as they are.
+Volumes (K > 1: NIfTI files, DICOM series and multi-frame objects) are reoriented to the closest L, P,
+S axes (nibabel's axis codes: i runs towards the patient's left, j towards posterior, k towards
+superior), the layout of a standard axial DICOM series, which is therefore shown as stored (and read
+chunk by chunk). Slice axis 2 is then axial, 1 coronal, 0 sagittal, and an axial slice as shown
+(`volume.plane`: H along j, W along i) is the radiological view: the patient's right on the image's
+left, anterior at the top. So a volume stored RAS, LPS or with permuted axes, a sagittal or a
+feet-first DICOM acquisition and its NIfTI twin give the models the same images. 2D images (K = 1)
+are shown as they are.
 
 Records keep the stored shape and affine, and masks are written in the stored grid: whatever is built
 in the display grid goes back through `to_stored` before it is written.
@@ -24,12 +25,20 @@ DISPLAY_AXCODES = ("L", "P", "S")
 _DISPLAY_ORNT = axcodes2ornt(DISPLAY_AXCODES)
 
 
+VOLUME_KINDS = (CaseKind.NIFTI, CaseKind.DICOM_SERIES, CaseKind.DICOM_MULTIFRAME)
+
+
 def _stored_ornt(record: CaseRecord) -> np.ndarray | None:
     """nibabel orientation of the stored axes, or None when the case is shown as stored."""
-    if record.kind != CaseKind.NIFTI or record.shape is None or record.shape[2] == 1:
+    if record.kind not in VOLUME_KINDS or record.shape is None or record.shape[2] == 1 or record.affine is None:
         return None
     stored = io_orientation(np.asarray(record.affine, float).reshape(4, 4))
     return None if np.array_equal(stored, _DISPLAY_ORNT) else stored
+
+
+def reoriented(record: CaseRecord) -> bool:
+    """Whether the case's display grid differs from its stored one (then it is loaded whole)."""
+    return _stored_ornt(record) is not None
 
 
 def display_shape(record: CaseRecord) -> tuple[int, int, int]:

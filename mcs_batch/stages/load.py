@@ -14,7 +14,7 @@ import numpy as np
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.faults import storage_fault
-from mcs_batch.io.display import display_shape, slice_count, volume_in_display
+from mcs_batch.io.display import display_shape, reoriented, slice_count, volume_in_display
 from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.io.window import to_model_rgb
@@ -44,8 +44,9 @@ def check_size(record: CaseRecord, cfg: JobConfig) -> CaseRecord:
     message = None
     if in_plane > limits.max_image_pixels:
         message = f"slices of {in_plane:,} pixels exceed resources.max_image_pixels ({limits.max_image_pixels:,})"
-    elif (axis != 2 or record.kind == CaseKind.NIFTI) and int(np.prod(shape)) > limits.max_volume_voxels:
-        why = "a NIfTI file" if record.kind == CaseKind.NIFTI else f"slice_axis {axis}"
+    elif loaded_whole(record, axis) and int(np.prod(shape)) > limits.max_volume_voxels:
+        why = ("a NIfTI file" if record.kind == CaseKind.NIFTI else f"slice_axis {axis}" if axis != 2
+               else "shown in another orientation than stored")  # fmt: skip
         message = (f"a volume of {int(np.prod(shape)):,} voxels, loaded whole ({why}), exceeds "
                    f"resources.max_volume_voxels ({limits.max_volume_voxels:,})")  # fmt: skip
     if message is None:
@@ -53,6 +54,12 @@ def check_size(record: CaseRecord, cfg: JobConfig) -> CaseRecord:
     record.status, record.error_code = Status.FAILED, ErrorCode.TOO_LARGE
     record.error_message = f"{record.source_uris[0] if record.source_uris else record.case_id}: {message}"
     return record
+
+
+def loaded_whole(record: CaseRecord, axis: int) -> bool:
+    """A NIfTI file (a gzip stream), a volume sliced along another axis than its files, or one shown
+    in another orientation than stored is decoded whole; an axial DICOM series chunk by chunk."""
+    return axis != 2 or record.kind == CaseKind.NIFTI or reoriented(record)
 
 
 def load_chunk(
@@ -68,8 +75,7 @@ def load_chunk(
     being fetched and decompressed again for every chunk.
     """
     axis = slice_axis_for(record, cfg.slice_axis)
-    whole = axis != 2 or record.kind == CaseKind.NIFTI
-    if not whole:
+    if not loaded_whole(record, axis):
         volume = load_case(record, fs=fs, slices=slice(k0, k1))
         planes = [volume.slice_image(k - k0) for k in range(k0, k1)]
     else:

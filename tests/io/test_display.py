@@ -3,6 +3,7 @@ stored axes, and what is built in the display grid goes back to the stored grid 
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from pathlib import Path
 
@@ -73,12 +74,24 @@ def test_display_and_stored_grids_map_the_same_voxels_to_the_same_world(tmp_path
         assert back.shape == tuple(record.shape) and np.array_equal(back, stored.array)
 
 
-def test_dicom_cases_and_2d_images_are_shown_as_stored(tmp_path: Path):
-    write_series(tmp_path / "sagittal", rows=12, cols=10, n_slices=3, orientation=(0, 1, 0, 0, 0, -1))
-    (sagittal,) = scan_folder(tmp_path / "sagittal")
+def test_a_sagittal_dicom_series_is_shown_as_its_nifti_twin_and_2d_images_as_stored(tmp_path: Path):
+    write_series(tmp_path / "sagittal", rows=12, cols=10, n_slices=3, orientation=(0, 1, 0, 0, 0, -1), modality="MR")
+    (sagittal,) = scan_folder(tmp_path / "sagittal")  # stored i -> P, j -> I, k -> R
     array = np.arange(10 * 12 * 3).reshape(10, 12, 3)
-    assert display_shape(sagittal) == (10, 12, 3) and to_display(array, sagittal) is array
+    assert display_shape(sagittal) == (3, 10, 12) and np.array_equal(to_stored(to_display(array, sagittal),
+                                                                              sagittal), array)  # fmt: skip
+    stored = load_case(sagittal)
+    nib.save(nib.Nifti1Image(stored.array, stored.affine), tmp_path / "twin.nii.gz")
+    (twin,) = [r for r in scan_folder(tmp_path) if r.kind == "nifti"]
+    cfg = JobConfig()
+    for axis in (0, 1, 2):  # axial (2) now: the series' files lie along the display's i axis
+        n = slice_count(sagittal, axis)
+        dicom = load_chunk(sagittal, 0, n, dataclasses.replace(cfg, slice_axis=axis), fs=None, cache={})
+        nifti = load_chunk(twin, 0, n, dataclasses.replace(cfg, slice_axis=axis), fs=None, cache={})
+        assert len(dicom) == n == (3, 10, 12)[axis]
+        for a, b in zip(dicom, nifti, strict=True):
+            np.testing.assert_array_equal(a, b)
     flat = nib.Nifti1Image(np.zeros((6, 4, 1), np.float32), np.diag([1.0, 1.0, 1.0, 1.0]))  # RAS, one slice
     nib.save(flat, tmp_path / "flat.nii")
-    (record,) = [r for r in scan_folder(tmp_path) if r.kind == "nifti"]
+    (record,) = [r for r in scan_folder(tmp_path) if r.kind == "nifti" and r.source_keys[0].endswith("flat.nii")]
     assert display_shape(record) == (6, 4, 1) and slice_count(record, 0) == 1

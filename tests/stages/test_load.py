@@ -8,10 +8,12 @@ from mcs_batch.config import load_config
 from mcs_batch.records import CaseRecord
 from mcs_batch.stages.load import check_size, plan_case
 
+AXIAL = np.diag([-1.0, -1.0, 1.0, 1.0])  # a standard axial DICOM series in RAS: i -> L, j -> P, k -> S
 
-def record(shape, kind: str = "dicom_series") -> CaseRecord:
+
+def record(shape, kind: str = "dicom_series", affine=AXIAL) -> CaseRecord:
     return CaseRecord(case_id="c" * 24, kind=kind, source_uris=["file:///big.nii"], source_keys=["big.nii"],
-                      shape=list(shape), spacing_mm=[1.0, 1.0, 1.0], affine=np.eye(4).ravel().tolist())  # fmt: skip
+                      shape=list(shape), spacing_mm=[1.0] * 3, affine=np.asarray(affine).ravel().tolist())  # fmt: skip
 
 
 def test_slices_past_the_pixel_limit_fail_as_too_large():
@@ -30,4 +32,6 @@ def test_whole_volume_loads_past_the_voxel_limit_fail():
     assert check_size(record((10, 10, 11)), cfg).error_code == "too_large"  # loaded whole along axis 0
     along_k = load_config(overrides=["resources.max_volume_voxels=1000"])
     assert check_size(record((10, 10, 11)), along_k).status == "ok"  # a series: decoded in chunks along axis 2
+    turned = check_size(record((10, 10, 11), affine=np.eye(4)), along_k)  # stored R, A, S: shown reoriented
+    assert turned.error_code == "too_large" and "another orientation" in turned.error_message
     assert check_size(record((10, 10, 11), kind="nifti"), along_k).error_code == "too_large"  # NIfTI: whole
