@@ -9,6 +9,7 @@ io.window) and composed here; importing this module does not import torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -242,6 +243,10 @@ class JobConfig:
         """Config hash: sha256 of the canonical JSON of `method_dict` (16 hex characters). Inputs,
         outputs, resources, failure budget, test hooks, the weight cache and the device do not
         change any result."""
+        return self._hash
+
+    @functools.cached_property
+    def _hash(self) -> str:  # every catalog row carries it: computed once per (frozen) config
         blob = json.dumps(self.method_dict(), sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
