@@ -125,12 +125,20 @@ def run_segment(cfg, *, storage: StorageOptions, retry_failed: bool) -> int:
 
     if cfg.models.tiny:
         progress("TINY random models: the masks are meaningless (use --models real or a config with weights)")
-    summary = run_job(cfg, storage=storage, retry_failed=retry_failed, progress=progress)
-    print("\n".join(summary.lines()))
-    if summary.aborted:
-        print(f"mcs-batch: error: {summary.aborted}", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+    from mcs_batch.telemetry import wait_for_lingering
+
+    try:
+        summary = run_job(cfg, storage=storage, retry_failed=retry_failed, progress=progress)
+        print("\n".join(summary.lines()))
+        if summary.aborted:
+            print(f"mcs-batch: error: {summary.aborted}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        if cfg.outputs.metrics_port and cfg.outputs.metrics_linger_seconds > 0:
+            progress(f"serving the final metrics on port {cfg.outputs.metrics_port} for "
+                     f"{cfg.outputs.metrics_linger_seconds:g} s (outputs.metrics_linger_seconds)")  # fmt: skip
+        wait_for_lingering()
 
 
 def _require_inputs_and_out(cfg):

@@ -3,12 +3,22 @@
     mcs_batch_cases_total{target, status, error_code}   (case, target) rows committed
     mcs_batch_slices_total{stage}                        slices through load / saliency / sam
     mcs_batch_stage_seconds_total{stage}                 time spent per stage, summed over slices
-The Grafana dashboard in infra/grafana reads these names.
+    mcs_batch_job_running                                1 while the job runs, 0 once it has ended
+    mcs_batch_job_failed                                 1 once the job ended failed or aborted
+    mcs_batch_cases_in_flight                            cases planned and not yet committed
+    mcs_batch_last_commit_timestamp_seconds              when the last commit was published
+The counters move while the job runs (every commit). After the job the server keeps serving the final
+values for outputs.metrics_linger_seconds, so that a scrape every 15 s still sees how the job ended
+(`wait_for_lingering` holds a command-line process that long). The Grafana dashboard in infra/grafana
+and the alert rules in infra/prometheus/alerts.yml read these names.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+import threading
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from mcs_batch.errors import ConfigError
 
@@ -18,7 +28,8 @@ STAGES = ("load", "saliency", "sam")
 class JobMetrics:
     """Counters for one job; a private registry, so several jobs in one process do not collide."""
 
-    def __init__(self, port: int = 0):
+    def __init__(self, port: int = 0, linger_seconds: float = 0.0):
+        self.linger_seconds = float(linger_seconds)
         self.registry = CollectorRegistry()
         self.cases = Counter(
             "mcs_batch_cases",
@@ -30,6 +41,13 @@ class JobMetrics:
         self.stage_seconds = Counter(
             "mcs_batch_stage_seconds", "seconds spent in a stage, summed over slices", ["stage"], registry=self.registry
         )
+        self.running = Gauge("mcs_batch_job_running", "1 while the job runs", registry=self.registry)
+        self.failed = Gauge("mcs_batch_job_failed", "1 once the job ended failed or aborted", registry=self.registry)
+        self.in_flight = Gauge("mcs_batch_cases_in_flight", "cases planned, not yet committed", registry=self.registry)
+        self.last_commit = Gauge(
+            "mcs_batch_last_commit_timestamp_seconds", "when the last commit was published", registry=self.registry
+        )
+        self.running.set(1)
         self.server = None
         if port:
             try:
@@ -48,7 +66,33 @@ class JobMetrics:
             self.slices.labels(stage=stage).inc(n)
             self.stage_seconds.labels(stage=stage).inc(max(float(seconds), 0.0))
 
-    def close(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+    def committed(self, in_flight: int) -> None:
+        self.last_commit.set(time.time())
+        self.in_flight.set(in_flight)
+
+    def close(self, failed: bool = False) -> None:
+        """The job ended: final values set; the server stops now, or after the linger (in a thread)."""
+        self.running.set(0)
+        self.failed.set(1 if failed else 0)
+        self.in_flight.set(0)
+        server, self.server = self.server, None
+        if server is None:
+            return
+        if self.linger_seconds <= 0:
+            server.shutdown()
+            return
+        timer = threading.Timer(self.linger_seconds, server.shutdown)
+        timer.daemon = True
+        timer.start()
+        _LINGERING.append(timer)
+
+
+_LINGERING: list[threading.Timer] = []
+
+
+def wait_for_lingering() -> None:
+    """Block until every metrics server of this process has served its final values for its linger
+    (a command-line run; a long-lived process need not call it)."""
+    while _LINGERING:
+        timer = _LINGERING.pop()
+        timer.join()

@@ -361,3 +361,24 @@ def test_the_rayjob_leaves_a_site_only_its_inputs_and_outputs_and_serves_metrics
     vm = yaml.safe_load((INFRA / "prometheus" / "prometheus-vm.yml").read_text())
     targets = [t for job in vm["scrape_configs"] for c in job.get("static_configs", []) for t in c["targets"]]
     assert f"localhost:{declared}" in targets
+
+
+def test_alert_rules_cover_failure_progress_and_idle_gpus_with_metrics_that_exist():
+    from mcs_batch.telemetry import JobMetrics
+
+    families = JobMetrics().registry.collect()
+    exported = {f.name + ("_total" if f.type == "counter" else "") for f in families}
+    exported |= {"ray_node_gpus_utilization"}  # Ray's node exporter (the dashboard's GPU panel reads it too)
+    groups = yaml.safe_load((INFRA / "prometheus" / "alerts.yml").read_text())["groups"]
+    rules = {r["alert"]: r for g in groups for r in g["rules"]}
+    assert set(rules) == {"McsBatchJobFailed", "McsBatchFailureFractionHigh", "McsBatchNoProgress",
+                          "McsBatchGpuIdleWhileWorkQueued"}  # fmt: skip
+    for name, rule in rules.items():
+        named = set(re.findall(r"\b(?:mcs_batch|ray)_[a-z_]+\b", rule["expr"]))
+        assert named and named <= exported, (name, named - exported)
+        assert rule["labels"]["severity"] in ("page", "warn") and rule["annotations"]["summary"]
+    for config in ("prometheus.yml", "prometheus-vm.yml"):
+        assert yaml.safe_load((INFRA / "prometheus" / config).read_text())["rule_files"] == ["alerts.yml"]
+    panels = json.loads((INFRA / "grafana" / "mcs-batch-dashboard.json").read_text())["panels"]
+    joined = "\n".join(t["expr"] for p in panels for t in p["targets"])
+    assert "mcs_batch_stage_seconds_total" in joined and "mcs_batch_cases_in_flight" in joined  # latency, queue

@@ -245,6 +245,7 @@ def test_the_shipped_rayjob_entrypoint_runs_through_the_jobs_api(ray_head, tmp_p
             "outputs.uri": str(out),
             "resources.gpus": "0",
             "outputs.metrics_port": str(metrics_port),
+            "outputs.metrics_linger_seconds": "8",  # the shipped 60 s, shortened: final values stay scrapeable
             "models.clip": "tiny",
             "models.sam": "tiny",
             "m2ib.layer": "4",
@@ -279,6 +280,9 @@ def test_the_shipped_rayjob_entrypoint_runs_through_the_jobs_api(ray_head, tmp_p
     said = _ray_job(ray_head, "status", "--address", ray_head.address, submission_id, timeout=120)  # README's
     assert said.returncode == 0 and f"Job '{submission_id}' succeeded" in said.stdout, said.stdout + said.stderr
     assert any("mcs_batch_slices_total" in text for text in scraped), f"no metrics while it ran: {errors}"
+    assert any("mcs_batch_job_running 1.0" in text for text in scraped)
+    ended = [text for text in scraped if "mcs_batch_job_running 0.0" in text]  # scraped during the linger
+    assert ended and "mcs_batch_job_failed 0.0" in ended[-1], "the final values were not served after the job"
 
     cases = pd.read_parquet(out / "catalog" / "cases")
     assert sorted(k.split("/")[0] for k in cases["source_keys"].map(lambda keys: keys[0])) == [

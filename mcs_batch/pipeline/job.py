@@ -195,7 +195,8 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
         "attempts": [],
     }
     top_prefixes(cfg.inputs.uris, storage=storage)  # missing or overlapping inputs: before the run record
-    metrics = JobMetrics(cfg.outputs.metrics_port)  # a port in use stops the job before its run record
+    metrics = JobMetrics(cfg.outputs.metrics_port, cfg.outputs.metrics_linger_seconds)  # a port in use stops
+    # the job before its run record
     summary.run_uri = catalog.write_run(run_id, document)
     index_uri = cfg.inputs.index or join(cfg.outputs.uri, "index")
     staging = catalog.uri("staging", run_id)
@@ -234,7 +235,7 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
         document["status"] = "aborted"
         document["reason"] = str(e)
     finally:
-        metrics.close()
+        metrics.close(failed=document["status"] != "succeeded")
         summary.seconds = time.perf_counter() - start
         try:
             snapshot = ray.get(board.snapshot.remote(), timeout=30)

@@ -269,6 +269,7 @@ class CaseWriter:
                     supersede[key] = self.series_parts.pop(key)[0]
             self.catalog.commit(self.run_id, self.seq, rows, slices.filter(mask) if len(order) > size else slices,
                                 supersede=supersede)  # fmt: skip
+            self.metrics.committed(len(self.pending) + len(self.ready) + len(self.inflight))
             if self.first_commit_at is None:
                 self.first_commit_at = time.time()
             self.seq += 1
