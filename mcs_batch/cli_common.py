@@ -27,6 +27,7 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--anon", action="store_true", help="anonymous access to public buckets")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (ignored with RAY_ADDRESS)")
     p.add_argument("--object-store-mb", type=int, default=None, help="object store size for a local Ray")
+    p.add_argument("--verbose", action="store_true", help="also Ray Data's own per-operator progress logs")
 
 
 def storage_options(args: argparse.Namespace) -> StorageOptions:
@@ -40,4 +41,5 @@ def start_ray(args: argparse.Namespace):
     """The Ray cluster at RAY_ADDRESS (set inside `ray job submit`), else a local one."""
     from mcs_batch.cluster import start_ray as _start
 
-    return _start(os.environ.get("RAY_ADDRESS"), num_cpus=args.num_cpus, object_store_mb=args.object_store_mb)
+    return _start(os.environ.get("RAY_ADDRESS"), num_cpus=args.num_cpus, object_store_mb=args.object_store_mb,
+                  quiet=not getattr(args, "verbose", False))  # fmt: skip

@@ -6,11 +6,16 @@ from __future__ import annotations
 import logging
 
 
-def start_ray(address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int | None = None):
+def start_ray(
+    address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int | None = None, quiet: bool = True
+):
     """ray.init() once per process. The caller (the CLI) decides the address; the library never
-    reads RAY_ADDRESS itself."""
+    reads RAY_ADDRESS itself. quiet: Ray Data's own per-operator progress logs are left out (the job
+    prints its own progress line); `--verbose` keeps them."""
     import ray
 
+    if quiet:
+        quiet_ray_data()
     if ray.is_initialized():
         return ray
     if address:
@@ -25,6 +30,20 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, object
             log_to_driver=False,
         )
     return ray
+
+
+def quiet_ray_data() -> None:
+    """No per-operator progress logs or bars from Ray Data in this process (the driver's)."""
+    import warnings
+
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.enable_operator_progress_bars = False
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*ray_remote_args_fn.*")  # Ray's own deprecation notice
 
 
 def rechunk(ds, rows: int, *, num_cpus: float):

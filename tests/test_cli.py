@@ -47,3 +47,24 @@ def test_scan_prints_a_summary(tmp_path: Path):
     assert "status:   failed 1, ok 1" in out.stdout
     assert "errors:   not_dicom 1" in out.stdout
     assert list((tmp_path / "o" / "manifest").glob("*.parquet"))
+
+
+def test_ray_datas_own_progress_logs_only_with_verbose():
+    import logging
+
+    from ray.data import DataContext
+
+    from mcs_batch.cli import build_parser
+    from mcs_batch.cluster import quiet_ray_data
+
+    assert build_parser().parse_args(["segment", "in", "--out", "o", "--verbose"]).verbose is True
+    assert build_parser().parse_args(["segment", "in", "--out", "o"]).verbose is False
+    ctx, logger = DataContext.get_current(), logging.getLogger("ray.data")
+    before = (ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start, logger.level)
+    try:
+        quiet_ray_data()  # what start_ray does without --verbose, before the job's datasets exist
+        assert not (ctx.enable_progress_bars or ctx.enable_operator_progress_bars or ctx.print_on_execution_start)
+        assert not logger.isEnabledFor(logging.INFO)  # the per-operator progress lines are INFO
+    finally:
+        ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = before[:3]
+        logger.setLevel(before[3])

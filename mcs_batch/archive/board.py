@@ -16,7 +16,8 @@ import time
 
 class JobBoard:
     def __init__(self) -> None:
-        self.scan = {"objects": 0, "probed": 0, "cached": 0, "cases": 0, "skipped_committed": 0, "grown_series": 0}
+        self.scan = {"objects": 0, "probed": 0, "cached": 0, "cases": 0, "skipped_committed": 0, "grown_series": 0,
+                     "skipped_objects": 0}  # fmt: skip
         self.scan_started_at = time.time()
         self.scan_finished_at: float | None = None
         self.actors: dict[str, dict] = {}

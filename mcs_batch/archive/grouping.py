@@ -193,6 +193,7 @@ class CaseGrouper:
                 delta["grown_series"] = delta.get("grown_series", 0) + 1
             if self.targets and self.targets <= done:
                 delta["skipped_committed"] = delta.get("skipped_committed", 0) + 1
+                delta["skipped_objects"] = delta.get("skipped_objects", 0) + len(record.source_uris)
                 continue
             kept.append((record, sorted(done & self.targets)))
         delta["cases"] = len(kept)

@@ -333,7 +333,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
                 writer.add_unsegmented(ray.get(board.take_unsegmented.remote(), timeout=60))
             if now - last_progress >= PROGRESS_SECONDS:
                 last_progress = now
-                _progress_line(progress, writer, board, start)
+                _progress_line(progress, writer, board, start, objects)
             if now - last_check >= NODE_CHECK_SECONDS:
                 last_check = now
                 lost = nodes - _alive_nodes()
@@ -370,7 +370,9 @@ def _iso(t: float | None) -> str | None:
     return datetime.fromtimestamp(t, UTC).isoformat() if t else None
 
 
-def _progress_line(progress, writer: CaseWriter, board, start: float) -> None:
+def _progress_line(progress, writer: CaseWriter, board, start: float, objects: int) -> None:
+    """One line every PROGRESS_SECONDS: scan, cases, failures, slices, rate, and an estimate of the time
+    left from the share of the archive's objects whose cases are done (or were committed before)."""
     import ray
 
     try:
@@ -378,12 +380,20 @@ def _progress_line(progress, writer: CaseWriter, board, start: float) -> None:
     except Exception:
         scan = {}
     s = writer.summary
-    rate = s.slices / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    rate = s.slices / elapsed
+    share = min(1.0, (writer.objects_done + int(scan.get("skipped_objects", 0))) / objects) if objects else 0.0
+    eta = f"~{_duration(elapsed * (1 - share) / share)} left" if share > 0 else "time left unknown yet"
     progress(
-        f"scanned {scan.get('objects', '?')} object(s) ({scan.get('probed', '?')} header reads); "
-        f"{s.cases} case(s) done ({writer.failed} failed), {s.slices} slice(s), {rate:.2f} slices/s, "
-        f"{len(writer.pending) + len(writer.ready)} case(s) in flight, {len(writer.inflight)} assembling"
+        f"scanned {scan.get('objects', '?')}/{objects} object(s) ({scan.get('probed', '?')} header reads); "
+        f"{s.cases} case(s) done ({writer.failed} failed), {s.slices} slice(s), {rate:.2f} slices/s; "
+        f"{share:.0%} of the archive, {eta}"
     )
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def _submit_retraining(cfg: JobConfig, summary, progress) -> list[dict]:

@@ -124,6 +124,7 @@ class CaseWriter:
         self.seq = 0
         self.last_flush = time.monotonic()
         self.finished = self.failed = 0
+        self.objects_done = 0  # objects of the cases finished (for the progress line's estimate)
         self.models: dict[str, set[str]] = {"clip": set(), "sam": set()}
         self.stage_windows = {name: [math.inf, -math.inf] for name in STAGE_TIMES}
         self.first_commit_at: float | None = None
@@ -231,6 +232,7 @@ class CaseWriter:
             self.models[name].update(case["models"][name])
         s.slices += case["slices"]
         s.cases += 1
+        self.objects_done += len(case["case_rows"][0]["source_uris"] or ()) if case["case_rows"] else 0
         self.metrics.slices_done(case["ok_slices"], case["stage_seconds"])
         self.buffered_cases += 1
         self.finished += 1
