@@ -150,6 +150,7 @@ class ResourcesConfig:
     torch_threads: int | str = AUTO  # per model actor: auto = 1 on CPU (actors x threads = cores), 4 on GPU
     max_image_pixels: int = 64_000_000  # larger slices fail as too_large (a 2-CPU node stays alive)
     max_volume_voxels: int = 512_000_000  # whole-volume loads (slice_axis other than 2) larger than this fail
+    gpu_wait_seconds: float = 600.0  # gpus asked for, none in the cluster: wait this long for the autoscaler
 
     def __post_init__(self):
         _auto_or(self.gpus, float, 0, "gpus")

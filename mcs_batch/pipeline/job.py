@@ -34,7 +34,7 @@ from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import WriterLease
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
-from mcs_batch.pipeline.resources import cluster_view, resolve
+from mcs_batch.pipeline.resources import await_gpus, cluster_view, resolve
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
 from mcs_batch.telemetry import JobMetrics
 
@@ -183,6 +183,9 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
 
     summary = JobSummary(run_id=run_id, out=cfg.outputs.uri, config_hash=config_hash, tiny_models=cfg.models.tiny)
     resources = resolve(cfg.resources, cluster_view())
+    if resources.gpus > 0 and not resources.cluster["gpus"]:
+        await_gpus(resources.gpus, cfg.resources.gpu_wait_seconds, progress)
+        resources = resolve(cfg.resources, cluster_view())
     document = {
         "run_id": run_id,
         "status": "running",

@@ -25,6 +25,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from mcs_batch.config import AUTO, ResourcesConfig
+from mcs_batch.errors import ConfigError
 
 GPU_SHARE = 0.5  # of a GPU reserved by each model actor when the pools have GPUs
 SAM_MEMORY = 4 * 2**30  # bytes of cluster memory per SAM actor on CPU (vit_b peaks at ~3.7 GiB RSS)
@@ -119,4 +120,30 @@ def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
         parts_cpus=res.parts_cpus,
         assemble_cpus=res.assemble_cpus,
         cluster=dict(cluster),
+    )
+
+
+def await_gpus(asked: float, wait_seconds: float, progress) -> None:
+    """GPUs were asked for (resources.gpus) and the cluster has none: ask the autoscaler for one and
+    wait up to `wait_seconds` for it; ConfigError (one line, exit 2, before the run record) when none
+    comes, instead of model actors waiting for GPUs forever."""
+    import time
+
+    import ray
+
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[{"GPU": 1}])
+    except Exception:  # no autoscaler here (a local or fixed cluster): waiting tells the same
+        pass
+    progress(f"resources.gpus={asked:g}: no GPU in the cluster yet; waiting up to {wait_seconds:g} s for one")
+    deadline = time.monotonic() + wait_seconds
+    while time.monotonic() < deadline:
+        if float(ray.cluster_resources().get("GPU", 0.0)) > 0:
+            return
+        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    raise ConfigError(
+        f"resources.gpus={asked:g} asks for GPUs, but the cluster has none after {wait_seconds:g} s "
+        "(resources.gpu_wait_seconds): run on a GPU cluster, or use resources.gpus=auto or 0 on CPUs"
     )

@@ -126,7 +126,7 @@ def test_a_half_written_cases_temporary_left_in_the_catalog_is_repaired_and_the_
     assert len(pairs(Catalog(str(out)))) == 4 and not list(out.rglob(".tmp-*"))
 
 
-def test_an_unwritable_out_or_a_busy_metrics_port_is_one_line_and_leaves_no_running_record(tmp_path: Path):
+def test_an_unwritable_out_a_busy_metrics_port_or_no_gpu_is_one_line_and_leaves_no_running_record(tmp_path: Path):
     cohort = small_cohort(tmp_path / "in", n_images=1)
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(ConfigError, match="a-file/out: cannot write the output folder"):
@@ -137,6 +137,9 @@ def test_an_unwritable_out_or_a_busy_metrics_port_is_one_line_and_leaves_no_runn
         port = busy.getsockname()[1]
         with pytest.raises(ConfigError, match=f"cannot serve metrics on port {port}"):
             run_job(job([cohort], tmp_path / "out", tmp_path, f"outputs.metrics_port={port}"), **QUIET)
+    no_gpu = job([cohort], tmp_path / "out", tmp_path, "resources.gpus=1", "resources.gpu_wait_seconds=1")
+    with pytest.raises(ConfigError, match=r"resources.gpus=1 asks for GPUs, but the cluster has none after 1 s"):
+        run_job(no_gpu, **QUIET)  # a CPU-only cluster: not model actors waiting for a GPU forever
     assert not (tmp_path / "out" / "runs").exists()  # stopped before its run record
     assert run_job(job([cohort], tmp_path / "out", tmp_path), **QUIET).cases == 2  # and the lease was released
 
