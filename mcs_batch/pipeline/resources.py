@@ -131,18 +131,24 @@ def await_gpus(asked: float, wait_seconds: float, progress) -> None:
 
     import ray
 
-    try:
-        from ray.autoscaler.sdk import request_resources
+    def request(bundles: list[dict]) -> None:
+        try:
+            from ray.autoscaler.sdk import request_resources
 
-        request_resources(bundles=[{"GPU": 1}])
-    except Exception:  # no autoscaler here (a local or fixed cluster): waiting tells the same
-        pass
+            request_resources(bundles=bundles)
+        except Exception:  # no autoscaler here (a local or fixed cluster): waiting tells the same
+            pass
+
+    request([{"GPU": 1}])
     progress(f"resources.gpus={asked:g}: no GPU in the cluster yet; waiting up to {wait_seconds:g} s for one")
     deadline = time.monotonic() + wait_seconds
-    while time.monotonic() < deadline:
-        if float(ray.cluster_resources().get("GPU", 0.0)) > 0:
-            return
-        time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    try:
+        while time.monotonic() < deadline:
+            if float(ray.cluster_resources().get("GPU", 0.0)) > 0:
+                return
+            time.sleep(min(5.0, max(0.1, deadline - time.monotonic())))
+    finally:
+        request([])  # the standing request would keep a GPU node up after the job: the actors ask now
     raise ConfigError(
         f"resources.gpus={asked:g} asks for GPUs, but the cluster has none after {wait_seconds:g} s "
         "(resources.gpu_wait_seconds): run on a GPU cluster, or use resources.gpus=auto or 0 on CPUs"
