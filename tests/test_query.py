@@ -77,3 +77,23 @@ def test_the_command_writes_every_format_without_cutting_cells(tmp_path: Path, c
     assert main(["query", uri, "SELECT * FROM slices", "--format", "parquet"]) == 2
     assert main(["query", str(tmp_path / "typo"), "SELECT 1"]) == 2
     assert "no catalog or scan manifest here" in capsys.readouterr().err
+
+
+def readme_queries() -> list[str]:
+    """The SQL lines of the README's curation-queries block."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split("Curation queries", 1)[1].split("```sql", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line.strip() and not line.startswith("--")]
+
+
+def test_the_readmes_curation_queries_run(tmp_path):
+    queries = readme_queries()
+    assert len(queries) == 6
+    catalog = Catalog(str(tmp_path / "out"))
+    fill(catalog)
+    catalog.commit("run2", 0, [{"case_id": "c9", "target": "lungs", "status": "failed", "error_code": "unreadable",
+                                "error_message": "storage", "attempts": 1, "retryable": True}], [])  # fmt: skip
+    catalog.end_staging("run2")
+    results = [query(str(tmp_path / "out"), sql)[1] for sql in queries]
+    assert sorted(results[0]) == [("lungs", "truncated", 1, LONG_REASON), ("lungs", "unreadable", 1, "storage")]
+    assert [r[0] for r in results[5]] == ["c9"]  # the retryable failure
