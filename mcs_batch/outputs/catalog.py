@@ -340,23 +340,26 @@ class Catalog:
         (cases rewrites, slices rewrites) as commit parts. Published in the order new slices, old
         cases rewritten, new cases, old slices rewritten: a reader may briefly see a pair's slice rows
         twice or its case row missing, never two case rows."""
-        cases, slices = [], []
-        by_part: dict[str, set[tuple[str, str]]] = {}
+        by_cases: dict[str, set[tuple[str, str]]] = {}
+        by_slices: dict[str, set[tuple[str, str]]] = {}  # part-X holds the slices of part-X and failed-X
         for pair, path in supersede.items():
-            by_part.setdefault(path, set()).add(pair)
+            by_cases.setdefault(path, set()).add(pair)
+            base = posixpath.basename(path).removeprefix("failed-").removeprefix("part-")
+            by_slices.setdefault(self.path(SLICES_DIR, "part-" + base), set()).add(pair)
+        return self._rewrites(by_cases, CASES_SCHEMA, "cases"), self._rewrites(by_slices, SLICES_SCHEMA, "slices")
+
+    def _rewrites(self, by_part: dict[str, set[tuple[str, str]]], schema: pa.Schema, kind: str) -> list:
+        """(staged name, part, its rows without `pairs`) for each existing part of `by_part`."""
+        out = []
         for path, pairs in sorted(by_part.items()):
-            base = posixpath.basename(path)
-            slices_path = self.path(SLICES_DIR, "part-" + base.removeprefix("failed-").removeprefix("part-"))
-            for folder, target_path, schema in ((cases, path, CASES_SCHEMA), (slices, slices_path, SLICES_SCHEMA)):
-                if not self.fs.exists(target_path):
-                    continue
-                with self.fs.open(target_path, "rb") as f:
-                    table = pq.read_table(f, schema=schema)
-                keys = zip(table.column("case_id").to_pylist(), table.column("target").to_pylist(), strict=True)
-                keep = pa.array([key not in pairs for key in keys], pa.bool_())
-                staged = f"rewrite-{'cases' if schema is CASES_SCHEMA else 'slices'}-{base}"
-                folder.append((staged, target_path, table.filter(keep)))
-        return cases, slices
+            if not self.fs.exists(path):
+                continue
+            with self.fs.open(path, "rb") as f:
+                table = pq.read_table(f, schema=schema)
+            keys = zip(table.column("case_id").to_pylist(), table.column("target").to_pylist(), strict=True)
+            keep = pa.array([key not in pairs for key in keys], pa.bool_())
+            out.append((f"rewrite-{kind}-{posixpath.basename(path)}", path, table.filter(keep)))
+        return out
 
     def _publish(self, intent: dict) -> list[str]:
         """Move an intent's staged parts into catalog/, in order, then delete the intent. Idempotent:

@@ -144,16 +144,17 @@ from mcs_batch.faults import TestingConfig, crash_hook
 from mcs_batch.outputs.catalog import Catalog
 out, run, point = sys.argv[1], sys.argv[2], sys.argv[3]
 catalog = Catalog(out, owner=run)
-if run == "v1":  # three series, two slices each
-    rows = [{"case_id": c, "target": "t", "status": "ok", "run_id": run, "instances": "v1"} for c in ("a", "b", "c")]
+if run == "v1":  # series a, b (two slices each, in part-X) and c (failed, in failed-X), one commit
+    rows = [{"case_id": c, "target": "t", "status": "ok", "run_id": run, "instances": "v1"} for c in ("a", "b")]
+    rows.append({"case_id": "c", "target": "t", "status": "failed", "run_id": run, "instances": "v1"})
     catalog.commit(run, 0, rows, [{"case_id": c, "target": "t", "slice_index": k, "run_id": run}
-                                  for c in ("a", "b", "c") for k in range(2)])
-else:  # series b grew to three slices: its new rows supersede the old ones
+                                  for c in ("a", "b") for k in range(2)])
+else:  # series b grew to three slices and c to a volume that works: their new rows supersede the old ones
     catalog.crash_hook = crash_hook(TestingConfig(crash_point=point, crash_at_commit=1), lambda: catalog.commits)
-    supersede = {key: path for key, (path, _) in catalog.series_rows().items() if key[0] == "b"}
-    row = {"case_id": "b", "target": "t", "status": "ok", "run_id": run, "instances": "v2"}
-    catalog.commit(run, 0, [row], [{"case_id": "b", "target": "t", "slice_index": k, "run_id": run} for k in range(3)],
-                   supersede=supersede)
+    supersede = {key: path for key, (path, _) in catalog.series_rows().items() if key[0] in ("b", "c")}
+    rows = [{"case_id": c, "target": "t", "status": "ok", "run_id": run, "instances": "v2"} for c in ("b", "c")]
+    catalog.commit(run, 0, rows, [{"case_id": c, "target": "t", "slice_index": k, "run_id": run}
+                                  for c, n in (("b", 3), ("c", 1)) for k in range(n)], supersede=supersede)
 catalog.end_staging(run)
 """
 
@@ -169,6 +170,7 @@ def test_a_superseding_commit_never_shows_two_rows_of_a_pair_and_is_finished_by_
     Catalog(str(out), owner="r3").repair(live="r3")
     for reader, (cases, slices) in read_everywhere(out).items():
         assert sorted(cases) == ["a", "b", "c"], reader
-        assert sorted(slices) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("c", 0), ("c", 1)], reader
-    rows = {r["case_id"]: r for r in Catalog(str(out)).cases(["case_id", "run_id", "instances"]).to_pylist()}
-    assert (rows["b"]["run_id"], rows["b"]["instances"]) == ("v2", "v2") and rows["a"]["run_id"] == "v1"
+        assert sorted(slices) == [("a", 0), ("a", 1), ("b", 0), ("b", 1), ("b", 2), ("c", 0)], reader
+    rows = {r["case_id"]: r for r in Catalog(str(out)).cases(["case_id", "run_id", "status"]).to_pylist()}
+    assert {c: (r["run_id"], r["status"]) for c, r in rows.items()} == {"a": ("v1", "ok"), "b": ("v2", "ok"),
+                                                                          "c": ("v2", "ok")}  # fmt: skip
