@@ -132,7 +132,9 @@ class ResourcesConfig:
 
     gpus: float | str = AUTO  # GPUs the model pools use: auto = the cluster's GPUs at start; 0 = CPU only
     slice_chunk: int = 16  # slices of a volume decoded per load task (bounds worker memory)
-    block_rows: int = 32  # slice rows per block after decoding: the unit of parallel work for the models
+    # slice rows per block after decoding, the unit of parallel work for the models: auto = 8 on CPU (a
+    # block takes a CPU SAM actor ~4 s with tiny models, so the first cases commit early), 32 on GPU
+    block_rows: int | str = AUTO
     # CPUs reserved per task (a concurrency limit, not a cap): small, so that on a 2-CPU machine the
     # model actors (0.5 each) never take every slot and leave the decoding without one
     load_cpus: float = 0.25  # per task planning and decoding cases
@@ -154,13 +156,13 @@ class ResourcesConfig:
 
     def __post_init__(self):
         _auto_or(self.gpus, float, 0, "gpus")
-        for key in ("saliency_batch", "sam_batch", "saliency_actors", "sam_actors"):
+        for key in ("saliency_batch", "sam_batch", "saliency_actors", "sam_actors", "block_rows"):
             _auto_or(getattr(self, key), int, 1, key)
         for key in ("saliency_gpus", "sam_gpus"):
             _auto_or(getattr(self, key), float, 0, key)
         _auto_or(self.torch_threads, int, 0, "torch_threads")
-        if self.slice_chunk < 1 or self.block_rows < 1 or self.max_image_pixels < 1 or self.max_volume_voxels < 1:
-            raise ConfigError("resources: slice_chunk, block_rows, max_image_pixels and max_volume_voxels must be >= 1")
+        if self.slice_chunk < 1 or self.max_image_pixels < 1 or self.max_volume_voxels < 1:
+            raise ConfigError("resources: slice_chunk, max_image_pixels and max_volume_voxels must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ def test_presets_and_prompt_flags():
         (["ablation=most"], r"ablation: 'most' is not one of saliency, postprocess, components, full"),
         (["targets.0.coarse.method=watershed"], r"targets\[0\]\.coarse\.method: 'watershed'"),
         (["targets.0.coarse.box_mode=all"], r"targets\[0\]\.coarse\.box_mode: 'all'"),
+        (["resources.block_rows=0"], r"resources\.block_rows: must be >= 1"),
+        (["resources.block_rows=many"], r"resources\.block_rows: expected 'auto' or an integer"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str):

@@ -7,7 +7,7 @@ With GPUs (ray.cluster_resources()["GPU"] > 0, or resources.gpus set):
     ray_cluster.yaml), set resources.gpus to the GPUs the job may use, and the pools' pending GPU
     actors make the autoscaler launch the GPU workers. Ray restarts a dead actor (its batches are
     retried on it); a lost node makes the job plan again (pipeline/job.py).
-    M2IB batch 32, SAM batch 8, 4 torch threads per actor.
+    M2IB batch 32, SAM batch 8, 4 torch threads per actor, blocks of 32 slice rows.
 Without GPUs (tests, laptops, smoke runs):
     actors of 0.5 CPU and one torch thread each. The M2IB pool autoscales from 1 to max(1, CPUs // 2)
     actors (Ray Data grows it while it has a backlog); the SAM pool holds one actor per CPU from the
@@ -15,7 +15,8 @@ Without GPUs (tests, laptops, smoke runs):
     step on a CPU (measured here with tiny models: ~0.5 s per slice against ~0.05 s for M2IB; vit_b
     ~10 s against BiomedCLIP-size M2IB ~3.6 s), and Ray Data's autoscaler grew the pool too late on
     a 2-CPU node (a second actor after 45 s of a 100 s job). M2IB batch 8, SAM batch 1 (batching is
-    slower on CPU, see bench/sam_bench.py).
+    slower on CPU, see bench/sam_bench.py), blocks of 8 slice rows (with blocks of 32 the 200-image
+    stream bench committed its first case at 46% of the job, waiting for a whole block through SAM).
 Explicit values in the config override any of these. The resolved values are recorded in the run
 record, with the cluster they were resolved against.
 """
@@ -114,7 +115,7 @@ def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
         gpus=gpus,
         saliency=pools["saliency"],
         sam=pools["sam"],
-        block_rows=res.block_rows,
+        block_rows=int(_pick(res.block_rows, 32 if gpus > 0 else 8)),
         slice_chunk=res.slice_chunk,
         load_cpus=res.load_cpus,
         parts_cpus=res.parts_cpus,

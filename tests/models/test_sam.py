@@ -15,6 +15,7 @@ from mcs_batch.models.sam import (
     SAM_BUILDERS,
     SamSegmenter,
     SamVariant,
+    fused_attention,
     load_sam,
     random_sam,
     write_random_sam,
@@ -112,6 +113,32 @@ def test_tiny_builder_matches_environment_recipe(tiny):
     theirs = _build_sam(encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2, encoder_global_attn_indexes=[1])
     assert {k: v.shape for k, v in tiny.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     assert set(SAM_BUILDERS) == set(SamVariant)
+
+
+# -- the fused attention == segment_anything's -------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_fused_attention_matches_segment_anything(batch):
+    """Windowed (block 0) and global (block 1) attention, with relative positions: the encoder's
+    output with the fused forward equals segment_anything's own, and the model is left as it was."""
+    encoder = random_sam("tiny", seed=3).image_encoder
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for block in encoder.blocks:  # SAM initialises rel_pos to zero: give it values to test
+            for table in (block.attn.rel_pos_h, block.attn.rel_pos_w):
+                table.copy_(torch.randn(table.shape, generator=generator) * 0.5)
+    x = torch.randn(batch, 3, 1024, 1024, generator=generator)
+    with torch.inference_mode():
+        expected = encoder(x)
+        with fused_attention(encoder):
+            got = encoder(x)
+        again = encoder(x)
+    assert [b.window_size for b in encoder.blocks] == [14, 0]
+    assert got.shape == (batch, 256, 64, 64)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(again, expected)  # segment_anything's forward is back
+    assert all("forward" not in vars(b.attn) for b in encoder.blocks)
 
 
 # -- batched inference == SamPredictor ----------------------------------------------------------

@@ -14,7 +14,7 @@ def test_gpu_clusters_get_one_m2ib_and_one_sam_actor_per_gpu():
     assert r.gpus == 8
     for pool in (r.saliency, r.sam):
         assert pool.min_actors == pool.max_actors == 8 and pool.gpus == GPU_SHARE == 0.5
-    assert (r.saliency.batch, r.sam.batch, r.sam.torch_threads) == (32, 8, 4)
+    assert (r.saliency.batch, r.sam.batch, r.sam.torch_threads, r.block_rows) == (32, 8, 4, 32)
 
 
 def test_gpus_still_to_come_make_the_pools_grow():
@@ -30,15 +30,18 @@ def test_cpu_clusters_autoscale_m2ib_and_hold_a_sam_actor_per_cpu():
     r = resolve(load_config().resources, CPU_NODE)
     assert r.gpus == 0 and (r.saliency.min_actors, r.saliency.max_actors) == (1, 1)
     assert (r.sam.min_actors, r.sam.max_actors, r.sam.gpus, r.sam.batch, r.sam.torch_threads) == (2, 2, 0.0, 1, 1)
+    assert r.block_rows == 8
     big = resolve(load_config().resources, {**CPU_NODE, "cpus": 32.0, "memory": 40e9})
     assert (big.saliency.min_actors, big.saliency.max_actors) == (1, 16)
     assert big.sam.max_actors == 9  # memory-bound: 40 GB / 4 GiB per SAM actor
 
 
 def test_explicit_values_override():
-    cfg = load_config(overrides=["resources.gpus=0", "resources.sam_actors=3", "resources.saliency_batch=2"])
+    cfg = load_config(overrides=["resources.gpus=0", "resources.sam_actors=3", "resources.saliency_batch=2",
+                                 "resources.block_rows=5"])  # fmt: skip
     r = resolve(cfg.resources, GPU_CLUSTER)
     assert r.gpus == 0 and (r.sam.min_actors, r.sam.max_actors) == (3, 3) and r.saliency.batch == 2
+    assert r.block_rows == 5
     half = resolve(load_config(overrides=["resources.sam_gpus=1"]).resources, GPU_CLUSTER)
     assert half.sam.gpus == 1.0 and half.saliency.gpus == 0.5
     assert load_config(overrides=["resources.gpus=2"]).resources.gpus == 2.0
