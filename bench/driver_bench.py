@@ -116,8 +116,9 @@ def make_inputs(root: Path) -> dict[str, tuple[Path, int]]:
     return {"1000 images 256x256": (images, 1000), "600-slice volume 512x512": (volume, 600)}
 
 
-def runner(inputs: str, out: str) -> None:
-    """Inside the measured process (PYTHONPATH = the tree under test): run the job, print figures."""
+def runner(inputs: str, out: str, extra: tuple[str, ...] = ()) -> None:
+    """Inside the measured process (PYTHONPATH = the tree under test): run the job, print figures.
+    extra: --set overrides (this tree only)."""
     from mcs_batch.cluster import start_ray
     from mcs_batch.config import load_config
     from mcs_batch.pipeline import graph, run_job
@@ -125,7 +126,7 @@ def runner(inputs: str, out: str) -> None:
     start_ray(None, num_cpus=CPUS, object_store_mb=2048)
     where = [f"inputs.uris={json.dumps([inputs])}", f"outputs.uri={json.dumps(out)}"]  # any tree's config
     cfg = load_config(preset="tiny", prompts=["a bright lesion"], target="lesion",
-                      overrides=[*where, f"models.cache_dir={out}-cache"])  # fmt: skip
+                      overrides=[*where, f"models.cache_dir={out}-cache", *extra])  # fmt: skip
     kwargs = {}
     if hasattr(graph, "ModelStages"):  # this tree: the stand-ins are passed in
         kwargs["stages"] = graph.ModelStages(saliency=NoopSaliency, masking=NoopSam)
@@ -141,11 +142,11 @@ def runner(inputs: str, out: str) -> None:
                       "by_status": summary.by_status}))  # fmt: skip
 
 
-def measure(tree: Path, inputs: Path, out: Path) -> dict:
+def measure(tree: Path, inputs: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{tree}:{Path(__file__).parent}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", f"import driver_bench as b; b.runner({str(inputs)!r}, {str(out)!r})"],
-                          cwd=tree, env=env, capture_output=True, text=True)  # fmt: skip
+    call = f"import driver_bench as b; b.runner({str(inputs)!r}, {str(out)!r}, {tuple(extra)!r})"
+    proc = subprocess.run([sys.executable, "-c", call], cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     line = next(x for x in proc.stdout.splitlines() if x.startswith(RESULT))
@@ -156,6 +157,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-commit", default=None)
     ap.add_argument("--only", choices=["images", "volume"], default=None)
+    ap.add_argument("--set", action="append", default=[], help="config override for this tree's runs, e.g. "
+                    "resources.block_rows=32 (the GPU default; auto is 8 on CPU)")  # fmt: skip
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="driver-bench-") as tmp:
         tmp = Path(tmp)
@@ -171,7 +174,8 @@ def main() -> None:
                 if args.only and args.only not in label:
                     continue
                 for name, tree in trees.items():
-                    r = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{slices}")
+                    extra = tuple(args.set) if name == "this tree" else ()
+                    r = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{slices}", extra)
                     assert r["slices"] == slices, r
                     results[(label, name)] = r
                     print(f"{label:26s} {name:9s} {r['slices'] / r['wall']:7.1f} slices/s "

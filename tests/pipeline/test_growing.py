@@ -3,21 +3,20 @@ mask are replaced (the old rows superseded in the same commit), never two rows f
 
 from __future__ import annotations
 
-import gzip
 import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
 from PIL import Image
 
-from mcs_batch.io.storage import StorageOptions, filesystem_for
+from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.pipeline import run_job
 from mcs_batch.testdata.series import write_series
 from tests.outputs.test_commit_protocol import read_everywhere
+from tests.pipeline.test_identity import mask_shape
 from tests.pipeline.test_job import QUIET, job
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -29,12 +28,6 @@ def series_in_two_halves(folder: Path) -> tuple[list[Path], list[Path]]:
     height = {p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]) for p in paths}
     ordered = sorted(paths, key=height.get)
     return ordered[:20], ordered[20:]
-
-
-def mask_shape(uri: str, storage: StorageOptions | None) -> tuple[int, ...]:
-    fs, path = filesystem_for(uri, storage)
-    with fs.open(path, "rb") as f:
-        return nib.Nifti1Image.from_bytes(gzip.decompress(f.read())).shape
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
