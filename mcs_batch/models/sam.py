@@ -287,7 +287,8 @@ class SamSegmenter:
 
     Memory grows with the batch: segment_anything's global-attention blocks hold [heads, 4096, 4096]
     attention matrices per image (vit_b fp32 on CPU: ~11 GiB peak for a batch of 4, ~2.5 GiB per
-    image); size batches to the machine. On this 2-core CPU batching gave about no speed-up (the
+    image, measured before `fused_attention`, whose relative-position bias is of that size too); size
+    batches to the machine. On this 2-core CPU batching gave about no speed-up (the
     encoder is compute-bound); the gain is expected on GPUs.
     """
 
