@@ -52,7 +52,7 @@ def rechunk(ds, rows: int, *, num_cpus: float):
     Dataset.repartition(target_num_rows_per_block=...) does this but asks 1 CPU per task, so Ray Data
     does not fuse it with a map of fewer CPUs, and on a small node whose CPUs the model actors hold it
     never gets scheduled (a deadlock seen on 2 CPUs). This is the same logical operator with the
-    upstream map's CPUs (Ray 2.60's API; tests/pipeline/test_graph.py checks the fusion).
+    upstream map's CPUs (Ray 2.60's API; tests/pipeline/test_streaming.py checks the fusion).
     """
     from ray.data import Dataset
     from ray.data._internal.logical.interfaces import LogicalPlan

@@ -150,6 +150,10 @@ class ResourcesConfig:
     sam_cpus: float = 0.5
     sam_gpus: float | str = AUTO
     torch_threads: int | str = AUTO  # per model actor: auto = 1 on CPU (actors x threads = cores), 4 on GPU
+    # one actor pool running M2IB and then SAM on each block (the SAM pool's sizes, both models loaded
+    # once per actor) instead of two pools: auto = together on CPU (one start-up per actor instead of
+    # two, no hand-over of images between the stages), two pools when the cluster has GPUs
+    models_together: bool | str = AUTO
     max_image_pixels: int = 64_000_000  # larger slices fail as too_large (a 2-CPU node stays alive)
     max_volume_voxels: int = 512_000_000  # whole-volume loads (slice_axis other than 2) larger than this fail
     gpu_wait_seconds: float = 600.0  # gpus asked for, none in the cluster: wait this long for the autoscaler
@@ -161,6 +165,10 @@ class ResourcesConfig:
         for key in ("saliency_gpus", "sam_gpus"):
             _auto_or(getattr(self, key), float, 0, key)
         _auto_or(self.torch_threads, int, 0, "torch_threads")
+        if self.models_together != AUTO and not isinstance(self.models_together, bool):
+            raise ConfigError(
+                f"resources.models_together: expected 'auto', true or false, got {self.models_together!r}"
+            )
         if self.slice_chunk < 1 or self.max_image_pixels < 1 or self.max_volume_voxels < 1:
             raise ConfigError("resources: slice_chunk, max_image_pixels and max_volume_voxels must be >= 1")
 

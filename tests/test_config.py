@@ -72,6 +72,7 @@ def test_presets_and_prompt_flags():
         (["targets.0.coarse.box_mode=all"], r"targets\[0\]\.coarse\.box_mode: 'all'"),
         (["resources.block_rows=0"], r"resources\.block_rows: must be >= 1"),
         (["resources.block_rows=many"], r"resources\.block_rows: expected 'auto' or an integer"),
+        (["resources.models_together=sometimes"], r"resources\.models_together: expected 'auto', true or false"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str):

@@ -6,6 +6,7 @@
       -> (blocks of resources.block_rows slice rows)
       -> saliency   BiomedCLIP + M2IB, then boxes / points    actor pool (GPUs when the cluster has them)
       -> masking    SAM                                       actor pool
+      (on CPU by default one actor pool runs both, `Together`: resources.models_together)
       -> parts      slice results into staging parts          CPU tasks
     out: one small row per (block, case) and the case rows, for the driver to count and assemble.
 
@@ -53,6 +54,17 @@ class SamStage:
         return self.stage(batch)
 
 
+class Together:
+    """One actor with both model stages (resources.models_together): `first` then `then` on each
+    batch, each constructed once with the same arguments."""
+
+    def __init__(self, first: type, then: type, **kwargs):
+        self.first, self.then = first(**kwargs), then(**kwargs)
+
+    def __call__(self, batch: dict) -> dict:
+        return self.then(self.first(batch))
+
+
 @dataclass(frozen=True)
 class ModelStages:
     """The model actor classes; benchmarks may pass stand-ins (the job always uses the real ones)."""
@@ -61,15 +73,16 @@ class ModelStages:
     masking: type = SamStage
 
 
-def _model_stage(rows, stage: type, pool: Pool, cfg: JobConfig, storage, board: str | None):
+def _model_stage(rows, stage: type, pool: Pool, cfg: JobConfig, storage, board: str | None, **kwargs):
     """An actor pool that loads its model once per actor; a crashed actor is restarted and its batch
     retried (Ray Data's defaults for actor pools: max_restarts and max_task_retries -1), so no case is
-    lost or duplicated."""
+    lost or duplicated. kwargs: more constructor arguments."""
     import ray
 
+    arguments = {"cfg": cfg, "storage": storage, "threads": pool.torch_threads, "board": board, **kwargs}
     return rows.map_batches(
         stage,
-        fn_constructor_kwargs={"cfg": cfg, "storage": storage, "threads": pool.torch_threads, "board": board},
+        fn_constructor_kwargs=arguments,
         batch_size=pool.batch,
         compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
         num_cpus=pool.cpus,
@@ -94,8 +107,11 @@ def build_pipeline(
     rows = rows.map_batches(load_batch, fn_kwargs={"cfg": cfg, "storage": storage}, batch_size=None,
                             num_cpus=r.load_cpus)  # fmt: skip
     rows = rechunk(rows, r.block_rows, num_cpus=r.load_cpus)
-    rows = _model_stage(rows, stages.saliency, r.saliency, cfg, storage, board)  # maps, then prompts
-    rows = _model_stage(rows, stages.masking, r.sam, cfg, storage, board)
+    if r.together:
+        rows = _model_stage(rows, Together, r.models, cfg, storage, board, first=stages.saliency, then=stages.masking)
+    else:
+        rows = _model_stage(rows, stages.saliency, r.saliency, cfg, storage, board)  # maps, then prompts
+        rows = _model_stage(rows, stages.masking, r.sam, cfg, storage, board)
     return rows.map_batches(
         write_parts,
         fn_kwargs={"staging_uri": staging_uri, "storage": storage, "n_targets": len(cfg.targets)},

@@ -34,7 +34,7 @@ from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import WriterLease
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
-from mcs_batch.pipeline.resources import await_gpus, cluster_view, resolve
+from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, resolve
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
 from mcs_batch.telemetry import JobMetrics
 
@@ -284,6 +284,12 @@ class NodesLost(Exception):
     """Nodes that ran the attempt's work left the cluster (their actors cannot come back)."""
 
 
+def _pools(r: Resolved) -> str:
+    if r.together:
+        return f"{r.models.max_actors} actor(s) with M2IB and SAM"
+    return f"{r.saliency.max_actors} M2IB + {r.sam.max_actors} SAM actor(s)"
+
+
 def _alive_nodes() -> set[str]:
     import ray
 
@@ -310,7 +316,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
                          "listed_at": datetime.now(UTC).isoformat()}  # fmt: skip
     document.setdefault("listing", record["listing"])
     progress(f"run {writer.run_id}: {objects} objects in {len(waves)} wave(s), {cached} already indexed; "
-             f"model pools: {resources.saliency.max_actors} M2IB + {resources.sam.max_actors} SAM actor(s), "
+             f"model pools: {_pools(resources)}, "
              f"{resources.gpus:g} GPU(s)")  # fmt: skip
     if not waves:
         return "done"

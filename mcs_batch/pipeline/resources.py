@@ -17,13 +17,18 @@ Without GPUs (tests, laptops, smoke runs):
     a 2-CPU node (a second actor after 45 s of a 100 s job). M2IB batch 8, SAM batch 1 (batching is
     slower on CPU, see bench/sam_bench.py), blocks of 8 slice rows (with blocks of 32 the 200-image
     stream bench committed its first case at 46% of the job, waiting for a whole block through SAM).
+One pool or two (resources.models_together): auto = one pool on CPU, whose actors load both models and
+run M2IB and then SAM on each block (the SAM pool's sizes, at the smaller of the two batch sizes):
+on a 2-CPU node this starts two model processes instead of three (each start imports torch,
+open_clip and segment_anything: ~4.6 s of CPU) and moves no image between the stages. With GPUs two
+pools, as above; together there, each GPU holds two actors with both models (GPU_SHARE each).
 Explicit values in the config override any of these. The resolved values are recorded in the run
 record, with the cluster they were resolved against.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from mcs_batch.config import AUTO, ResourcesConfig
 from mcs_batch.errors import ConfigError
@@ -49,6 +54,7 @@ class Resolved:
     gpus: float  # GPUs the model pools use (0: CPU only)
     saliency: Pool
     sam: Pool
+    together: bool  # one pool (`models`) runs both models; the saliency and sam pools are not started
     block_rows: int
     slice_chunk: int
     load_cpus: float
@@ -56,8 +62,13 @@ class Resolved:
     assemble_cpus: float
     cluster: dict  # what Ray reported: cpus, gpus, memory, nodes, gpu_nodes
 
+    @property
+    def models(self) -> Pool:
+        """The one pool of `together`: the SAM pool's actors and resources, the smaller batch."""
+        return replace(self.sam, batch=min(self.saliency.batch, self.sam.batch))
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "models": asdict(self.models) if self.together else None}
 
 
 def cluster_view() -> dict:
@@ -111,10 +122,15 @@ def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
                 batch=int(_pick(getattr(res, f"{name}_batch"), 8 if name == "saliency" else 1)),
                 torch_threads=int(_pick(res.torch_threads, 1)),
             )
+    together = gpus == 0 if res.models_together == AUTO else bool(res.models_together)
+    if together and gpus > 0 and res.sam_actors == AUTO:  # two actors per GPU, each with both models
+        sam = pools["sam"]
+        pools["sam"] = replace(sam, min_actors=2 * sam.min_actors, max_actors=2 * sam.max_actors)
     return Resolved(
         gpus=gpus,
         saliency=pools["saliency"],
         sam=pools["sam"],
+        together=together,
         block_rows=int(_pick(res.block_rows, 32 if gpus > 0 else 8)),
         slice_chunk=res.slice_chunk,
         load_cpus=res.load_cpus,

@@ -185,6 +185,7 @@ class CaseWriter:
 
         due = self.ready_slices >= ASSEMBLE_SLICES or len(self.ready) >= ASSEMBLE_CASES
         due = due or (self.ready and time.monotonic() - self.ready_since >= ASSEMBLE_WAIT_S)
+        due = due or (self.first_commit_at is None and not self.inflight)  # the run's first cases: at once
         if self.ready and (force or due):
             while len(self.inflight) >= self.max_inflight:  # backpressure: wait for one to finish
                 self.collect(timeout=None, at_least_one=True)

@@ -36,6 +36,20 @@ def test_cpu_clusters_autoscale_m2ib_and_hold_a_sam_actor_per_cpu():
     assert big.sam.max_actors == 9  # memory-bound: 40 GB / 4 GiB per SAM actor
 
 
+def test_one_pool_runs_both_models_on_cpu_two_with_gpus():
+    cpu = resolve(load_config().resources, CPU_NODE)
+    assert cpu.together and cpu.models == cpu.sam  # the SAM pool's actors; batch min(8, 1) = 1
+    assert cpu.to_dict()["models"] == {"min_actors": 2, "max_actors": 2, "cpus": 0.5, "gpus": 0.0, "batch": 1,
+                                       "torch_threads": 1}  # fmt: skip
+    gpu = resolve(load_config().resources, GPU_CLUSTER)
+    assert not gpu.together and gpu.to_dict()["models"] is None
+    both = resolve(load_config(overrides=["resources.models_together=true"]).resources, GPU_CLUSTER)
+    # two actors per GPU, as with two pools, each holding both models; SAM's GPU batch
+    assert both.together and (both.models.max_actors, both.models.gpus, both.models.batch) == (16, 0.5, 8)
+    two = resolve(load_config(overrides=["resources.models_together=false"]).resources, CPU_NODE)
+    assert not two.together and (two.saliency.max_actors, two.sam.max_actors) == (1, 2)
+
+
 def test_explicit_values_override():
     cfg = load_config(overrides=["resources.gpus=0", "resources.sam_actors=3", "resources.saliency_batch=2",
                                  "resources.block_rows=5"])  # fmt: skip

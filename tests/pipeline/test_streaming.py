@@ -67,13 +67,33 @@ def test_blocks_are_small_and_stages_overlap(tmp_path: Path):
     summary = run_job(job([archive], out, tmp_path, "resources.block_rows=8"), **QUIET)
     run = run_record(out, summary.run_id)
     ops = {op["name"]: op for op in run["ray_data"]["operators"]}
-    sam = next(op for name, op in ops.items() if "SamStage" in name)
-    assert sam["tasks"] >= 10  # 80 rows (40 cases, 40 slices) in blocks of 8: many tasks, not one
+    # the re-blocking runs inside the decoding tasks (cluster.rechunk), not as a stage of its own
+    assert any("load_batch" in name and "StreamingRepartition" in name for name in ops), list(ops)
+    # on CPU one actor pool runs both models (resources.models_together: auto)
+    assert run["resources"]["together"] and run["resources"]["models"]["max_actors"] == 2  # auto, 2 CPUs
+    models = next(op for name, op in ops.items() if "Together" in name)
+    assert not any("SamStage" in name or "SaliencyStage" in name for name in ops)
+    assert models["tasks"] >= 10  # 80 rows (40 cases, 40 slices) in blocks of 8: many tasks, not one
     stages = {k: {e: datetime.fromisoformat(t) for e, t in v.items()} for k, v in run["timeline"]["stages"].items()}
     assert stages["sam"]["first"] < stages["saliency"]["last"]  # SAM at work while M2IB still had blocks
     assert datetime.fromisoformat(run["timeline"]["first_commit_at"]) < stages["sam"]["last"]  # commits stream
-    assert {a["stage"] for a in run["actors"]} >= {"saliency", "sam", "grouper"}
-    assert run["resources"]["sam"]["max_actors"] == 2  # resources: auto on a 2-CPU node
+    model_actors = [a for a in run["actors"] if a["stage"] in ("saliency", "sam")]
+    by_stage = {stage: sorted(a["pid"] for a in model_actors if a["stage"] == stage) for stage in ("saliency", "sam")}
+    assert len(by_stage["sam"]) == 2 and by_stage["saliency"] == by_stage["sam"]  # each process holds both models
+    assert any(a["stage"] == "grouper" for a in run["actors"])
+
+
+def test_two_model_pools_when_asked(tmp_path: Path):
+    archive, out = tmp_path / "archive", tmp_path / "out"
+    images(archive, 6)
+    summary = run_job(job([archive], out, tmp_path, "resources.models_together=false"), **QUIET)
+    assert summary.by_status == {"ok": 6}
+    run = run_record(out, summary.run_id)
+    names = [op["name"] for op in run["ray_data"]["operators"]]
+    assert any("SaliencyStage" in n for n in names) and any("SamStage" in n for n in names), names
+    assert not any("Together" in n for n in names) and run["resources"]["models"] is None
+    pids = {stage: {a["pid"] for a in run["actors"] if a["stage"] == stage} for stage in ("saliency", "sam")}
+    assert pids["saliency"] and pids["sam"] and not pids["saliency"] & pids["sam"]  # separate processes
 
 
 # Slow: passes on its own (2 min), but inside the full suite the driver fell behind: it takes in the
