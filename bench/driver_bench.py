@@ -5,11 +5,13 @@ square; NoopSam: a fixed mask, that square), so what is measured is everything e
 scan, grouping, decoding, windowing, prompts, staging, mask assembly and writing, commits, Ray Data.
 The stand-ins exist only in this file; the job never uses them.
 
-Two inputs: 1,000 PNG images (256 x 256) and one NIfTI volume of 600 slices (512 x 512, int16). For
-each input and each source tree (this one, and --baseline-commit from a temporary git worktree), a
-fresh process starts a local Ray with 2 CPUs and runs the job; printed: slices/s of the job, slices/s
-per CPU core, and the driver process's CPU seconds (user + system, all its threads, Ray Data's
-executor included) per slice.
+Two inputs: 1,000 PNG images (256 x 256) and one NIfTI volume of 600 slices (512 x 512, int16), each
+also at a tenth of the size (100 images, 60 slices). For each input and each source tree (this one,
+and --baseline-commit from a temporary git worktree), a fresh process starts a local Ray with 2 CPUs
+and runs the job; printed for the large input: slices/s of the job, slices/s per CPU core, and the
+driver process's CPU seconds (user + system, all its threads, Ray Data's executor included) per slice;
+and, from the small run, the driver CPU per slice more (large minus small, over the slices between):
+what grows with the archive, without the job's fixed start-up and finish.
 
     .venv/bin/python bench/driver_bench.py --baseline-commit 983e104
 """
@@ -100,20 +102,27 @@ class NoopSam:
         return batch
 
 
-def make_inputs(root: Path) -> dict[str, tuple[Path, int]]:
+def make_inputs(root: Path) -> dict[str, list[tuple[Path, int]]]:
+    """Per input kind, a small and a large archive of it: the difference between the two runs is what
+    grows with the archive (the large run's total also holds the job's fixed start-up and finish)."""
     import nibabel as nib
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    images = root / "images"
-    images.mkdir(parents=True)
-    for i in range(1000):
-        Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8)).save(images / f"img{i:04d}.png")
-    volume = root / "volume"
-    volume.mkdir()
-    data = rng.integers(-1000, 1000, (512, 512, 600), dtype=np.int16)
-    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.0, 1.0])), volume / "ct.nii.gz")
-    return {"1000 images 256x256": (images, 1000), "600-slice volume 512x512": (volume, 600)}
+    inputs: dict[str, list[tuple[Path, int]]] = {"1000 images 256x256": [], "600-slice volume 512x512": []}
+    for n in (100, 1000):
+        images = root / f"images-{n}"
+        images.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8)).save(images / f"img{i:04d}.png")
+        inputs["1000 images 256x256"].append((images, n))
+    for k in (60, 600):
+        volume = root / f"volume-{k}"
+        volume.mkdir()
+        data = rng.integers(-1000, 1000, (512, 512, k), dtype=np.int16)
+        nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.0, 1.0])), volume / "ct.nii.gz")
+        inputs["600-slice volume 512x512"].append((volume, k))
+    return inputs
 
 
 def runner(inputs: str, out: str, extra: tuple[str, ...] = ()) -> None:
@@ -170,22 +179,29 @@ def main() -> None:
                            cwd=REPO, check=True, capture_output=True)  # fmt: skip
         try:
             results = {}
-            for label, (path, slices) in inputs.items():
+            for label, sizes in inputs.items():
                 if args.only and args.only not in label:
                     continue
                 for name, tree in trees.items():
                     extra = tuple(args.set) if name == "this tree" else ()
-                    r = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{slices}", extra)
-                    assert r["slices"] == slices, r
-                    results[(label, name)] = r
+                    runs = []
+                    for path, slices in sizes:
+                        r = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{path.name}", extra)
+                        assert r["slices"] == slices, r
+                        runs.append(r)
+                    small, r = runs
+                    marginal = (r["driver_cpu"] - small["driver_cpu"]) / (r["slices"] - small["slices"])
+                    results[(label, name)] = {**r, "marginal": marginal}
                     print(f"{label:26s} {name:9s} {r['slices'] / r['wall']:7.1f} slices/s "
                           f"({r['slices'] / r['wall'] / CPUS:6.1f} per core)  driver CPU "
-                          f"{1000 * r['driver_cpu'] / r['slices']:7.2f} ms/slice ({r['driver_cpu']:.1f} s)",
-                          flush=True)  # fmt: skip
+                          f"{1000 * r['driver_cpu'] / r['slices']:7.2f} ms/slice ({r['driver_cpu']:.1f} s; "
+                          f"{small['driver_cpu']:.1f} s for {small['slices']}: {1000 * marginal:.2f} ms per "
+                          f"slice more)", flush=True)  # fmt: skip
                 if ("baseline" in trees) and (label, "baseline") in results:
                     b, t = results[(label, "baseline")], results[(label, "this tree")]
-                    print(f"{'':26s} driver CPU per slice {b['driver_cpu'] / t['driver_cpu']:.1f}x lower, "
-                          f"slices/s {(t['slices'] / t['wall']) / (b['slices'] / b['wall']):.2f}x")  # fmt: skip
+                    print(f"{'':26s} driver CPU per slice {b['driver_cpu'] / t['driver_cpu']:.1f}x lower "
+                          f"(per slice more: {b['marginal'] / t['marginal']:.1f}x), slices/s "
+                          f"{(t['slices'] / t['wall']) / (b['slices'] / b['wall']):.2f}x")  # fmt: skip
         finally:
             if args.baseline_commit:
                 subprocess.run(["git", "worktree", "remove", "--force", str(trees["baseline"])], cwd=REPO,

@@ -11,8 +11,9 @@ With GPUs (ray.cluster_resources()["GPU"] > 0, or resources.gpus set):
 Without GPUs (tests, laptops, smoke runs):
     actors of 0.5 CPU and one torch thread each. The M2IB pool autoscales from 1 to max(1, CPUs // 2)
     actors (Ray Data grows it while it has a backlog); the SAM pool holds one actor per CPU from the
-    start, at most one per SAM_MEMORY of the cluster's memory: SAM's image encoder is the costliest
-    step on a CPU (measured here with tiny models: ~0.5 s per slice against ~0.05 s for M2IB; vit_b
+    start, at most one per SAM_MEMORY of the cluster's memory (SAM_MEMORY + CLIP_MEMORY when each
+    actor holds both models): SAM's image encoder is the costliest step on a CPU (measured here
+    with tiny models: ~0.5 s per slice against ~0.05 s for M2IB; vit_b
     ~10 s against BiomedCLIP-size M2IB ~3.6 s), and Ray Data's autoscaler grew the pool too late on
     a 2-CPU node (a second actor after 45 s of a 100 s job). M2IB batch 8, SAM batch 1 (batching is
     slower on CPU, see bench/sam_bench.py), blocks of 8 slice rows (with blocks of 32 the 200-image
@@ -35,6 +36,9 @@ from mcs_batch.errors import ConfigError
 
 GPU_SHARE = 0.5  # of a GPU reserved by each model actor when the pools have GPUs
 SAM_MEMORY = 4 * 2**30  # bytes of cluster memory per SAM actor on CPU (vit_b peaks at ~3.7 GiB RSS)
+# more per actor holding both models: BiomedCLIP's ~196M float32 parameters (0.8 GB) and M2IB's
+# activations (an estimate from the parameter count, not a measured peak)
+CLIP_MEMORY = 3 * 2**29
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
     """Concrete pool sizes and per-actor resources for this cluster."""
     present = float(cluster["gpus"])
     gpus = float(_pick(res.gpus, present))
+    together = gpus == 0 if res.models_together == AUTO else bool(res.models_together)
     if gpus > 0:
         most = max(1, int(gpus))
         least = max(1, min(most, int(present)))  # GPUs still to be launched: the pool grows as they come
@@ -109,7 +114,8 @@ def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
                 torch_threads=int(_pick(res.torch_threads, 4)),
             )
     else:
-        sam = max(1, min(int(cluster["cpus"]), int(cluster.get("memory", SAM_MEMORY) // SAM_MEMORY)))
+        per_actor = SAM_MEMORY + (CLIP_MEMORY if together else 0)
+        sam = max(1, min(int(cluster["cpus"]), int(cluster.get("memory", per_actor) // per_actor)))
         sizes = {"saliency": (1, max(1, int(cluster["cpus"] // 2))), "sam": (sam, sam)}
         pools = {}
         for name in ("saliency", "sam"):
@@ -122,7 +128,6 @@ def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
                 batch=int(_pick(getattr(res, f"{name}_batch"), 8 if name == "saliency" else 1)),
                 torch_threads=int(_pick(res.torch_threads, 1)),
             )
-    together = gpus == 0 if res.models_together == AUTO else bool(res.models_together)
     if together and gpus > 0 and res.sam_actors == AUTO:  # two actors per GPU, each with both models
         sam = pools["sam"]
         pools["sam"] = replace(sam, min_actors=2 * sam.min_actors, max_actors=2 * sam.max_actors)

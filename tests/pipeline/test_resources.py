@@ -33,7 +33,10 @@ def test_cpu_clusters_autoscale_m2ib_and_hold_a_sam_actor_per_cpu():
     assert r.block_rows == 8
     big = resolve(load_config().resources, {**CPU_NODE, "cpus": 32.0, "memory": 40e9})
     assert (big.saliency.min_actors, big.saliency.max_actors) == (1, 16)
-    assert big.sam.max_actors == 9  # memory-bound: 40 GB / 4 GiB per SAM actor
+    assert big.sam.max_actors == 6  # memory-bound: 40 GB / 5.5 GiB per actor with both models
+    two_pools = resolve(load_config(overrides=["resources.models_together=false"]).resources,
+                        {**CPU_NODE, "cpus": 32.0, "memory": 40e9})  # fmt: skip
+    assert two_pools.sam.max_actors == 9  # 40 GB / 4 GiB per SAM actor
 
 
 def test_one_pool_runs_both_models_on_cpu_two_with_gpus():
