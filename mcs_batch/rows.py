@@ -17,8 +17,10 @@ Columns of a slice row, stage by stage (j is a target's position in the config's
     masking    t{j}_mask (bit-packed bool [H, W]), t{j}_score, t{j}_pixels, height, width, sam_s, sam_at,
                sam_sha256; image and t{j}_premask dropped
     parts      (stages/assemble.write_parts) slice rows leave the stream into staging parts; what goes
-               on is one row per part: case_id, row_kind ("part" / "case"), n_slices, case_json,
-               part_uri, first_/last_ of each *_at (seconds since the epoch: when a stage finished)
+               on is one row per part: case_id, row_kind ("part" / "case" / "done"), n_slices,
+               case_json, part_uri, result (a "done" row: the pickled assemble_cases result of the
+               cases assembled in the block, else b""), first_/last_ of each *_at (seconds since
+               the epoch: when a stage finished)
 
 *_s are seconds spent per slice in a stage; *_at wall-clock times (for the stages' overlap).
 

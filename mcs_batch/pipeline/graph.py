@@ -8,7 +8,9 @@
       -> masking    SAM                                       actor pool
       (on CPU by default one actor pool runs both, `Together`: resources.models_together)
       -> parts      slice results into staging parts          CPU tasks
-    out: one small row per (block, case) and the case rows, for the driver to count and assemble.
+                    (a case wholly in the block: assembled here)
+    out: one small row per (block, case) and the case rows, for the driver to count and assemble, and
+    per block the rows of the cases assembled in it.
 
 Blocks: the grouper hands on the cases of each probe block (tens of 2D images, or a series); decoding
 yields a chunk of slices at a time, and a streaming repartition cuts the decoded slices into blocks of
@@ -97,6 +99,7 @@ def build_pipeline(
     *,
     storage: StorageOptions | None,
     staging_uri: str,
+    run_id: str = "",
     board: str | None = None,
     stages: ModelStages | None = None,
 ):
@@ -112,9 +115,10 @@ def build_pipeline(
     else:
         rows = _model_stage(rows, stages.saliency, r.saliency, cfg, storage, board)  # maps, then prompts
         rows = _model_stage(rows, stages.masking, r.sam, cfg, storage, board)
+    parts = {"staging_uri": staging_uri, "storage": storage, "n_targets": len(cfg.targets), "cfg": cfg}
     return rows.map_batches(
         write_parts,
-        fn_kwargs={"staging_uri": staging_uri, "storage": storage, "n_targets": len(cfg.targets)},
+        fn_kwargs={**parts, "run_id": run_id},  # whole cases in a block are assembled in the task
         batch_size=None,
         num_cpus=r.parts_cpus,
     )

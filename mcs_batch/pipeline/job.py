@@ -271,6 +271,7 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
                 "stages": {k: {e: _iso(t) for e, t in v.items()} for k, v in writer.timeline().items()},
             },
             assembly_seconds=round(writer.assembly_seconds, 3),
+            assembled=dict(writer.assembled),
             model_sha256={k: sorted(v) for k, v in writer.models.items()},
         )
         if document["status"] == "running":
@@ -327,7 +328,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
         scan_tasks=max(1, int(resources.cluster.get("cpus", 1) // SCAN_CPU_SHARE)),
     )  # fmt: skip
     rows = build_pipeline(cases, cfg, resources, storage=storage, staging_uri=join(staging, "parts"),
-                          board=board_name, stages=stages)  # fmt: skip
+                          run_id=writer.run_id, board=board_name, stages=stages)  # fmt: skip
     last_progress = last_check = last_take = time.monotonic()
     lost: set[str] = set()
     try:

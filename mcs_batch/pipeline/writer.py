@@ -1,8 +1,10 @@
 """The driver's side of the job: count slices per case, send finished cases to be assembled in the
 cluster, commit what comes back.
 
-Rows reaching the driver are small: one per case (its record, how many slices to expect) and one per
-staging part (case id, slices in it, its URI). When a case's slices are all in, it waits in `ready`
+Rows reaching the driver are small: one per case (its record, how many slices to expect), one per
+staging part (case id, slices in it, its URI), and one per block whose parts task assembled the cases
+wholly inside it (their rows, as an assembly task returns them: committed like those). When a case's
+slices are all in, it waits in `ready`
 until a few cases can go to one assembly task (stages/assemble.assemble_cases); results are buffered
 and committed every `outputs.catalog_flush_cases` cases or `catalog_flush_seconds` (commit protocol:
 mcs_batch.outputs.catalog). The driver holds only cases in flight: no mask, no image, no slice row
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -129,6 +132,7 @@ class CaseWriter:
         self.stage_windows = {name: [math.inf, -math.inf] for name in STAGE_TIMES}
         self.first_commit_at: float | None = None
         self.assembly_seconds = 0.0
+        self.assembled = {"in_blocks": 0, "by_tasks": 0}  # cases assembled in the parts tasks / assembly tasks
         self.abandoned: list[str] = []  # cases in flight when an attempt stopped (redone by the next one)
 
     def resources_changed(self, resources: Resolved) -> None:
@@ -147,19 +151,24 @@ class CaseWriter:
     # -- rows from the graph --------------------------------------------------------------------------
     def add_rows(self, batch: dict) -> None:
         for i, case_id in enumerate(batch["case_id"]):
-            case_id = str(case_id)
-            pending = self.pending.setdefault(case_id, _Pending())
-            n = int(batch["n_slices"][i])
-            if batch["row_kind"][i] == "case":
-                pending.case_json, pending.expected = str(batch["case_json"][i]), n
-            else:
-                pending.got += n
-                pending.parts.append(str(batch["part_uri"][i]))
+            kind = batch["row_kind"][i]
+            if kind != "case":
                 for name in STAGE_TIMES:
                     first, last = float(batch[f"first_{name}"][i]), float(batch[f"last_{name}"][i])
                     if first > 0:
                         window = self.stage_windows[name]
                         window[0], window[1] = min(window[0], first), max(window[1], last)
+            if kind == "done":  # cases assembled in the parts task (stages/assemble.write_parts)
+                self._take(pickle.loads(batch["result"][i]), "in_blocks")
+                continue
+            case_id = str(case_id)
+            pending = self.pending.setdefault(case_id, _Pending())
+            n = int(batch["n_slices"][i])
+            if kind == "case":
+                pending.case_json, pending.expected = str(batch["case_json"][i]), n
+            else:
+                pending.got += n
+                pending.parts.append(str(batch["part_uri"][i]))
             if pending.complete:
                 del self.pending[case_id]
                 case = {"case_json": pending.case_json, "parts": pending.parts}
@@ -205,12 +214,16 @@ class CaseWriter:
         n = 1 if at_least_one else len(self.inflight)
         done, self.inflight = ray.wait(self.inflight, num_returns=n, timeout=timeout)
         for ref in done:
-            result = ray.get(ref)
-            self.assembly_seconds += result["finished_at"] - result["started_at"]
-            if result["slices"].num_rows:
-                self.slice_tables.append(result["slices"])
-            for case in result["cases"]:
-                self._add_case(case)
+            self._take(ray.get(ref), "by_tasks")
+
+    def _take(self, result: dict, where: str) -> None:
+        """What stages/assemble.assemble_cases returned, in an assembly task or a parts task."""
+        self.assembly_seconds += result["finished_at"] - result["started_at"]
+        self.assembled[where] += len(result["cases"])
+        if result["slices"].num_rows:
+            self.slice_tables.append(result["slices"])
+        for case in result["cases"]:
+            self._add_case(case)
 
     def drain(self) -> None:
         """Everything ready dispatched, every assembly taken in and committed."""

@@ -3,7 +3,9 @@
     write_parts     (Ray Data task after SAM) the slice rows of a block, grouped by case, each group
                     written as one staging part OUT/staging/<run_id>/parts/<case_id>/<uuid>.parquet;
                     out: one small row per part (case id, slices, part URI, stage times) and the case
-                    rows as they came (record JSON, slices to expect).
+                    rows as they came (record JSON, slices to expect). A case wholly in the block (its
+                    record and all its slices: a 2D image, a short series) is assembled right there
+                    instead, and leaves in the block's `done` row.
     assemble_cases  (a Ray task per few finished cases, launched by the driver) reads a case's parts,
                     builds its masks in the source geometry, writes them (NIfTI, PNG for 2D images)
                     and returns its catalog rows: small per-case rows and an Arrow table of slice rows.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import pickle
 import posixpath
 import time
 import uuid
@@ -57,40 +60,79 @@ def part_columns(n_targets: int) -> list[str]:
             "sam_s", *STAGE_TIMES, "clip_sha256", "sam_sha256", "models_tiny", *per_target]  # fmt: skip
 
 
-def _sink_row(case_id: str, kind: str, n: int, case_json: str = "", part_uri: str = "", times=None) -> dict:
+def _sink_row(
+    case_id: str, kind: str, n: int, case_json: str = "", part_uri: str = "", times=None, result: bytes = b""
+) -> dict:
     times = times or {}
-    row = {"case_id": case_id, "row_kind": kind, "n_slices": n, "case_json": case_json, "part_uri": part_uri}
+    row = {"case_id": case_id, "row_kind": kind, "n_slices": n, "case_json": case_json, "part_uri": part_uri,
+           "result": result}  # fmt: skip
     for name in STAGE_TIMES:
         row[f"first_{name}"] = float(times.get(name, (0.0, 0.0))[0])
         row[f"last_{name}"] = float(times.get(name, (0.0, 0.0))[1])
     return row
 
 
-def write_parts(batch: dict, *, staging_uri: str, storage: StorageOptions | None, n_targets: int) -> dict:
-    """map_batches (numpy): slice rows -> one staging part per case of the block; case rows pass."""
+def _times(batch: dict, rows: list[int]) -> dict[str, tuple[float, float]]:
+    times = {}
+    for name in STAGE_TIMES:
+        values = [float(batch[name][i]) for i in rows if float(batch[name][i]) > 0]
+        times[name] = (min(values), max(values)) if values else (0.0, 0.0)
+    return times
+
+
+def write_parts(
+    batch: dict,
+    *,
+    staging_uri: str,
+    storage: StorageOptions | None,
+    n_targets: int,
+    cfg: JobConfig | None = None,
+    run_id: str = "",
+) -> dict:
+    """map_batches (numpy): slice rows -> one staging part per case of the block; case rows pass.
+
+    With `cfg` (the job's), a case whose record and every slice are in this block (a 2D image, a
+    short series) is assembled right here instead (assemble_cases, with no staging part written, read
+    and removed, and no assembly task): its results leave as one `done` row per block, `result`
+    holding what assemble_cases returns (pickled: the same objects a Ray task result carries)."""
     out: list[dict] = []
     by_case: dict[str, list[int]] = defaultdict(list)
+    records: dict[str, int] = {}
     for i, (case_id, k) in enumerate(zip(batch["case_id"], batch["slice_index"], strict=True)):
         if int(k) == CASE_ROW:
-            out.append(_sink_row(str(case_id), "case", int(batch["n_slices"][i]), str(batch["case_json"][i])))
+            records[str(case_id)] = i
         else:
             by_case[str(case_id)].append(i)
+    here = {
+        case_id: i
+        for case_id, i in records.items()
+        if cfg is not None and 0 < int(batch["n_slices"][i]) == len(by_case.get(case_id, ()))
+    }
+    for case_id, i in records.items():
+        if case_id not in here:
+            out.append(_sink_row(case_id, "case", int(batch["n_slices"][i]), str(batch["case_json"][i])))
+    done: list[dict] = []
     if by_case:
         fs, root = filesystem_for(staging_uri, storage)
         columns = part_columns(n_targets)
         for case_id, rows in by_case.items():
             table = pa.table({c: [_plain(batch[c][i]) for i in rows] for c in columns})
+            if case_id in here:
+                slices = {int(r["slice_index"]): r for r in table.to_pylist()}
+                done.append({"case_json": str(batch["case_json"][here[case_id]]), "parts": [], "slices": slices})
+                continue
             folder = posixpath.join(root, case_id)
             path = posixpath.join(folder, f"{uuid.uuid4().hex}.parquet")
             sink = pa.BufferOutputStream()
             pq.write_table(table, sink, compression="zstd")
             fs.makedirs(folder, exist_ok=True)
             fs.pipe_file(path, sink.getvalue().to_pybytes())
-            times = {}
-            for name in STAGE_TIMES:
-                values = [float(batch[name][i]) for i in rows if float(batch[name][i]) > 0]
-                times[name] = (min(values), max(values)) if values else (0.0, 0.0)
-            out.append(_sink_row(case_id, "part", len(rows), part_uri=to_uri(fs, path), times=times))
+            out.append(_sink_row(case_id, "part", len(rows), part_uri=to_uri(fs, path), times=_times(batch, rows)))
+    if done:
+        assert cfg is not None
+        result = assemble_cases(done, cfg=cfg, storage=storage, run_id=run_id)
+        rows = [i for case_id in here for i in by_case[case_id]]
+        out.append(_sink_row("", "done", len(rows), times=_times(batch, rows), result=pickle.dumps(result)))
     if not out:
         return {}
     return {key: [r[key] for r in out] for key in out[0]}
@@ -127,7 +169,7 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
     info = json.loads(case["case_json"])
     record = case_of(case)
     done = set(info.get("done_targets") or ())
-    slices = _read_parts(case["parts"], storage) if case["parts"] else {}
+    slices = case.get("slices") or (_read_parts(case["parts"], storage) if case["parts"] else {})
     error = failed_from_slices(slices)
     status = status_of(record, error)
     tiny = any(bool(r.get("models_tiny")) for r in slices.values())
@@ -230,7 +272,8 @@ def _write_seg(
 
 
 def assemble_cases(cases: list[dict], *, cfg: JobConfig, storage: StorageOptions | None, run_id: str) -> dict:
-    """Ray task: finished cases ({case_json, parts}) -> masks written, and for the driver to commit:
+    """Ray task: finished cases ({case_json, parts}, or with `slices` already at hand: write_parts)
+    -> masks written, and for the driver to commit:
     per-case results (rows, counts, model digests) and one Arrow table of all their slice rows. The
     staging parts are removed once read (a crash before the commit redoes the case in the next run)."""
     catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)

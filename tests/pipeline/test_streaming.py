@@ -51,6 +51,7 @@ def test_a_nightly_rerun_reads_headers_only_of_new_objects(tmp_path: Path):
     assert first.cases == 13
     images(archive / "day2", 2, start=100)  # 2 new objects: 10% of 18
     second = run_job(job([archive], out, tmp_path), **QUIET)
+    assert sum(run_record(out, first.run_id)["assembled"].values()) == 13
     run = run_record(out, second.run_id)
     assert run["scan"]["objects"] == 20 and run["scan"]["probed"] == 2  # header reads: the new objects only
     assert run["scan"]["cached"] == 18 and run["listing"]["indexed"] == 18
@@ -81,6 +82,11 @@ def test_blocks_are_small_and_stages_overlap(tmp_path: Path):
     by_stage = {stage: sorted(a["pid"] for a in model_actors if a["stage"] == stage) for stage in ("saliency", "sam")}
     assert len(by_stage["sam"]) == 2 and by_stage["saliency"] == by_stage["sam"]  # each process holds both models
     assert any(a["stage"] == "grouper" for a in run["actors"])
+    # a case wholly inside one block (here every image: its record row and its slice) is assembled in
+    # the block's parts task, with no staging part and no assembly task; each case exactly once
+    assembled = run["assembled"]
+    assert assembled["in_blocks"] + assembled["by_tasks"] == 40 and assembled["in_blocks"] >= 30, assembled
+    assert not any((out / "staging").rglob("*.parquet"))
 
 
 def test_two_model_pools_when_asked(tmp_path: Path):
