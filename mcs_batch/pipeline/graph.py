@@ -115,10 +115,15 @@ def build_pipeline(
     else:
         rows = _model_stage(rows, stages.saliency, r.saliency, cfg, storage, board)  # maps, then prompts
         rows = _model_stage(rows, stages.masking, r.sam, cfg, storage, board)
-    parts = {"staging_uri": staging_uri, "storage": storage, "n_targets": len(cfg.targets), "cfg": cfg}
     return rows.map_batches(
-        write_parts,
-        fn_kwargs={**parts, "run_id": run_id},  # whole cases in a block are assembled in the task
+        write_parts,  # with cfg and run_id, whole cases in a block are assembled in the task
+        fn_kwargs={
+            "staging_uri": staging_uri,
+            "storage": storage,
+            "n_targets": len(cfg.targets),
+            "cfg": cfg,
+            "run_id": run_id,
+        },
         batch_size=None,
         num_cpus=r.parts_cpus,
     )

@@ -4,9 +4,9 @@ cluster, commit what comes back.
 Rows reaching the driver are small: one per case (its record, how many slices to expect), one per
 staging part (case id, slices in it, its URI), and one per block whose parts task assembled the cases
 wholly inside it (their rows, as an assembly task returns them: committed like those). When a case's
-slices are all in, it waits in `ready`
-until a few cases can go to one assembly task (stages/assemble.assemble_cases); results are buffered
-and committed every `outputs.catalog_flush_cases` cases or `catalog_flush_seconds` (commit protocol:
+slices are all in, it waits in `ready` until a few cases can go to one assembly task
+(stages/assemble.assemble_cases); results are buffered and committed every
+`outputs.catalog_flush_cases` cases or `catalog_flush_seconds` (commit protocol:
 mcs_batch.outputs.catalog). The driver holds only cases in flight: no mask, no image, no slice row
 as Python objects (slice rows come back as Arrow tables and go to Parquet as they are).
 """
