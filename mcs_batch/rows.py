@@ -51,14 +51,18 @@ def target_column(index: int, what: str) -> str:
 # -- rows -------------------------------------------------------------------------------------------
 
 
-def case_row(record: CaseRecord, n_slices: int, done_targets: list[str] | tuple[str, ...] = ()) -> dict:
-    """The case row: the record as JSON, with the targets a previous run already committed."""
-    return {
-        "case_id": record.case_id,
-        "slice_index": CASE_ROW,
-        "n_slices": n_slices,
-        "case_json": json.dumps({**record.to_row(), "done_targets": list(done_targets)}),
-    }
+def case_row(
+    record: CaseRecord,
+    n_slices: int,
+    done_targets: list[str] | tuple[str, ...] = (),
+    supersede: dict[str, str] | None = None,
+) -> dict:
+    """The case row: the record as JSON, with the targets a previous run already committed and, for a
+    grown series, the committed rows its new ones supersede (target -> cases part)."""
+    info = {**record.to_row(), "done_targets": list(done_targets)}
+    if supersede:
+        info["supersede"] = dict(supersede)
+    return {"case_id": record.case_id, "slice_index": CASE_ROW, "n_slices": n_slices, "case_json": json.dumps(info)}
 
 
 def chunk_row(case: dict, k0: int, n: int) -> dict:

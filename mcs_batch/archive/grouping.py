@@ -57,7 +57,9 @@ class CaseGrouper:
 
     wave_sizes: objects per wave, in wave order (the job's listing). committed_out: for a segmentation
     job, its OUT: cases whose every target is committed there are dropped (counted as skipped), others
-    carry the targets already done in `done_targets`. None for `scan`, which keeps every case.
+    carry the targets already done in `done_targets`; a grown series (files arrived or left since its
+    commit) carries in `supersede` (JSON: target -> cases part) the committed rows its new ones replace.
+    None for `scan`, which keeps every case. The catalog is read once, here: the driver never loads it.
     """
 
     def __init__(
@@ -88,11 +90,14 @@ class CaseGrouper:
         self.targets = frozenset(targets)
         self.done: dict[str, set[str]] = defaultdict(set)
         self.instances: dict[str, str] = {}  # committed series: their instance digest
+        self.series_parts: dict[str, dict[str, str]] = defaultdict(dict)  # ... and target -> its row's part
         if committed_out is not None:
-            catalog = Catalog(committed_out, storage=storage)
-            for (case_id, target), _status in catalog.committed().items():
+            pairs, series = Catalog(committed_out, storage=storage).committed_state()
+            for case_id, target in pairs:
                 self.done[case_id].add(target)
-            self.instances = {case_id: digest for (case_id, _), (_, digest) in catalog.series_rows().items()}
+            for (case_id, target), (part, digest) in series.items():
+                self.instances[case_id] = digest
+                self.series_parts[case_id][target] = part
         self.board = None
         if board:
             import ray
@@ -144,8 +149,8 @@ class CaseGrouper:
             self._flush_index()
         kept = self._not_committed(out, delta)
         if self.divert:
-            to_board = [case_row(r, 0, done)["case_json"] for r, done in kept if r.status != Status.OK]
-            kept = [(r, done) for r, done in kept if r.status == Status.OK]
+            to_board = [case_row(r, 0, done, old)["case_json"] for r, done, old in kept if r.status != Status.OK]
+            kept = [(r, done, old) for r, done, old in kept if r.status == Status.OK]
             if to_board:  # waited for: the driver drains the board once the stream has ended
                 import ray
 
@@ -183,19 +188,25 @@ class CaseGrouper:
         )  # fmt: skip
 
     # -- committed pairs, index, board --------------------------------------------------------------
-    def _not_committed(self, records: list[CaseRecord], delta: dict) -> list[tuple[CaseRecord, list[str]]]:
+    def _not_committed(
+        self, records: list[CaseRecord], delta: dict
+    ) -> list[tuple[CaseRecord, list[str], dict[str, str]]]:
+        """(record, targets done, committed rows its new rows supersede: target -> cases part)."""
         kept = []
         for record in records:
             done = self.done.get(record.case_id, set())
             committed = self.instances.get(record.case_id)
+            supersede: dict[str, str] = {}
             if done and committed is not None and committed != instances_digest(record):
                 done = set()  # files arrived (or left) since the series was committed: redo every target
                 delta["grown_series"] = delta.get("grown_series", 0) + 1
+                parts = self.series_parts.get(record.case_id, {})
+                supersede = {t: p for t, p in parts.items() if t in self.targets}
             if self.targets and self.targets <= done:
                 delta["skipped_committed"] = delta.get("skipped_committed", 0) + 1
                 delta["skipped_objects"] = delta.get("skipped_objects", 0) + len(record.source_uris)
                 continue
-            kept.append((record, sorted(done & self.targets)))
+            kept.append((record, sorted(done & self.targets), supersede))
         delta["cases"] = len(kept)
         return kept
 
@@ -215,6 +226,7 @@ class CaseGrouper:
         if self.board is not None:
             self.board.scan_progress.remote(delta)
 
-    def _table(self, kept: list[tuple[CaseRecord, list[str]]]) -> pa.Table:
-        table = manifest_table([r.to_row() for r, _ in kept])
-        return table.append_column("done_targets", pa.array([d for _, d in kept], pa.list_(pa.string())))
+    def _table(self, kept: list[tuple[CaseRecord, list[str], dict[str, str]]]) -> pa.Table:
+        table = manifest_table([r.to_row() for r, _, _ in kept])
+        table = table.append_column("done_targets", pa.array([d for _, d, _ in kept], pa.list_(pa.string())))
+        return table.append_column("supersede", pa.array([json.dumps(old) if old else "" for _, _, old in kept], pa.string()))

@@ -40,7 +40,7 @@ def cases_stream(
     scan_tasks: int | None = None,
     divert_unsegmented: bool = False,
 ):
-    """A lazy Dataset of case rows (manifest schema + done_targets) for the listed waves.
+    """A lazy Dataset of case rows (manifest schema + done_targets, supersede) for the listed waves.
     divert_unsegmented (a job, with a board): cases with nothing to segment go to the board, not the
     stream (archive/board.py).
 

@@ -157,14 +157,22 @@ class Catalog:
         """(case_id, target) -> (cases part holding the row, instance digest) for the rows of DICOM
         series (the cases whose instance set can grow): what a run that redoes a grown series
         supersedes. One entry per series and target, so small next to the catalog."""
-        found: dict[tuple[str, str], tuple[str, str]] = {}
+        return self.committed_state()[1]
+
+    def committed_state(self) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], tuple[str, str]]]:
+        """(committed(), series_rows()) from one read of each cases part: what a job's grouper needs
+        at its start."""
+        pairs: dict[tuple[str, str], str] = {}
+        series: dict[tuple[str, str], tuple[str, str]] = {}
         for path in self._list(CASES_DIR):
             with self.fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["case_id", "target", "instances"], schema=CASES_SCHEMA)
-            table = table.filter(pc.is_valid(table.column("instances")))
-            for case_id, target, digest in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True):
-                found[(case_id, target)] = (path, digest)
-        return found
+                table = pq.read_table(f, columns=["case_id", "target", "status", "instances"], schema=CASES_SCHEMA)
+            columns = (table.column(n).to_pylist() for n in table.column_names)
+            for case_id, target, status, digest in zip(*columns, strict=True):
+                pairs[(case_id, target)] = status
+                if digest is not None:
+                    series[(case_id, target)] = (path, digest)
+        return pairs, series
 
     def config_hashes(self) -> set[str]:
         """Config hashes of the segmentation rows. Derived targets (`<target>@<kind>`, e.g. refined

@@ -111,7 +111,7 @@ class CaseWriter:
 
         self.catalog, self.cfg, self.run_id, self.summary, self.metrics = catalog, cfg, run_id, summary, metrics
         self.retried = retried or {}  # pairs redone after transient failures: attempts so far, history
-        self.series_parts = catalog.series_rows()  # a grown series redone supersedes these rows
+        self.supersede: dict[tuple[str, str], str] = {}  # rows to commit -> the part of the row they replace
         self.storage = storage
         self.pending: dict[str, _Pending] = {}
         self.ready: list[dict] = []
@@ -242,6 +242,8 @@ class CaseWriter:
             s.by_status[row["status"]] = s.by_status.get(row["status"], 0) + 1
             if row.get("error_code"):
                 s.by_error[row["error_code"]] = s.by_error.get(row["error_code"], 0) + 1
+        for target, part in case.get("supersede", {}).items():  # a grown series (found by the grouper)
+            self.supersede[(case["case_id"], target)] = part
         for name in ("clip", "sam"):
             self.models[name].update(case["models"][name])
         s.slices += case["slices"]
@@ -281,8 +283,8 @@ class CaseWriter:
             for row in rows:
                 row["committed_at"] = now
                 stamp_attempts(row, self.retried, self.cfg.failure_budget.transient_attempts)
-                if (key := (row["case_id"], row["target"])) in self.series_parts:
-                    supersede[key] = self.series_parts.pop(key)[0]
+                if (key := (row["case_id"], row["target"])) in self.supersede:
+                    supersede[key] = self.supersede.pop(key)
             self.catalog.commit(self.run_id, self.seq, rows, slices.filter(mask) if len(order) > size else slices,
                                 supersede=supersede)  # fmt: skip
             self.metrics.committed(len(self.pending) + len(self.ready) + len(self.inflight))

@@ -169,6 +169,7 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
     info = json.loads(case["case_json"])
     record = case_of(case)
     done = set(info.get("done_targets") or ())
+    old_parts = info.get("supersede") or {}  # a grown series: target -> the part of its committed row
     slices = case.get("slices") or (_read_parts(case["parts"], storage) if case["parts"] else {})
     error = failed_from_slices(slices)
     status = status_of(record, error)
@@ -194,6 +195,7 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
     return {
         "case_id": record.case_id,
         "case_rows": case_rows,
+        "supersede": {r["target"]: old_parts[r["target"]] for r in case_rows if r["target"] in old_parts},
         "slice_rows": slice_rows,
         "failed": case_failed,
         "slices": len(rows),

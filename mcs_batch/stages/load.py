@@ -7,6 +7,7 @@ mcs_batch.rows.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -24,10 +25,10 @@ from mcs_batch.rows import CASE_ROW, NO_IMAGE, case_of, case_row, chunk_row, col
 LOAD_YIELD_ROWS = 16  # decoded slices handed on at a time (bounds a load task's memory)
 
 
-def plan_case(record: CaseRecord, *, slice_chunk: int, axis: int, done_targets=()) -> list[dict]:
+def plan_case(record: CaseRecord, *, slice_chunk: int, axis: int, done_targets=(), supersede=None) -> list[dict]:
     """One case row, then one chunk row per `slice_chunk` slices (none for cases that are not ok)."""
     n = slice_count(record, axis) if record.status == Status.OK else 0
-    head = case_row(record, n, done_targets)
+    head = case_row(record, n, done_targets, supersede)
     return [head] + [chunk_row(head, k0, min(k0 + slice_chunk, n) - k0) for k0 in range(0, n, slice_chunk)]
 
 
@@ -94,14 +95,17 @@ def load_chunk(
 
 
 def plan_batch(table, *, cfg: JobConfig) -> dict:
-    """map_batches (pyarrow in): case rows of the archive stream (manifest schema + done_targets) ->
+    """map_batches (pyarrow in): case rows of the archive stream (manifest schema + done_targets,
+    supersede) ->
     case rows + chunk rows. Cases whose every target is committed never get here (the grouper drops
     them). A map_batches, not a flat_map, so that Ray Data fuses it with the repartition after it."""
     rows: list[dict] = []
     for row in table.to_pylist():
         record = check_size(CaseRecord.from_row(row), cfg)
         done = [str(t) for t in (row.get("done_targets") or [])]
-        rows += plan_case(record, slice_chunk=cfg.resources.slice_chunk, axis=cfg.slice_axis, done_targets=done)
+        supersede = json.loads(row["supersede"]) if row.get("supersede") else None
+        rows += plan_case(record, slice_chunk=cfg.resources.slice_chunk, axis=cfg.slice_axis, done_targets=done,
+                          supersede=supersede)  # fmt: skip
     return columns(rows)
 
 

@@ -101,3 +101,31 @@ def test_committed_cases_are_dropped_and_partial_ones_carry_their_done_targets(t
                           targets=("a", "b"))  # fmt: skip
     rows = {r["case_id"]: r["done_targets"] for r in grouper(probe_rows(root, files, 0)).to_pylist()}
     assert rows == {ids[1]: ["a"], ids[2]: []}  # case 0 is done; case 1 still needs target b
+
+
+def test_a_grown_series_carries_the_parts_of_the_rows_it_supersedes(tmp_path: Path):
+    """The grouper reads the catalog once (committed_state) and hands on, in the case row, where the
+    committed rows of a grown series lie: the driver never loads the catalog."""
+    import json
+
+    from mcs_batch.outputs.catalog import Catalog
+    from mcs_batch.records import CaseRecord, instances_digest
+
+    root = tmp_path / "in"
+    grown = write_series(root / "b", n_slices=4, series_seed="B")
+    same = write_series(root / "c", n_slices=3, series_seed="C")
+    first = CaseGrouper([7], index_uri=str(tmp_path / "index"), run_id="r1")(probe_rows(root, grown + same, 0))
+    by_files = {len(r["source_uris"]): r for r in first.to_pylist()}
+    b, c = by_files[4], by_files[3]
+    out = tmp_path / "out"
+    catalog = Catalog(str(out))
+    rows = [{"case_id": b["case_id"], "target": t, "status": "ok", "instances": "digest-of-3-files"} for t in "ab"]
+    rows += [{"case_id": c["case_id"], "target": t, "status": "ok",
+              "instances": instances_digest(CaseRecord.from_row(c))} for t in "ab"]  # fmt: skip
+    catalog.commit("r0", 0, rows, [])
+    part = catalog._list("catalog/cases")[0]
+    grouper = CaseGrouper([7], index_uri=str(tmp_path / "index"), run_id="r2", committed_out=str(out),
+                          targets=("a",))  # fmt: skip
+    kept = grouper(probe_rows(root, grown + same, 0)).to_pylist()
+    assert [r["case_id"] for r in kept] == [b["case_id"]]  # C unchanged and done; B grew: redone
+    assert kept[0]["done_targets"] == [] and json.loads(kept[0]["supersede"]) == {"a": part}  # this run's target
