@@ -10,8 +10,9 @@ also at a tenth of the size (100 images, 60 slices). For each input and each sou
 and --baseline-commit from a temporary git worktree), a fresh process starts a local Ray with 2 CPUs
 and runs the job; printed for the large input: slices/s of the job, slices/s per CPU core, and the
 driver process's CPU seconds (user + system, all its threads, Ray Data's executor included) per slice;
-and, from the small run, the driver CPU per slice more (large minus small, over the slices between):
-what grows with the archive, without the job's fixed start-up and finish.
+and, from the small run, what grows with the archive, without the job's fixed start-up and finish
+(large minus small, over the slices between): slices/s per core more (the steady rate of a long run)
+and the driver CPU per slice more.
 
     .venv/bin/python bench/driver_bench.py --baseline-commit 983e104
 """
@@ -192,8 +193,11 @@ def main() -> None:
                     small, r = runs
                     marginal = (r["driver_cpu"] - small["driver_cpu"]) / (r["slices"] - small["slices"])
                     results[(label, name)] = {**r, "marginal": marginal}
+                    steady = (r["slices"] - small["slices"]) / (r["wall"] - small["wall"])
+                    results[(label, name)]["steady"] = steady
                     print(f"{label:26s} {name:9s} {r['slices'] / r['wall']:7.1f} slices/s "
-                          f"({r['slices'] / r['wall'] / CPUS:6.1f} per core)  driver CPU "
+                          f"({r['slices'] / r['wall'] / CPUS:6.1f} per core; {steady / CPUS:6.1f} per core more: "
+                          f"{small['wall']:.1f} s for {small['slices']})  driver CPU "
                           f"{1000 * r['driver_cpu'] / r['slices']:7.2f} ms/slice ({r['driver_cpu']:.1f} s; "
                           f"{small['driver_cpu']:.1f} s for {small['slices']}: {1000 * marginal:.2f} ms per "
                           f"slice more)", flush=True)  # fmt: skip
