@@ -6,6 +6,15 @@ from __future__ import annotations
 import logging
 
 
+# How long the local instance keeps an idle worker process above its soft limit (one per CPU; Ray's
+# default is 1 s). The model actors count against that limit, so with 1 s the workers that decoded
+# the first blocks were gone when the first parts task came, and it waited ~3 s for a new process
+# started on CPUs the models held (measured: the first commit of the 200-image bench at 15.3-15.8 s,
+# 12.5 s with the workers kept). A cluster started by `ray start` keeps Ray's default: its nodes have
+# many more CPUs than model actors.
+IDLE_WORKER_KEEP_MS = 30_000
+
+
 def start_ray(
     address: str | None = None, *, num_cpus: int | None = None, object_store_mb: int | None = None, quiet: bool = True
 ):
@@ -28,6 +37,7 @@ def start_ray(
             include_dashboard=False,
             logging_level=logging.WARNING,
             log_to_driver=False,
+            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
         )
     return ray
 
