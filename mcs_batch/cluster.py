@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-
 # How long the local instance keeps an idle worker process above its soft limit (one per CPU; Ray's
 # default is 1 s). The model actors count against that limit, so with 1 s the workers that decoded
 # the first blocks were gone when the first parts task came, and it waited ~3 s for a new process

@@ -229,4 +229,5 @@ class CaseGrouper:
     def _table(self, kept: list[tuple[CaseRecord, list[str], dict[str, str]]]) -> pa.Table:
         table = manifest_table([r.to_row() for r, _, _ in kept])
         table = table.append_column("done_targets", pa.array([d for _, d, _ in kept], pa.list_(pa.string())))
-        return table.append_column("supersede", pa.array([json.dumps(old) if old else "" for _, _, old in kept], pa.string()))
+        supersede = [json.dumps(old) if old else "" for _, _, old in kept]
+        return table.append_column("supersede", pa.array(supersede, pa.string()))

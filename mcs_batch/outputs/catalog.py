@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Callable, Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from mcs_batch.errors import TRANSIENT_CODES, ConfigError

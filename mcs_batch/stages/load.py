@@ -96,9 +96,9 @@ def load_chunk(
 
 def plan_batch(table, *, cfg: JobConfig) -> dict:
     """map_batches (pyarrow in): case rows of the archive stream (manifest schema + done_targets,
-    supersede) ->
-    case rows + chunk rows. Cases whose every target is committed never get here (the grouper drops
-    them). A map_batches, not a flat_map, so that Ray Data fuses it with the repartition after it."""
+    supersede) -> case rows + chunk rows. Cases whose every target is committed never get here (the
+    grouper drops them). A map_batches, not a flat_map, so that Ray Data fuses it with the repartition
+    after it."""
     rows: list[dict] = []
     for row in table.to_pylist():
         record = check_size(CaseRecord.from_row(row), cfg)
