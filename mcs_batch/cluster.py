@@ -8,10 +8,9 @@ import logging
 # How long the local instance keeps an idle worker process above its soft limit (one per CPU; Ray's
 # default is 1 s). The job's actors (models, grouper, Ray Data's helpers) keep a small node above that
 # limit, so with 1 s the workers that decoded the first blocks were gone when the first parts task
-# came, and it waited ~3 s for a new process
-# started on CPUs the models held (measured: the first commit of the 200-image bench at 15.3-15.8 s,
-# 12.5 s with the workers kept). A cluster started by `ray start` keeps Ray's default: its nodes have
-# many more CPUs than model actors.
+# came, and it waited ~3 s for a new process started on CPUs the models held (measured: the first
+# commit of the 200-image bench at 15.3-15.8 s, 11.5-12.7 s with the workers kept). A cluster started
+# by `ray start` keeps Ray's default: its nodes have many more CPUs than model actors.
 IDLE_WORKER_KEEP_MS = 30_000
 
 
