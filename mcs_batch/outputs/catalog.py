@@ -149,8 +149,7 @@ class Catalog:
 
     def committed(self) -> dict[tuple[str, str], str]:
         """(case_id, target) -> status of every committed pair."""
-        table = self.cases(["case_id", "target", "status"])
-        return {(c, t): s for c, t, s in zip(*(table.column(n).to_pylist() for n in table.column_names), strict=True)}
+        return self.committed_state()[0]
 
     def series_rows(self) -> dict[tuple[str, str], tuple[str, str]]:
         """(case_id, target) -> (cases part holding the row, instance digest) for the rows of DICOM
@@ -159,8 +158,8 @@ class Catalog:
         return self.committed_state()[1]
 
     def committed_state(self) -> tuple[dict[tuple[str, str], str], dict[tuple[str, str], tuple[str, str]]]:
-        """(committed(), series_rows()) from one read of each cases part: what a job's grouper needs
-        at its start."""
+        """(committed(), series_rows()) from one read of each cases part (what a job's grouper needs
+        at its start); the two methods are views of it."""
         pairs: dict[tuple[str, str], str] = {}
         series: dict[tuple[str, str], tuple[str, str]] = {}
         for path in self._list(CASES_DIR):

@@ -13,10 +13,10 @@ Without GPUs (tests, laptops, smoke runs):
     actors (Ray Data grows it while it has a backlog); the SAM pool holds one actor per CPU from the
     start, at most one per SAM_MEMORY of the cluster's memory (SAM_MEMORY + CLIP_MEMORY when each
     actor holds both models): SAM's image encoder is the costliest step on a CPU (measured here
-    with tiny models: ~0.5 s per slice against ~0.05 s for M2IB; vit_b
-    ~10 s against BiomedCLIP-size M2IB ~3.6 s), and Ray Data's autoscaler grew the pool too late on
-    a 2-CPU node (a second actor after 45 s of a 100 s job). M2IB batch 8, SAM batch 1 (batching is
-    slower on CPU, see bench/sam_bench.py), blocks of 8 slice rows (with blocks of 32 the 200-image
+    with tiny models: ~0.5 s per slice against ~0.05 s for M2IB; vit_b ~10 s against
+    BiomedCLIP-size M2IB ~3.6 s), and Ray Data's autoscaler grew the pool too late on a 2-CPU node
+    (a second actor after 45 s of a 100 s job). M2IB batch 8, SAM batch 1 (batching is slower on
+    CPU, see bench/sam_bench.py), blocks of 8 slice rows (with blocks of 32 the 200-image
     stream bench committed its first case at 46% of the job, waiting for a whole block through SAM).
 One pool or two (resources.models_together): auto = one pool on CPU, whose actors load both models and
 run M2IB and then SAM on each block (the SAM pool's sizes, at the smaller of the two batch sizes):
