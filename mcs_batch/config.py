@@ -19,6 +19,7 @@ from typing import Any
 
 from mcs_batch.errors import ConfigError
 from mcs_batch.faults import TestingConfig
+from mcs_batch.io.limits import SizeLimits
 from mcs_batch.io.window import WindowSettings
 from mcs_batch.models.settings import M2IBSettings, ModelsConfig, ResizeMode
 from mcs_batch.models.visual_prompts import PromptSettings
@@ -154,8 +155,10 @@ class ResourcesConfig:
     # once per actor) instead of two pools: auto = together on CPU (one start-up per actor instead of
     # two, no hand-over of images between the stages), two pools when the cluster has GPUs
     models_together: bool | str = AUTO
-    max_image_pixels: int = 64_000_000  # larger slices fail as too_large (a 2-CPU node stays alive)
-    max_volume_voxels: int = 512_000_000  # whole-volume loads (slice_axis other than 2) larger than this fail
+    # larger slices fail as too_large (a 2-CPU node stays alive), judged from headers (io/limits.py)
+    max_image_pixels: int = SizeLimits.max_image_pixels
+    # cases decoded whole (NIfTI, multi-frame, slice_axis other than 2, reoriented) larger than this fail
+    max_volume_voxels: int = SizeLimits.max_volume_voxels
     gpu_wait_seconds: float = 600.0  # gpus asked for, none in the cluster: wait this long for the autoscaler
 
     def __post_init__(self):
@@ -171,6 +174,9 @@ class ResourcesConfig:
             )
         if self.slice_chunk < 1 or self.max_image_pixels < 1 or self.max_volume_voxels < 1:
             raise ConfigError("resources: slice_chunk, max_image_pixels and max_volume_voxels must be >= 1")
+
+    def size_limits(self) -> SizeLimits:
+        return SizeLimits(max_image_pixels=self.max_image_pixels, max_volume_voxels=self.max_volume_voxels)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ class TestingConfig:
     # job: loading the case whose first source key is this fails as storage does (unreadable, a
     # transient code); once with fault_marker, else on every run
     unreadable_key: str = ""
+    # job: decoding the case whose first source key is this aborts the worker process (SIGABRT, as a
+    # native decoder's uncaught C++ exception does), on every attempt: a poison pill for the load stage
+    crash_decoding_key: str = ""
 
 
 CRASH_POINTS = frozenset(
@@ -78,6 +81,12 @@ def fire_once(marker: str) -> bool:
     with os.fdopen(fd, "w") as f:
         f.write(str(os.getpid()))
     return True
+
+
+def decoder_crash(testing: TestingConfig, keys: list[str]) -> None:
+    """Abort this process where a decode of an object with these keys must crash (crash_decoding_key)."""
+    if testing.crash_decoding_key and testing.crash_decoding_key in keys[:1]:
+        os.abort()
 
 
 def storage_fault(testing: TestingConfig, keys: list[str]) -> bool:

@@ -10,6 +10,12 @@ further on (a series scattered across the archive) become failure rows naming th
 second case with the same id. A series committed before with another instance set (files still
 arriving then) is redone, and its new rows supersede the old ones (pipeline/writer.py).
 
+An object that could not be read (a storage failure: unreadable, transient) may have been a file of a
+series: a series volume with a file in a folder where a read failed is not assembled from the files
+that were read (it would be ok with a slice missing, for good) but fails `unreadable` too, and the next
+run, which reads the object again, assembles it whole. One bad row (a header no code path expected)
+fails that object, never the block.
+
 CaseGrouper is a Ray Data actor of a pool of size one (it holds the open series), placed on the
 driver's node. In a job, cases with nothing to segment (skipped, failed at the scan) leave through the
 job's board to the driver instead of flowing past the model actors. It also appends what it learnt to
@@ -20,13 +26,15 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from collections import defaultdict
 
 import pyarrow as pa
 
-from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.errors import TRANSIENT_CODES, CaseError, ErrorCode
 from mcs_batch.io.dicom_header import DicomHeader
+from mcs_batch.io.limits import SizeLimits, check_size
 from mcs_batch.io.series import cases_from_headers
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
@@ -36,6 +44,23 @@ from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record, insta
 from mcs_batch.rows import case_row
 
 INDEX_FLUSH_ROWS = 5000  # index rows buffered per prefix before a part is written
+# Probe results the index keeps: not transient failures (the next run reads the object again), nor a
+# size judged against this run's limits (the limits are applied to every case as it leaves, cached or not).
+_NOT_INDEXED = TRANSIENT_CODES | {ErrorCode.TOO_LARGE}
+
+
+def _storable(record: CaseRecord) -> CaseRecord:
+    """The record, or its failure when Arrow cannot store it (a value past its type): a bug's trace
+    in one row, never a failed block."""
+    try:
+        manifest_table([record.to_row()])
+        return record
+    except (pa.ArrowException, OverflowError, TypeError, ValueError) as e:
+        uri = record.source_uris[0] if record.source_uris else record.case_id
+        message = f"{uri}: record cannot be stored ({type(e).__name__}: {e})"[:300]
+        return CaseRecord(case_id=record.case_id, kind=record.kind, source_uris=record.source_uris,
+                          source_keys=record.source_keys, status=Status.FAILED, error_code=ErrorCode.INTERNAL_ERROR,
+                          error_message=message)  # fmt: skip
 
 
 def cases_of_series(headers: list[DicomHeader]) -> list[CaseRecord]:
@@ -73,8 +98,12 @@ class CaseGrouper:
         targets: tuple[str, ...] = (),
         board: str | None = None,
         divert_unsegmented: bool = False,
+        limits: SizeLimits | None = None,
+        slice_axis: int = 2,
     ):
         self.expected = list(wave_sizes)
+        self.limits, self.slice_axis = limits or SizeLimits(), slice_axis
+        self.unreadable: dict[str, list[str]] = defaultdict(list)  # folder -> keys of objects storage failed
         self.divert = divert_unsegmented and bool(board)
         self.seen = [0] * len(self.expected)
         self.frontier = 0  # the first wave not yet fully probed
@@ -116,28 +145,12 @@ class CaseGrouper:
         for row in table.to_pylist():
             self.seen[row["wave"]] += 1
             delta["probed" if row["probed"] else "cached"] += 1
-            index_row = None
-            if row["probed"]:
-                index_row = {k: row[k] for k in ("uri", "rel", "size", "version", "payload")}
-            item = json.loads(row["payload"])
-            if "record" in item:
-                record = CaseRecord.from_row(item["record"])
-                self._index(row["prefix_id"], index_row, record.case_id)
-                out.append(record)
-                continue
-            header = DicomHeader.from_dict(item["header"])
-            uid = header.series_uid
-            if not uid:  # a DICOM object without a series: a case of its own
-                records = cases_of_series([header])
-                self._index(row["prefix_id"], index_row, records[0].case_id if records else None)
-                out.extend(records)
-            elif uid in self.released:
-                out.append(self._late(header))
-                self._index(row["prefix_id"], index_row, out[-1].case_id)
-            else:
-                self.open[uid].append(header)
-                self.open_index[uid].append((row["prefix_id"], index_row))
-                self.last_wave[uid] = max(self.last_wave.get(uid, -1), row["wave"])
+            try:
+                self._take(row, out)
+            except Exception as e:  # one row no code path expected fails its object, not the block
+                message = f"{row['uri']}: grouping: {type(e).__name__}: {e}"[:300]
+                out.append(failed_record(f"file:{row['rel']}", CaseKind.UNKNOWN, row["uri"], row["rel"],
+                                         ErrorCode.INTERNAL_ERROR, message))  # fmt: skip
         if self._advance() or self.frontier == len(self.expected):
             out.extend(self._release())
         if self.frontier == len(self.expected):
@@ -158,6 +171,35 @@ class CaseGrouper:
         self._report(delta)
         return self._table(kept)
 
+    def _take(self, row: dict, out: list[CaseRecord]) -> None:
+        """One probed object: a finished record goes out; a DICOM header waits for its series."""
+        index_row = None
+        if row["probed"]:
+            index_row = {k: row[k] for k in ("uri", "rel", "size", "version", "payload")}
+        item = json.loads(row["payload"])
+        if "record" in item:
+            record = CaseRecord.from_row(item["record"])
+            if record.error_code == ErrorCode.UNREADABLE:
+                self.unreadable[posixpath.dirname(row["rel"])].append(row["rel"])
+            if record.error_code in _NOT_INDEXED:
+                index_row = None  # read again next run
+            self._index(row["prefix_id"], index_row, record.case_id)
+            out.append(record)
+            return
+        header = DicomHeader.from_dict(item["header"])
+        uid = header.series_uid
+        if not uid:  # a DICOM object without a series: a case of its own
+            records = cases_of_series([header])
+            self._index(row["prefix_id"], index_row, records[0].case_id if records else None)
+            out.extend(records)
+        elif uid in self.released:
+            out.append(self._late(header))
+            self._index(row["prefix_id"], index_row, out[-1].case_id)
+        else:
+            self.open[uid].append(header)
+            self.open_index[uid].append((row["prefix_id"], index_row))
+            self.last_wave[uid] = max(self.last_wave.get(uid, -1), row["wave"])
+
     def _advance(self) -> bool:
         before = self.frontier
         while self.frontier < len(self.expected) and self.seen[self.frontier] >= self.expected[self.frontier]:
@@ -170,7 +212,7 @@ class CaseGrouper:
         ready = [uid for uid, last in self.last_wave.items() if everything or last + 1 < self.frontier]
         out = []
         for uid in ready:
-            records = cases_of_series(self.open.pop(uid))
+            records = [self._unless_incomplete(r) for r in cases_of_series(self.open.pop(uid))]
             case_of = {uri: r.case_id for r in records for uri in r.source_uris}
             for prefix_id, index_row in self.open_index.pop(uid):
                 if index_row is not None:
@@ -179,6 +221,23 @@ class CaseGrouper:
             self.released.add(uid)
             out.extend(records)
         return out
+
+    def _unless_incomplete(self, record: CaseRecord) -> CaseRecord:
+        """A series volume with a file in a folder where storage failed a read is not assembled from
+        the files that were read: it fails `unreadable` (transient), and the next run reads it whole.
+        (Checked when the series is released: a failure in the wave after its last file counts too.)"""
+        if record.kind != CaseKind.DICOM_SERIES or record.status != Status.OK:
+            return record
+        failed = sorted({k for key in record.source_keys for k in self.unreadable.get(posixpath.dirname(key), ())})
+        if not failed:
+            return record
+        record.status, record.error_code = Status.FAILED, ErrorCode.UNREADABLE
+        record.error_message = (
+            f"series {record.series_uid}: {len(failed)} object(s) beside its files could not be read "
+            f"({', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}): it may be incomplete; the next run "
+            "reads them again"
+        )
+        return record
 
     def _late(self, header: DicomHeader) -> CaseRecord:
         return failed_record(
@@ -194,6 +253,7 @@ class CaseGrouper:
         """(record, targets done, committed rows its new rows supersede: target -> cases part)."""
         kept = []
         for record in records:
+            record = self._within_limits(record)
             done = self.done.get(record.case_id, set())
             committed = self.instances.get(record.case_id)
             supersede: dict[str, str] = {}
@@ -209,6 +269,15 @@ class CaseGrouper:
             kept.append((record, sorted(done & self.targets), supersede))
         delta["cases"] = len(kept)
         return kept
+
+    def _within_limits(self, record: CaseRecord) -> CaseRecord:
+        """check_size, and a record whose size cannot be judged fails on its own."""
+        try:
+            return check_size(record, self.limits, self.slice_axis)
+        except Exception as e:
+            record.status, record.error_code = Status.FAILED, ErrorCode.INTERNAL_ERROR
+            record.error_message = f"{record.case_id}: cannot judge the case's size ({type(e).__name__}: {e})"[:300]
+            return record
 
     def _index(self, prefix_id: str, row: dict | None, case_id: str | None) -> None:
         if row is not None:
@@ -227,7 +296,11 @@ class CaseGrouper:
             self.board.scan_progress.remote(delta)
 
     def _table(self, kept: list[tuple[CaseRecord, list[str], dict[str, str]]]) -> pa.Table:
-        table = manifest_table([r.to_row() for r, _, _ in kept])
+        try:
+            table = manifest_table([r.to_row() for r, _, _ in kept])
+        except (pa.ArrowException, OverflowError, TypeError, ValueError):  # one record Arrow refuses
+            kept = [(_storable(r), d, o) for r, d, o in kept]
+            table = manifest_table([r.to_row() for r, _, _ in kept])
         table = table.append_column("done_targets", pa.array([d for _, d, _ in kept], pa.list_(pa.string())))
         supersede = [json.dumps(old) if old else "" for _, _, old in kept]
         return table.append_column("supersede", pa.array(supersede, pa.string()))

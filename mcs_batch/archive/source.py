@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from mcs_batch.archive.grouping import CaseGrouper
 from mcs_batch.archive.listing import Wave, read_wave
 from mcs_batch.archive.probe import probe_block
+from mcs_batch.io.limits import SizeLimits
 from mcs_batch.io.storage import StorageOptions
 
 PROBE_BATCH = 256  # objects probed at a time within a wave (threads overlap their reads)
@@ -39,10 +40,13 @@ def cases_stream(
     probe_cpus: float = 0.25,
     scan_tasks: int | None = None,
     divert_unsegmented: bool = False,
+    limits: SizeLimits | None = None,
+    slice_axis: int = 2,
 ):
     """A lazy Dataset of case rows (manifest schema + done_targets, supersede) for the listed waves.
     divert_unsegmented (a job, with a board): cases with nothing to segment go to the board, not the
-    stream (archive/board.py).
+    stream (archive/board.py). limits, slice_axis: the job's size limits (io/limits.py; default ones for
+    `scan`), applied to every case as the grouper lets it go.
 
     scan_tasks caps the waves scanned at once (None: as many as the CPUs allow), so that on a small
     cluster the scan does not take the CPUs the first cases need to be segmented."""
@@ -70,6 +74,8 @@ def cases_stream(
             "targets": tuple(targets),
             "board": board,
             "divert_unsegmented": divert_unsegmented,
+            "limits": limits,
+            "slice_axis": slice_axis,
         },
         batch_size=None,
         batch_format="pyarrow",

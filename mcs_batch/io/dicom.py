@@ -12,7 +12,7 @@ import io
 import fsspec
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_color_lut, apply_modality_lut
+from pydicom.pixels import apply_color_lut, apply_modality_lut, get_decoder
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from mcs_batch.errors import CaseError, ErrorCode
@@ -62,10 +62,44 @@ def _to_uint8_rgb(arr: np.ndarray, max_value: float) -> np.ndarray:
     return np.clip(np.rint(arr.astype(np.float32) * scale), 0, 255).astype(np.uint8)
 
 
+def decoding_plugins(ds: pydicom.Dataset) -> list[str]:
+    """The pixel decoders to try, in order: pydicom's plugins for the object's transfer syntax, GDCM only
+    where no other is installed. Its Python binding lets a C++ exception abort the whole process on
+    data that contradicts its header (an RGB JPEG 2000 stream declared as one sample per pixel, found
+    by tests/io/test_header_fuzz.py), where pylibjpeg and Pillow raise an error. "" = pydicom's choice
+    (native encodings need no plugin)."""
+    try:
+        plugins = list(get_decoder(ds.file_meta.TransferSyntaxUID).available_plugins)
+    except Exception:  # no decoder for the syntax (native, unknown): pydicom says what is wrong
+        return [""]
+    return [p for p in plugins if p != "gdcm"] or plugins or [""]
+
+
+def _pixel_array(ds: pydicom.Dataset) -> np.ndarray:
+    """ds.pixel_array through the first plugin of `decoding_plugins` that decodes it."""
+    first_error: Exception | None = None
+    for plugin in decoding_plugins(ds):
+        try:
+            ds.pixel_array_options(decoding_plugin=plugin)
+            return ds.pixel_array
+        except Exception as e:
+            first_error = first_error or e
+    assert first_error is not None
+    raise first_error
+
+
+def _finite_rescale(ds: pydicom.Dataset, *, uri: str) -> None:
+    """A rescale slope or intercept that is not a finite number makes every pixel NaN: refuse it."""
+    for keyword in ("RescaleSlope", "RescaleIntercept"):
+        value = ds.get(keyword)
+        if value is not None and value != "" and not np.isfinite(float(value)):
+            raise CaseError(f"{uri}: {keyword} {value} is not a finite number", code=ErrorCode.DECODE_ERROR)
+
+
 def decode_frames(ds: pydicom.Dataset, *, uri: str) -> np.ndarray:
     """All frames of one object: float32 [F, rows, cols] (physical units) or uint8 [F, rows, cols, 3]."""
     try:
-        arr = ds.pixel_array
+        arr = _pixel_array(ds)
     except Exception as e:
         code = _classify_decode_error(e)
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -83,6 +117,7 @@ def decode_frames(ds: pydicom.Dataset, *, uri: str) -> np.ndarray:
     if spp == 3:
         bits = int(ds.get("BitsStored", 8))
         return _to_uint8_rgb(arr, 2**bits - 1)
+    _finite_rescale(ds, uri=uri)
     per_frame = _rescale(ds, 0) if "RescaleSlope" not in ds and "ModalityLUTSequence" not in ds else None
     if per_frame is not None:
         out = np.empty(arr.shape, np.float32)

@@ -72,6 +72,12 @@ class DicomHeader:
     has_pixel_data: bool = False
     header_bytes: int = 0  # where the Pixel Data element starts
     bytes_read: int = 0  # bytes fetched from storage to read this header
+    # A header that names its series but cannot be used (malformed geometry or size attributes,
+    # truncated pixel data): the object fails with this code, and its series is grouped without it
+    # (io/series.py). Geometry values that parse but are wrong (NaN, a zero vector) are judged when
+    # grouping (geometry.dicom_geometry_problem), also for headers the archive index cached.
+    error_code: str = ""
+    error_message: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,30 +101,48 @@ class DicomHeader:
         )
 
 
-def _floats(value, n: int | None = None) -> list[float] | None:
-    if value is None:
-        return None
+class _Malformed(ValueError):
+    """A present attribute whose value cannot be used (garbage text, a wrong number of values)."""
+
+
+def _get(ds, keyword: str):
+    """An attribute's value, None when absent. _Malformed when its bytes do not parse as its VR
+    (garbage DS text, a US of three bytes): pydicom parses values when they are first read."""
     try:
-        out = [float(v) for v in (value if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value])]
-    except (TypeError, ValueError):
+        return ds.get(keyword)
+    except Exception as e:
+        raise _Malformed(f"{keyword}: its value cannot be parsed ({type(e).__name__}: {e})"[:200]) from e
+
+
+def _floats(value, n: int, keyword: str) -> list[float] | None:
+    """n numbers, None when absent; _Malformed when present but not n numbers. NaN and infinity
+    pass (geometry.dicom_geometry_problem says what is wrong with them, naming the attribute)."""
+    if value is None or value == "":
         return None
-    if n is not None and len(out) != n:
-        return None
+    items = value if isinstance(value, list | tuple | pydicom.multival.MultiValue) else [value]
+    try:
+        out = [float(v) for v in items]
+    except (TypeError, ValueError) as e:
+        raise _Malformed(f"{keyword} {_text(value)} is not {n} number(s)") from e
+    if len(out) != n:
+        raise _Malformed(f"{keyword} {_text(value)} holds {len(out)} value(s), not {n}")
     return out
 
 
-def _spacing(value) -> list[float] | None:
-    """A pixel spacing pair, or None when absent or not positive (some writers store 0\\0)."""
-    out = _floats(value, 2)
-    if out is None or not all(v > 0 and v == v and v != float("inf") for v in out):
-        return None
-    return out
+def _text(value) -> str:
+    return repr(list(value) if isinstance(value, pydicom.multival.MultiValue) else value)[:80]
+
+
+def _spacing(value, keyword: str) -> list[float] | None:
+    """A pixel spacing pair; None when absent or 0\\0 (how some writers say "unknown")."""
+    out = _floats(value, 2, keyword)
+    return None if out is None or out == [0.0, 0.0] else out
 
 
 def _int(value) -> int | None:
     try:
         return int(value) if value not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -146,19 +170,20 @@ def _enhanced_geometry(
     orientation = pixel_spacing = thickness = None
     plane = _shared_group(ds, "PlaneOrientationSequence")
     if plane is not None:
-        orientation = _floats(plane.get("ImageOrientationPatient"), 6)
+        orientation = _floats(_get(plane, "ImageOrientationPatient"), 6, "ImageOrientationPatient")
     measures = _shared_group(ds, "PixelMeasuresSequence")
     if measures is not None:
-        pixel_spacing = _spacing(measures.get("PixelSpacing"))
-        thickness = _float(measures.get("SliceThickness"))
+        pixel_spacing = _spacing(_get(measures, "PixelSpacing"), "PixelSpacing")
+        thickness = _float(_get(measures, "SliceThickness"))
     positions: list[list[float]] = []
     for frame in ds.get("PerFrameFunctionalGroupsSequence") or []:
         pos_seq = frame.get("PlanePositionSequence")
-        pos = _floats(pos_seq[0].get("ImagePositionPatient"), 3) if pos_seq else None
+        pos = _floats(_get(pos_seq[0], "ImagePositionPatient"), 3, "ImagePositionPatient") if pos_seq else None
         if orientation is None and frame.get("PlaneOrientationSequence"):
-            orientation = _floats(frame.PlaneOrientationSequence[0].get("ImageOrientationPatient"), 6)
+            orientation = _floats(_get(frame.PlaneOrientationSequence[0], "ImageOrientationPatient"), 6,
+                                  "ImageOrientationPatient")  # fmt: skip
         if pixel_spacing is None and frame.get("PixelMeasuresSequence"):
-            pixel_spacing = _spacing(frame.PixelMeasuresSequence[0].get("PixelSpacing"))
+            pixel_spacing = _spacing(_get(frame.PixelMeasuresSequence[0], "PixelSpacing"), "PixelSpacing")
         if pos is None:
             return orientation, pixel_spacing, None, thickness
         positions.append(pos)
@@ -177,11 +202,21 @@ def non_image_reason(header: DicomHeader) -> str | None:
     return None
 
 
+def _quiet(ds, keyword: str):
+    """An attribute that only helps to group (instance, echo numbers): None when malformed."""
+    try:
+        return ds.get(keyword)
+    except Exception:
+        return None
+
+
 def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> DicomHeader:
     """Parse a DICOM object's header from an open binary file, stopping before the pixel data.
 
-    Raises CaseError(not_dicom) when the bytes are not a DICOM dataset, CaseError(truncated) when a
-    natively encoded object is shorter than its declared pixel data.
+    Raises CaseError(not_dicom) when the bytes are not a DICOM dataset. A dataset whose geometry or
+    size attributes are malformed, or whose natively encoded pixel data is cut short, comes back with
+    `error_code` set (bad_geometry, decode_error, truncated), so that it fails as a known member of
+    its series instead of leaving an unexplained gap.
     """
     try:
         ds = pydicom.dcmread(fileobj, stop_before_pixels=True, force=True)
@@ -194,7 +229,9 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
         raise CaseError(f"{uri}: cannot parse DICOM header ({type(e).__name__}: {e})", code=ErrorCode.NOT_DICOM) from e
 
     file_meta = getattr(ds, "file_meta", None)
-    sop_class = str(ds.get("SOPClassUID", "") or (file_meta.get("MediaStorageSOPClassUID", "") if file_meta else ""))
+    sop_class = str(
+        _quiet(ds, "SOPClassUID") or (_quiet(file_meta, "MediaStorageSOPClassUID") if file_meta else "") or ""
+    )
     has_preamble = getattr(ds, "preamble", None) is not None
     plausible = sop_class or "Rows" in ds or "SeriesInstanceUID" in ds or "Modality" in ds
     if not plausible:
@@ -214,53 +251,79 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
             else ("1.2.840.10008.1.2.1" if ds.is_little_endian else "1.2.840.10008.1.2.2")
         )
 
-    frames = _int(ds.get("NumberOfFrames")) or 1
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    pixel_spacing = _spacing(ds.get("PixelSpacing"))
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    thickness = _float(ds.get("SliceThickness"))
+    problems: list[tuple[ErrorCode, str]] = []
+
+    def attempt(code: ErrorCode, read, default=None):
+        try:
+            return read()
+        except _Malformed as e:
+            problems.append((code, str(e)))
+        except Exception as e:  # a sequence or value pydicom cannot parse
+            problems.append((code, f"{type(e).__name__}: {e}"[:200]))
+        return default
+
+    geometry, malformed = ErrorCode.BAD_GEOMETRY, ErrorCode.DECODE_ERROR
+    frames = attempt(malformed, lambda: _int(_get(ds, "NumberOfFrames")), 1)
+    if frames is None:
+        frames = 1
+    elif frames < 1:
+        problems.append((malformed, f"NumberOfFrames {frames} is not a positive number"))
+        frames = 1
+    orientation = attempt(geometry, lambda: _floats(_get(ds, "ImageOrientationPatient"), 6, "ImageOrientationPatient"))
+    pixel_spacing = attempt(geometry, lambda: _spacing(_get(ds, "PixelSpacing"), "PixelSpacing"))
+    position = attempt(geometry, lambda: _floats(_get(ds, "ImagePositionPatient"), 3, "ImagePositionPatient"))
+    thickness = attempt(geometry, lambda: _float(_get(ds, "SliceThickness")))
     frame_positions = None
     if "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds:
-        e_orient, e_spacing, frame_positions, e_thick = _enhanced_geometry(ds)
+        e_orient, e_spacing, frame_positions, e_thick = attempt(geometry, lambda: _enhanced_geometry(ds),
+                                                                (None, None, None, None))  # fmt: skip
         orientation = orientation or e_orient
         pixel_spacing = pixel_spacing or e_spacing
         thickness = thickness if thickness is not None else e_thick
     if pixel_spacing is None:
         # Projection radiographs: spacing at the detector (no magnification correction).
-        pixel_spacing = _spacing(ds.get("ImagerPixelSpacing"))
+        pixel_spacing = attempt(geometry, lambda: _spacing(_get(ds, "ImagerPixelSpacing"), "ImagerPixelSpacing"))
 
-    image_type = [str(v) for v in (ds.get("ImageType") or [])]
+    def integer(keyword: str) -> int | None:
+        return attempt(malformed, lambda: _int(_get(ds, keyword)))
+
+    image_type = [str(v) for v in (attempt(malformed, lambda: _get(ds, "ImageType")) or [])]
     header = DicomHeader(
         uri=uri,
         rel=rel,
         size=size,
         transfer_syntax=syntax,
         sop_class_uid=sop_class,
-        sop_instance_uid=str(ds.get("SOPInstanceUID", "") or ""),
-        study_uid=str(ds.get("StudyInstanceUID", "") or ""),
-        series_uid=str(ds.get("SeriesInstanceUID", "") or ""),
-        modality=str(ds.get("Modality", "") or ""),
-        rows=_int(ds.get("Rows")),
-        columns=_int(ds.get("Columns")),
+        sop_instance_uid=str(_quiet(ds, "SOPInstanceUID") or ""),
+        study_uid=str(_quiet(ds, "StudyInstanceUID") or ""),
+        series_uid=str(_quiet(ds, "SeriesInstanceUID") or ""),
+        modality=str(_quiet(ds, "Modality") or ""),
+        rows=integer("Rows"),
+        columns=integer("Columns"),
         frames=frames,
-        samples_per_pixel=_int(ds.get("SamplesPerPixel")) or 1,
-        bits_allocated=_int(ds.get("BitsAllocated")),
-        photometric=str(ds.get("PhotometricInterpretation", "") or ""),
+        samples_per_pixel=integer("SamplesPerPixel") or 1,
+        bits_allocated=integer("BitsAllocated"),
+        photometric=str(attempt(malformed, lambda: _get(ds, "PhotometricInterpretation"), "") or ""),
         image_type=image_type,
         position=position,
         orientation=orientation,
         pixel_spacing=pixel_spacing,
         slice_thickness=thickness,
-        spacing_between_slices=_float(ds.get("SpacingBetweenSlices")),
-        acquisition_number=_int(ds.get("AcquisitionNumber")),
-        echo_number=_int(ds.get("EchoNumbers")),
-        temporal_position=_int(ds.get("TemporalPositionIdentifier")),
-        instance_number=_int(ds.get("InstanceNumber")),
+        spacing_between_slices=attempt(geometry, lambda: _float(_get(ds, "SpacingBetweenSlices"))),
+        acquisition_number=_int(_quiet(ds, "AcquisitionNumber")),
+        echo_number=_int(_quiet(ds, "EchoNumbers")),
+        temporal_position=_int(_quiet(ds, "TemporalPositionIdentifier")),
+        instance_number=_int(_quiet(ds, "InstanceNumber")),
         frame_positions=frame_positions,
         # Deflated objects are read through zlib: the file position says nothing, trust the header.
         has_pixel_data=("Rows" in ds) if syntax == DEFLATED else header_bytes < size,
         header_bytes=header_bytes,
     )
+    if problems:
+        code = ErrorCode.BAD_GEOMETRY if any(c == ErrorCode.BAD_GEOMETRY for c, _ in problems) else problems[0][0]
+        header.error_code = code
+        header.error_message = f"{uri}: " + "; ".join(m for c, m in problems if c == code)
+        return header
     _check_native_length(header)
     return header
 
@@ -277,19 +340,37 @@ def expected_native_bytes(header: DicomHeader) -> int | None:
     return n * ((header.bits_allocated + 7) // 8)
 
 
+DEFLATE_MAX_RATIO = 1100  # zlib cannot shrink data more than ~1032:1
+
+
 def _check_native_length(header: DicomHeader) -> None:
-    """Natively encoded pixel data must fit in the file: else the object is truncated."""
-    if not header.has_pixel_data or header.transfer_syntax not in _NATIVE_SYNTAXES:
+    """The pixel data the header declares must fit in the file, else the object is truncated
+    (error_code): exactly for native encodings; for compressed ones, each frame takes an item of at
+    least 8 bytes, so a NumberOfFrames past size / 8 is a header that lies (and would make us allocate
+    for frames that do not exist)."""
+    if not header.has_pixel_data:
         return
-    if header.transfer_syntax == DEFLATED:
-        return  # deflated: the stored length says nothing about the file length
+    if header.transfer_syntax not in _NATIVE_SYNTAXES:
+        if header.frames > max(1, header.size // 8):
+            header.error_code = ErrorCode.TRUNCATED
+            header.error_message = (f"{header.uri}: declares {header.frames} frames, more than its "
+                                    f"{header.size} bytes can hold")  # fmt: skip
+        return
+    if header.transfer_syntax == DEFLATED:  # the stored length says nothing about the file length
+        expected = expected_native_bytes(header)
+        if expected is not None and expected > DEFLATE_MAX_RATIO * header.size:
+            header.error_code = ErrorCode.TRUNCATED
+            header.error_message = f"{header.uri}: declares {expected} bytes of pixel data, more than deflate can hold"
+        return
     expected = expected_native_bytes(header)
+    if expected is None and header.rows and header.columns:  # bits unknown: at least one bit a sample
+        expected = header.rows * header.columns * header.frames * header.samples_per_pixel // 8
     if expected is None:
         return
     # The Pixel Data element header itself takes 8 (implicit) or 12 (explicit OB/OW) bytes.
     available = header.size - header.header_bytes - 8
     if available < expected:
-        raise CaseError(
-            f"{header.uri}: truncated: pixel data needs {expected} bytes, only {max(available, 0)} present",
-            code=ErrorCode.TRUNCATED,
+        header.error_code = ErrorCode.TRUNCATED
+        header.error_message = (
+            f"{header.uri}: truncated: pixel data needs {expected} bytes, only {max(available, 0)} present"
         )

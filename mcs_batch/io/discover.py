@@ -136,16 +136,29 @@ def list_objects(
 
 
 class _CountingReader(io.RawIOBase):
-    """A read-only, seekable file wrapper that counts the bytes handed to the parsers."""
+    """A read-only, seekable file wrapper that counts the bytes handed to the parsers and remembers a
+    storage failure under them: an exception from the store (whatever its type: botocore, aiohttp and
+    fsspec raise their own), or fewer bytes than the listing says the object holds. Parsers turn
+    what they get into their own errors ("not DICOM", "truncated"); a failed read must not become one
+    (probe_object: unreadable, retried by the next run)."""
 
-    def __init__(self, f: BinaryIO):
+    def __init__(self, f: BinaryIO, size: int):
         super().__init__()
         self._f = f
+        self._size = size
         self.bytes = 0
+        self.failure: str | None = None
 
     def readinto(self, buffer) -> int:
-        data = self._f.read(len(buffer))
+        position = self._f.tell()
+        try:
+            data = self._f.read(len(buffer))
+        except Exception as e:
+            self.failure = f"{type(e).__name__}: {e}"
+            raise
         n = len(data)
+        if n < len(buffer) and self._size and position + n < self._size:
+            self.failure = f"storage returned {n} bytes at offset {position} of {self._size}"
         buffer[:n] = data
         self.bytes += n
         return n
@@ -179,33 +192,45 @@ class Probe:
 
 
 def probe_object(ref: ObjectRef, *, fs: fsspec.AbstractFileSystem) -> Probe:
-    """Identify one object by its content and read its header. Never raises for bad content."""
+    """Identify one object by its content and read its header. Never raises for bad content; a read
+    that storage failed (any exception from the store, a short read) is `unreadable`, a transient
+    code: the next run reads the object again."""
     path = fs._strip_protocol(ref.uri)
     try:
         # the size is known from the listing: passing it saves a HEAD request per object on S3
-        with fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead", size=ref.size or None) as raw:
-            f = _CountingReader(raw)
-            head = f.read(352)  # enough for the DICM preamble, a NIfTI-1 header, image magic
-            if not head and ref.size:  # the listing says there are bytes: storage failed, not the file
-                msg = f"{ref.uri}: storage returned 0 of {ref.size} bytes"
-                return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, msg, 0))
-            f.seek(0)
-            try:
-                probe = _identify(ref, f, head)
-            finally:
-                nbytes = _fetched_bytes(raw, f.bytes)
+        raw = fs.open(path, "rb", block_size=HEADER_BLOCK, cache_type="readahead", size=ref.size or None)
     except FileNotFoundError:
         return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: object disappeared", 0))
-    except OSError as e:
-        return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: cannot read ({e})", 0))
+    except Exception as e:  # denied, timed out, a bad status line: storage, not the file
+        return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: cannot open ({_one_line(e)})", 0))
+    f = _CountingReader(raw, ref.size)
+    probe = None
+    try:
+        with raw:
+            head = f.read(352)  # enough for the DICM preamble, a NIfTI-1 header, image magic
+            if not head and ref.size:  # the listing says there are bytes: storage failed, not the file
+                f.failure = f"storage returned 0 of {ref.size} bytes"
+            else:
+                f.seek(0)
+                probe = _identify(ref, f, head)
     except CaseError as e:
         probe = Probe(ref, record=_failure(ref, e.code, e.message, 0))
-        nbytes = 0
+    except Exception:
+        if f.failure is None:  # not the store's: a bug of ours or of a parser, recorded by probe_one
+            raise
+    if f.failure is not None:
+        message = f"{ref.uri}: cannot read ({f.failure[:200]})"
+        return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, message, f.bytes))
+    nbytes = _fetched_bytes(raw, f.bytes)
     if probe.header is not None:
         probe.header.bytes_read = nbytes
     elif probe.record is not None:
         probe.record.bytes_read = nbytes
     return probe
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
 
 
 def _failure(

@@ -16,6 +16,68 @@ from mcs_batch.io.volume import LPS_TO_RAS
 
 POSITION_TOLERANCE_MM = 0.01  # two slices closer than this along the normal share a position
 SPACING_TOLERANCE = 0.02  # relative deviation allowed between slice gaps and the nominal spacing
+COSINE_TOLERANCE = 0.01  # direction cosines: unit length and orthogonality, within this (written rounded)
+MIN_VOXEL_MM, MAX_VOXEL_MM = 1e-6, 1e6  # voxel sizes outside this range are no geometry (a nm, a km)
+COLLAPSED_AXES = 1e-3  # |det| of an affine's unit axis directions below this: the axes (nearly) coincide
+
+
+def _finite(values) -> bool:
+    return bool(np.all(np.isfinite(np.asarray(values, float))))
+
+
+def dicom_geometry_problem(
+    *,
+    position: list[float] | None,
+    orientation: list[float] | None,
+    pixel_spacing: list[float] | None,
+    frame_positions: list[list[float]] | None = None,
+    slice_thickness: float | None = None,
+    spacing_between_slices: float | None = None,
+) -> str | None:
+    """Why a DICOM object's geometry cannot be used (the case fails `bad_geometry`), or None.
+
+    Absent attributes are not problems (a 2D image need not be positioned); present ones must be
+    finite, the orientation two orthonormal direction cosines, the pixel spacing positive, the slice
+    thickness and spacing finite (zero or negative ones are ignored, as before: they only stand in
+    when positions cannot give the slice spacing). Checked when grouping, so that headers the archive
+    index cached under an earlier release are judged too.
+    """
+    if position is not None and not _finite(position):
+        return f"ImagePositionPatient {position} is not finite"
+    if frame_positions is not None and not all(_finite(p) for p in frame_positions):
+        return "a frame's ImagePositionPatient is not finite"
+    if orientation is not None:
+        if not _finite(orientation):
+            return f"ImageOrientationPatient {orientation} is not finite"
+        row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+        norms = np.linalg.norm(row), np.linalg.norm(col)
+        if min(norms) < COSINE_TOLERANCE:
+            return f"ImageOrientationPatient {orientation} has a zero direction vector"
+        if max(abs(n - 1.0) for n in norms) > COSINE_TOLERANCE or abs(float(row @ col)) > COSINE_TOLERANCE:
+            return f"ImageOrientationPatient {orientation} is not two orthonormal direction cosines"
+    if pixel_spacing is not None and (not _finite(pixel_spacing) or min(pixel_spacing) <= 0):
+        return f"PixelSpacing {pixel_spacing} is not positive and finite"
+    for name, value in (("SliceThickness", slice_thickness), ("SpacingBetweenSlices", spacing_between_slices)):
+        if value is not None and not np.isfinite(value):
+            return f"{name} {value} is not finite"
+    return None
+
+
+def positive(value: float | None) -> float | None:
+    """A slice thickness or spacing worth using: finite and > 0, else None."""
+    return value if value is not None and np.isfinite(value) and value > 0 else None
+
+
+def check_affine(affine: np.ndarray, *, name: str, what: str = "the affine") -> None:
+    """CaseError(bad_geometry) unless the 4x4 affine is finite and spans three dimensions: masks must
+    be written in a geometry a reader can use."""
+    if not np.all(np.isfinite(affine)):
+        raise CaseError(f"{name}: {what} holds NaN or infinite values", code=ErrorCode.BAD_GEOMETRY)
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    directions = affine[:3, :3] / np.where(sizes > 0, sizes, 1.0)
+    if np.any(sizes < MIN_VOXEL_MM) or np.any(sizes > MAX_VOXEL_MM) or abs(np.linalg.det(directions)) < COLLAPSED_AXES:
+        raise CaseError(f"{name}: {what} has a voxel size outside {MIN_VOXEL_MM:g}..{MAX_VOXEL_MM:g} mm or collapsed axes (voxel sizes "
+                        f"{[float(f'{v:.6g}') for v in sizes]})", code=ErrorCode.BAD_GEOMETRY)  # fmt: skip
 
 
 def slice_normal(orientation: list[float]) -> np.ndarray:

@@ -10,7 +10,7 @@ import io
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.volume import LPS_TO_RAS, Volume
@@ -30,14 +30,31 @@ def sniff_image(head: bytes) -> str | None:
     return None
 
 
+_READERS = {"png": PngImagePlugin.PngImageFile, "jpeg": JpegImagePlugin.JpegImageFile}
+_DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def open_image(fileobj: BinaryIO) -> Image.Image:
+    """PIL's reader of the format the magic bytes name, which reads the header only. Not `Image.open`:
+    its decompression-bomb check would refuse a large image before our own limits
+    (resources.max_image_pixels, applied from the header when cases are grouped) could say `too_large`."""
+    kind = sniff_image(fileobj.read(8))
+    fileobj.seek(0)
+    if kind is None:
+        raise UnidentifiedImageError("not a PNG or JPEG image")
+    return _READERS[kind](fileobj)
+
+
 def image_record(fileobj: BinaryIO, *, uri: str, rel: str) -> CaseRecord:
     """Case record from the image header (PIL reads only the header here)."""
     try:
-        with Image.open(fileobj) as im:
+        with open_image(fileobj) as im:
             width, height = im.size
             mode = im.mode
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except _DECODE_ERRORS as e:
         raise CaseError(f"{uri}: unreadable image header ({e})", code=ErrorCode.DECODE_ERROR) from e
+    if width < 1 or height < 1:
+        raise CaseError(f"{uri}: the image header declares a size of {width} x {height}", code=ErrorCode.DECODE_ERROR)
     return CaseRecord(
         case_id=make_case_id(f"file:{rel}"),
         kind=CaseKind.IMAGE,
@@ -59,7 +76,7 @@ def load_image(data: bytes, *, uri: str) -> Volume:
     greyscale (I;16, I, F) is windowed (io/window.py).
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(io.BytesIO(data)) as im:
             im.load()
             as_stored = im.mode in EIGHT_BIT_GREY
             if im.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr", "PA"):
@@ -68,7 +85,7 @@ def load_image(data: bytes, *, uri: str) -> Volume:
             else:
                 gray = np.asarray(im.convert("L") if as_stored else im, dtype=np.float32)  # [H, W]
                 array = np.ascontiguousarray(gray.T[:, :, None])
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except _DECODE_ERRORS as e:
         code = ErrorCode.TRUNCATED if "truncated" in str(e).lower() else ErrorCode.DECODE_ERROR
         raise CaseError(f"{uri}: cannot decode image ({e})", code=code) from e
     meta = {"source": "image", "as_stored": as_stored}

@@ -14,10 +14,12 @@ import nibabel as nib
 import numpy as np
 
 from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.io.geometry import check_affine
 from mcs_batch.io.volume import Volume
 from mcs_batch.records import CaseKind, CaseRecord, make_case_id
 
 HEADER_PROBE_BYTES = 544  # a NIfTI-2 header is 540 bytes, plus the extension flag
+NIFTI_AFFINE = "the NIfTI affine (sform / qform)"
 
 
 def sniff_nifti(head: bytes) -> str | None:
@@ -44,18 +46,6 @@ def _first_bytes(fileobj: BinaryIO, gzipped: bool, n: int) -> bytes:
     return fileobj.read(n)
 
 
-def check_affine(affine: np.ndarray, *, uri: str) -> None:
-    """CaseError(bad_geometry) unless the affine is finite with a non-zero size along every axis:
-    masks must be written in a geometry a reader can use."""
-    if not np.all(np.isfinite(affine)):
-        raise CaseError(f"{uri}: the NIfTI affine (sform / qform) holds NaN or infinite values",
-                        code=ErrorCode.BAD_GEOMETRY)  # fmt: skip
-    sizes = np.linalg.norm(affine[:3, :3], axis=0)
-    if np.any(sizes <= 0) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise CaseError(f"{uri}: the NIfTI affine has a zero voxel size or collapsed axes (voxel sizes "
-                        f"{[round(float(v), 6) for v in sizes]})", code=ErrorCode.BAD_GEOMETRY)  # fmt: skip
-
-
 def nifti_record(fileobj: BinaryIO, *, uri: str, rel: str, gzipped: bool) -> CaseRecord:
     """Build the case record from the header alone (a few hundred bytes, decompressed on the fly)."""
     try:
@@ -77,10 +67,10 @@ def nifti_record(fileobj: BinaryIO, *, uri: str, rel: str, gzipped: bool) -> Cas
         affine = np.asarray(header.get_best_affine(), float)
     except Exception as e:
         raise CaseError(f"{uri}: invalid NIfTI header ({e})", code=ErrorCode.DECODE_ERROR) from e
-    check_affine(affine, uri=uri)
+    check_affine(affine, name=uri, what=NIFTI_AFFINE)
     warnings: list[str] = []
     volume_index = None
-    if len(shape) > 4 or any(s < 1 for s in shape):
+    if not 2 <= len(shape) <= 4 or any(s < 1 for s in shape):
         raise CaseError(
             f"{uri}: {len(shape)}D NIfTI of shape {shape} not supported",
             code=ErrorCode.UNSUPPORTED_DIMENSIONS,
@@ -128,7 +118,7 @@ def load_nifti(data: bytes, *, uri: str, record: CaseRecord, slices: slice | Non
     while array.ndim < 3:
         array = array[..., None]
     affine = np.asarray(img.affine, float)
-    check_affine(affine, uri=uri)
+    check_affine(affine, name=uri, what=NIFTI_AFFINE)
     if slices is not None and slices.start:
         affine = affine.copy()
         affine[:3, 3] += affine[:3, 2] * slices.start

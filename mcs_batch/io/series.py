@@ -17,7 +17,14 @@ import numpy as np
 
 from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.io.dicom_header import DicomHeader, non_image_reason
-from mcs_batch.io.geometry import affine_from_dicom, layout_slices, slice_normal
+from mcs_batch.io.geometry import (
+    affine_from_dicom,
+    check_affine,
+    dicom_geometry_problem,
+    layout_slices,
+    positive,
+    slice_normal,
+)
 from mcs_batch.records import SPACING_ASSUMED, CaseKind, CaseRecord, Status, make_case_id
 
 # Projection and photographic modalities: each object is its own 2D case even when positioned.
@@ -45,7 +52,10 @@ def _base_fields(h: DicomHeader) -> dict:
     }
 
 
-def _geometry_fields(shape, affine: np.ndarray) -> dict:
+def _geometry_fields(shape, affine: np.ndarray, name: str) -> dict:
+    """shape, spacing and affine of a record; CaseError(bad_geometry) for an affine no reader could use
+    (a last guard: the headers' values were checked before, dicom_geometry_problem)."""
+    check_affine(affine, name=name)
     return {
         "shape": [int(s) for s in shape],
         "spacing_mm": [float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)],
@@ -77,14 +87,14 @@ def _skip_or_fail(h: DicomHeader, kind: CaseKind, status: Status, code: ErrorCod
 
 def _image_record(h: DicomHeader, warnings: list[str] = ()) -> CaseRecord:
     """A 2D DICOM image (one frame) as a case of K = 1."""
-    thickness = h.slice_thickness or 1.0
+    thickness = positive(h.slice_thickness) or 1.0
     affine = affine_from_dicom(h.orientation, h.pixel_spacing, h.position, None, slice_spacing=thickness)
     warnings = list(warnings) + _spacing_warnings(h)
     return _single_object_record(
         h,
         f"dicom-image:{h.sop_instance_uid or h.rel}",
         CaseKind.DICOM_IMAGE,
-        **_geometry_fields((h.columns, h.rows, 1), affine),
+        **_geometry_fields((h.columns, h.rows, 1), affine, h.uri),
         warnings=warnings,
     )
 
@@ -94,7 +104,7 @@ def _multiframe_record(h: DicomHeader) -> CaseRecord:
     identity = f"dicom-multiframe:{h.sop_instance_uid or h.rel}"
     warnings = _spacing_warnings(h)
     slice_index = list(range(h.frames))
-    thickness = h.slice_thickness or 1.0
+    thickness = positive(h.slice_thickness) or 1.0
     origin, step = h.position, None
     if h.frame_positions and h.orientation and len(h.frame_positions) == h.frames:
         layout = layout_slices(h.frame_positions, h.orientation, fallback_spacing=thickness, name=h.uri)
@@ -112,7 +122,7 @@ def _multiframe_record(h: DicomHeader) -> CaseRecord:
         h,
         identity,
         CaseKind.DICOM_MULTIFRAME,
-        **_geometry_fields((h.columns, h.rows, h.frames), affine),
+        **_geometry_fields((h.columns, h.rows, h.frames), affine, h.uri),
         slice_index=slice_index,
         warnings=warnings,
     )
@@ -131,7 +141,7 @@ def _signature(h: DicomHeader) -> tuple:
 
 def _series_record(slices: list[DicomHeader], identity: str, warnings: list[str]) -> CaseRecord:
     first = slices[0]
-    thickness = first.spacing_between_slices or first.slice_thickness or 1.0
+    thickness = positive(first.spacing_between_slices) or positive(first.slice_thickness) or 1.0
     layout = layout_slices(
         [h.position for h in slices], first.orientation, fallback_spacing=thickness, name=f"series {identity}"
     )
@@ -146,7 +156,7 @@ def _series_record(slices: list[DicomHeader], identity: str, warnings: list[str]
         warnings=warnings + layout.warnings + _spacing_warnings(first),
         bytes_read=sum(h.bytes_read for h in slices),
         **_base_fields(first),
-        **_geometry_fields((first.columns, first.rows, layout.n_slices), affine),
+        **_geometry_fields((first.columns, first.rows, layout.n_slices), affine, f"series {identity}"),
     )
 
 
@@ -237,8 +247,56 @@ def _dedupe(headers: list[DicomHeader]) -> tuple[list[DicomHeader], list[DicomHe
     return kept, dropped
 
 
+def header_problem(h: DicomHeader) -> tuple[str, str] | None:
+    """(code, message) when this object's header cannot be used, else None: malformed or truncated
+    (read_dicom_header), or geometry values that are not finite or not a geometry."""
+    if h.error_code:
+        return h.error_code, h.error_message
+    problem = dicom_geometry_problem(
+        position=h.position, orientation=h.orientation, pixel_spacing=h.pixel_spacing,
+        frame_positions=h.frame_positions, slice_thickness=h.slice_thickness,
+        spacing_between_slices=h.spacing_between_slices,
+    )  # fmt: skip
+    return (ErrorCode.BAD_GEOMETRY, f"{h.uri}: {problem}") if problem else None
+
+
+def _unusable(h: DicomHeader, code: str, message: str) -> CaseRecord:
+    """One object whose header cannot be used: a failure of its own (its key is its identity)."""
+    kind = CaseKind.DICOM_MULTIFRAME if h.frames > 1 else CaseKind.DICOM_IMAGE
+    return _single_object_record(h, f"file:{h.rel}", kind, status=Status.FAILED, error_code=code,
+                                 error_message=message)  # fmt: skip
+
+
+def _left_out_warning(left_out: list[tuple[DicomHeader, str]]) -> str:
+    named = ", ".join(f"{h.rel} ({code})" for h, code in left_out[:3])
+    more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+    return f"left out {len(left_out)} file(s) of the series that failed on their own: {named}{more}"
+
+
 def cases_from_headers(headers: list[DicomHeader]) -> list[CaseRecord]:
-    """All cases for headers that share a SeriesInstanceUID (or one header without one)."""
+    """All cases for headers that share a SeriesInstanceUID (or one header without one). An object
+    whose header cannot be used fails on its own; the rest of its series is grouped as if it were
+    absent, and the series' volumes name it in their warnings."""
+    records: list[CaseRecord] = []
+    left_out: list[tuple[DicomHeader, str]] = []
+    usable = []
+    for h in headers:
+        problem = None if non_image_reason(h) else header_problem(h)  # a non-image object is skipped anyway
+        if problem is None:
+            usable.append(h)
+            continue
+        records.append(_unusable(h, *problem))
+        left_out.append((h, problem[0]))
+    volumes_at = len(records)
+    records.extend(_usable_cases(usable))
+    if left_out:
+        for record in records[volumes_at:]:
+            if record.kind == CaseKind.DICOM_SERIES and record.status == Status.OK:
+                record.warnings = [*record.warnings, _left_out_warning(left_out)]
+    return records
+
+
+def _usable_cases(headers: list[DicomHeader]) -> list[CaseRecord]:
     records: list[CaseRecord] = []
     headers, copies = _dedupe(headers)
     for h in copies:
@@ -271,7 +329,10 @@ def cases_from_headers(headers: list[DicomHeader]) -> list[CaseRecord]:
         elif h.is_volume_slice and not _is_projection(h):
             slices.append(h)
         else:
-            records.append(_image_record(h))
+            try:
+                records.append(_image_record(h))
+            except CaseError as e:
+                records.append(_unusable(h, e.code, e.message))
     if slices:
         records.extend(_volume_cases(slices[0].series_uid or slices[0].rel, slices))
     return records

@@ -93,9 +93,10 @@ def relative_key(path: str, root: str) -> str:
 
 
 def fetch_bytes(fs: fsspec.AbstractFileSystem | None, uri: str) -> bytes:
-    """The whole object at `uri` (on `fs` when given). CaseError: `unreadable` when storage fails or
-    returns fewer bytes than the object holds (a storage fault, not the file's), `empty_object` when
-    the object holds 0 bytes."""
+    """The whole object at `uri` (on `fs` when given). CaseError: `unreadable` when storage fails
+    (any exception from the store: botocore, aiohttp and fsspec raise their own types) or returns
+    fewer bytes than the object holds (a storage fault, not the file's), `empty_object` when the
+    object holds 0 bytes."""
     try:
         if fs is None:
             with fsspec.open(uri, "rb") as f:
@@ -105,8 +106,9 @@ def fetch_bytes(fs: fsspec.AbstractFileSystem | None, uri: str) -> bytes:
                 data, size = f.read(), getattr(f, "size", None)
     except FileNotFoundError as e:
         raise CaseError(f"{uri}: object not found", code=ErrorCode.UNREADABLE) from e
-    except OSError as e:
-        raise CaseError(f"{uri}: cannot read object ({e})", code=ErrorCode.UNREADABLE) from e
+    except Exception as e:  # nothing here parses: whatever failed is the store
+        message = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        raise CaseError(f"{uri}: cannot read object ({message})", code=ErrorCode.UNREADABLE) from e
     if isinstance(size, int) and len(data) < size:
         raise CaseError(f"{uri}: storage returned {len(data)} of {size} bytes", code=ErrorCode.UNREADABLE)
     if not data:

@@ -90,5 +90,5 @@ def to_model_rgb(
         scaled = window_level(image, level, width)
     else:
         scaled = percentile_window(image, *settings.percentiles)
-    gray = np.rint(scaled).astype(np.uint8)
+    gray = np.rint(np.nan_to_num(scaled, nan=0.0)).astype(np.uint8)  # NaN voxels (float NIfTI): darkest
     return np.repeat(gray[:, :, None], 3, axis=2)

@@ -326,6 +326,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
         waves, storage=storage, index_uri=index_uri, run_id=writer.run_id, committed_out=cfg.outputs.uri,
         targets=tuple(t.name for t in cfg.targets), board=board_name, divert_unsegmented=True,
         scan_tasks=max(1, int(resources.cluster.get("cpus", 1) // SCAN_CPU_SHARE)),
+        limits=cfg.resources.size_limits(), slice_axis=cfg.slice_axis,
     )  # fmt: skip
     rows = build_pipeline(cases, cfg, resources, storage=storage, staging_uri=join(staging, "parts"),
                           run_id=writer.run_id, board=board_name, stages=stages)  # fmt: skip

@@ -7,19 +7,23 @@ mcs_batch.rows.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import os
 import time
 
 import numpy as np
 
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError, ErrorCode
-from mcs_batch.faults import storage_fault
-from mcs_batch.io.display import display_shape, reoriented, slice_count, volume_in_display
+from mcs_batch.faults import decoder_crash, storage_fault
+from mcs_batch.io.display import slice_count, volume_in_display
+from mcs_batch.io.limits import loaded_whole
 from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.io.window import to_model_rgb
-from mcs_batch.records import CaseKind, CaseRecord, Status, slice_axis_for
+from mcs_batch.records import CaseRecord, Status, slice_axis_for
 from mcs_batch.rows import CASE_ROW, NO_IMAGE, case_of, case_row, chunk_row, columns, slice_row
 
 LOAD_YIELD_ROWS = 16  # decoded slices handed on at a time (bounds a load task's memory)
@@ -30,37 +34,6 @@ def plan_case(record: CaseRecord, *, slice_chunk: int, axis: int, done_targets=(
     n = slice_count(record, axis) if record.status == Status.OK else 0
     head = case_row(record, n, done_targets, supersede)
     return [head] + [chunk_row(head, k0, min(k0 + slice_chunk, n) - k0) for k0 in range(0, n, slice_chunk)]
-
-
-def check_size(record: CaseRecord, cfg: JobConfig) -> CaseRecord:
-    """A case too large for the configured limits fails here, before any pixel is decoded: a slice
-    past resources.max_image_pixels, or a volume loaded whole (slice_axis other than 2) past
-    resources.max_volume_voxels. Not an actor that runs out of memory and is retried forever."""
-    if record.status != Status.OK or record.shape is None:
-        return record
-    axis = slice_axis_for(record, cfg.slice_axis)
-    shape = display_shape(record)
-    in_plane = int(np.prod([shape[a] for a in range(3) if a != axis]))
-    limits = cfg.resources
-    message = None
-    if in_plane > limits.max_image_pixels:
-        message = f"slices of {in_plane:,} pixels exceed resources.max_image_pixels ({limits.max_image_pixels:,})"
-    elif loaded_whole(record, axis) and int(np.prod(shape)) > limits.max_volume_voxels:
-        why = ("a NIfTI file" if record.kind == CaseKind.NIFTI else f"slice_axis {axis}" if axis != 2
-               else "shown in another orientation than stored")  # fmt: skip
-        message = (f"a volume of {int(np.prod(shape)):,} voxels, loaded whole ({why}), exceeds "
-                   f"resources.max_volume_voxels ({limits.max_volume_voxels:,})")  # fmt: skip
-    if message is None:
-        return record
-    record.status, record.error_code = Status.FAILED, ErrorCode.TOO_LARGE
-    record.error_message = f"{record.source_uris[0] if record.source_uris else record.case_id}: {message}"
-    return record
-
-
-def loaded_whole(record: CaseRecord, axis: int) -> bool:
-    """A NIfTI file (a gzip stream), a volume sliced along another axis than its files, or one shown
-    in another orientation than stored is decoded whole; an axial DICOM series chunk by chunk."""
-    return axis != 2 or record.kind == CaseKind.NIFTI or reoriented(record)
 
 
 def load_chunk(
@@ -97,25 +70,74 @@ def load_chunk(
 def plan_batch(table, *, cfg: JobConfig) -> dict:
     """map_batches (pyarrow in): case rows of the archive stream (manifest schema + done_targets,
     supersede) -> case rows + chunk rows. Cases whose every target is committed never get here (the
-    grouper drops them). A map_batches, not a flat_map, so that Ray Data fuses it with the repartition
-    after it."""
+    grouper drops them; it also applied the size limits). A map_batches, not a flat_map, so that Ray
+    Data fuses it with the repartition after it. A case that cannot be planned fails on its own."""
     rows: list[dict] = []
     for row in table.to_pylist():
-        record = check_size(CaseRecord.from_row(row), cfg)
+        record = CaseRecord.from_row(row)
         done = [str(t) for t in (row.get("done_targets") or [])]
         supersede = json.loads(row["supersede"]) if row.get("supersede") else None
-        rows += plan_case(record, slice_chunk=cfg.resources.slice_chunk, axis=cfg.slice_axis, done_targets=done,
-                          supersede=supersede)  # fmt: skip
+        try:
+            planned = plan_case(record, slice_chunk=cfg.resources.slice_chunk, axis=cfg.slice_axis,
+                                done_targets=done, supersede=supersede)  # fmt: skip
+        except Exception as e:  # a record no plan can be made of: its case fails, the block goes on
+            record.status, record.error_code = Status.FAILED, ErrorCode.INTERNAL_ERROR
+            record.error_message = f"{record.case_id}: cannot plan the case ({type(e).__name__}: {e})"[:300]
+            planned = plan_case(record, slice_chunk=1, axis=cfg.slice_axis, done_targets=done, supersede=supersede)
+        rows += planned
     return columns(rows)
+
+
+class DecodeJournal:
+    """Which chunk this node's load tasks are decoding, in a node-local folder: a chunk whose decoding
+    kills its worker process (a native decoder's abort or segfault, or the memory monitor: nothing
+    Python can catch) fails on its own after MAX_DEATHS deaths, instead of Ray Data retrying its task
+    without end (it retries tasks whose worker died, max_retries -1) and the job never finishing.
+
+    An entry holds how many attempts started; a decode that returns (or raises) removes it, so an
+    entry found at the start of an attempt counts attempts that died. Entries are keyed by OUT, case and
+    first slice, so a later run remembers them too."""
+
+    MAX_DEATHS = 2
+
+    def __init__(self, out: str, folder: str | None = None):
+        import tempfile
+
+        self.out = out
+        self.folder = folder or os.path.join(tempfile.gettempdir(), "mcs-batch-decoding")
+
+    def _path(self, case_id: str, k0: int) -> str:
+        key = hashlib.sha256(f"{self.out}|{case_id}|{k0}".encode()).hexdigest()[:32]
+        return os.path.join(self.folder, key)
+
+    def begin(self, case_id: str, k0: int) -> int:
+        """Attempts of this chunk that died so far; records this one."""
+        path = self._path(case_id, k0)
+        try:
+            with open(path) as f:
+                deaths = int(f.read() or 0)
+        except (OSError, ValueError):
+            deaths = 0
+        if deaths < self.MAX_DEATHS:
+            with contextlib.suppress(OSError):  # a node without a writable temp folder decodes unguarded
+                os.makedirs(self.folder, exist_ok=True)
+                with open(path, "w") as f:
+                    f.write(str(deaths + 1))
+        return deaths
+
+    def end(self, case_id: str, k0: int) -> None:
+        with contextlib.suppress(OSError):
+            os.remove(self._path(case_id, k0))
 
 
 def load_batch(batch: dict, *, cfg: JobConfig, storage: StorageOptions | None):
     """map_batches generator: chunk rows -> slice rows (images), one output per chunk (so that Ray
     Data can cut a long series into several blocks: memory stays bounded); case rows pass through.
     Never raises for a case: a chunk that cannot be decoded becomes error rows (one per slice, so the
-    writer's count holds)."""
+    writer's count holds), and so does a chunk whose decoding killed the worker twice (DecodeJournal)."""
     passing: list[dict] = []
     cache: dict = {}  # the whole volume of the case in progress, where it cannot be read by chunks
+    journal = DecodeJournal(cfg.outputs.uri)
     for case_id, k0, n, case_json in zip(
         batch["case_id"], batch["slice_index"], batch["n_slices"], batch["case_json"], strict=True
     ):
@@ -125,20 +147,31 @@ def load_batch(batch: dict, *, cfg: JobConfig, storage: StorageOptions | None):
             continue
         record = case_of({"case_json": case_json})
         start = time.perf_counter()
+        deaths = journal.begin(str(case_id), k0)
         try:
+            if deaths >= journal.MAX_DEATHS:
+                raise CaseError(f"{record.source_uris[0]}: the worker process died {deaths} times while decoding "
+                                f"slices {k0}..{k0 + n - 1} (a decoder crash, or more memory than the node has)",
+                                code=ErrorCode.DECODE_ERROR)  # fmt: skip
             if storage_fault(cfg.testing, record.source_keys):
                 raise CaseError(f"{record.source_uris[0]}: cannot read object (injected storage fault)",
                                 code=ErrorCode.UNREADABLE)  # fmt: skip
+            decoder_crash(cfg.testing, record.source_keys)
             fs = filesystem_for(record.source_uris[0], storage)[0]
             images = load_chunk(record, k0, k0 + n, cfg, fs=fs, cache=cache)
+            if len(images) != n:
+                raise CaseError(f"{record.source_uris[0]}: {len(images)} slices decoded of {n} expected",
+                                code=ErrorCode.DECODE_ERROR)  # fmt: skip
         except CaseError as e:
             passing.extend(slice_row(case_id, k, NO_IMAGE, 0.0, e.code, e.message) for k in range(k0, k0 + n))
             continue
         except Exception as e:  # a decoder bug must not kill the job: this case fails, with the cause
-            message = f"{record.source_uris[0]}: {type(e).__name__}: {e}"
+            message = f"{record.source_uris[0]}: {type(e).__name__}: {e}"[:500]
             code = ErrorCode.DECODE_ERROR
             passing.extend(slice_row(case_id, k, NO_IMAGE, 0.0, code, message) for k in range(k0, k0 + n))
             continue
+        finally:
+            journal.end(str(case_id), k0)
         seconds = (time.perf_counter() - start) / max(n, 1)
         passing.extend(slice_row(case_id, k0 + i, image, seconds) for i, image in enumerate(images))
         if len(passing) >= LOAD_YIELD_ROWS:
