@@ -4,24 +4,28 @@ The driver only lists each input's top level (`fs.ls`): a few entries. Every sub
 recursively by its own task, which sorts its objects by key, attaches what the archive index knows of
 each (header, case) when the object's size and version are unchanged, splits them into waves of
 `wave_objects` to twice as many objects (between folders where it can) and writes each wave as a
-Parquet file under the run's staging folder. The driver receives one small
+Parquet file under the run's staging folder. A prefix that storage will not list (after retries) is one
+failure row of its own (`unreadable`: the next run lists it again), not a failed job. The driver receives one small
 descriptor per wave: its memory grows with the number of waves, not of objects.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from mcs_batch.errors import ConfigError
+from mcs_batch.errors import ConfigError, ErrorCode
 from mcs_batch.io.discover import check_inputs, input_key_root, matches, unique_inputs
 from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of, relative_key, to_uri
 from mcs_batch.outputs.index import ArchiveIndex
+from mcs_batch.records import CaseKind, failed_record
 
 WAVE_SCHEMA = pa.schema(
     [
@@ -147,6 +151,27 @@ def split_into_waves(rows: list[dict], wave_objects: int) -> list[list[dict]]:
     return waves
 
 
+LIST_ATTEMPTS = 3  # a prefix whose listing fails is tried again, after 1 s, then 2 s
+
+
+def _listed(p: Prefix, *, storage, include, exclude) -> list[dict]:
+    """list_prefix_objects, or, when storage keeps failing, one row standing for the whole prefix: a
+    failure (`unreadable`, transient) that the grouper passes on and the next run lists again. The
+    other prefixes of the archive go on."""
+    for attempt in range(LIST_ATTEMPTS):
+        try:
+            return list_prefix_objects(p, storage=storage, include=include, exclude=exclude)
+        except Exception as e:
+            error = e
+            if attempt + 1 < LIST_ATTEMPTS:
+                time.sleep(2**attempt)
+    fs, _ = filesystem_for(p.input_uri, storage)
+    uri, rel = to_uri(fs, p.path), relative_key(p.path, p.key_root)
+    message = " ".join(f"{uri}: cannot list ({type(error).__name__}: {error})".split())[:300]
+    record = failed_record(f"prefix:{rel}", CaseKind.UNKNOWN, uri, rel, ErrorCode.UNREADABLE, message)
+    return [{"uri": uri, "rel": rel, "size": 0, "version": "", "payload": json.dumps({"record": record.to_row()})}]
+
+
 def list_prefix(
     prefix: dict,
     *,
@@ -160,10 +185,13 @@ def list_prefix(
     """Ray task: list one prefix, look its objects up in the index, write its waves; returns their
     descriptors (path, objects, cached) in key order."""
     p = Prefix(**prefix)
-    rows = list_prefix_objects(p, storage=storage, include=include, exclude=exclude)
+    rows = _listed(p, storage=storage, include=include, exclude=exclude)
     known = ArchiveIndex(index_uri, storage=storage).read_prefix(p.prefix_id)
     cached = 0
     for row in rows:
+        if row.get("payload"):  # the prefix could not be listed: its failure row
+            row["prefix_id"] = p.prefix_id
+            continue
         entry = known.get(row["uri"])
         hit = entry is not None and row["version"] and entry["version"] == row["version"]
         hit = hit and entry["size"] == row["size"]

@@ -154,7 +154,7 @@ class _CountingReader(io.RawIOBase):
         try:
             data = self._f.read(len(buffer))
         except Exception as e:
-            self.failure = f"{type(e).__name__}: {e}"
+            self.failure = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever the client wrote
             raise
         n = len(data)
         if n < len(buffer) and self._size and position + n < self._size:
@@ -202,7 +202,8 @@ def probe_object(ref: ObjectRef, *, fs: fsspec.AbstractFileSystem) -> Probe:
     except FileNotFoundError:
         return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: object disappeared", 0))
     except Exception as e:  # denied, timed out, a bad status line: storage, not the file
-        return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: cannot open ({_one_line(e)})", 0))
+        message = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+        return Probe(ref, record=_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: cannot open ({message})", 0))
     f = _CountingReader(raw, ref.size)
     probe = None
     try:
@@ -227,10 +228,6 @@ def probe_object(ref: ObjectRef, *, fs: fsspec.AbstractFileSystem) -> Probe:
     elif probe.record is not None:
         probe.record.bytes_read = nbytes
     return probe
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
 
 
 def _failure(

@@ -75,9 +75,13 @@ def check_affine(affine: np.ndarray, *, name: str, what: str = "the affine") -> 
         raise CaseError(f"{name}: {what} holds NaN or infinite values", code=ErrorCode.BAD_GEOMETRY)
     sizes = np.linalg.norm(affine[:3, :3], axis=0)
     directions = affine[:3, :3] / np.where(sizes > 0, sizes, 1.0)
-    if np.any(sizes < MIN_VOXEL_MM) or np.any(sizes > MAX_VOXEL_MM) or abs(np.linalg.det(directions)) < COLLAPSED_AXES:
-        raise CaseError(f"{name}: {what} has a voxel size outside {MIN_VOXEL_MM:g}..{MAX_VOXEL_MM:g} mm or collapsed axes (voxel sizes "
-                        f"{[float(f'{v:.6g}') for v in sizes]})", code=ErrorCode.BAD_GEOMETRY)  # fmt: skip
+    sizes_text = [float(f"{v:.6g}") for v in sizes]
+    if not np.all((sizes >= MIN_VOXEL_MM) & (sizes <= MAX_VOXEL_MM)):
+        raise CaseError(f"{name}: {what} has voxel sizes {sizes_text} mm, outside "
+                        f"{MIN_VOXEL_MM:g}..{MAX_VOXEL_MM:g} mm", code=ErrorCode.BAD_GEOMETRY)  # fmt: skip
+    if abs(np.linalg.det(directions)) < COLLAPSED_AXES:
+        raise CaseError(f"{name}: {what} has collapsed axes (two of its directions nearly coincide)",
+                        code=ErrorCode.BAD_GEOMETRY)  # fmt: skip
 
 
 def slice_normal(orientation: list[float]) -> np.ndarray:

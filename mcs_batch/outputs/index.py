@@ -12,6 +12,7 @@ run leaves at worst fewer rows (their objects are read again next time).
 
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import uuid
@@ -20,6 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mcs_batch.io.storage import StorageOptions, filesystem_for
+
+log = logging.getLogger(__name__)
 
 INDEX_SCHEMA_VERSION = "1"
 INDEX_SCHEMA = pa.schema(
@@ -58,9 +61,15 @@ class ArchiveIndex:
         for part in parts:  # part names sort by run id (a UTC timestamp), then sequence: newest last
             if posixpath.basename(part).startswith(".tmp-"):
                 continue
-            with self.fs.open(part, "rb") as f:
-                for row in pq.read_table(f, schema=INDEX_SCHEMA).to_pylist():
-                    rows[row["uri"]] = row
+            try:
+                with self.fs.open(part, "rb") as f:
+                    table = pq.read_table(f, schema=INDEX_SCHEMA)
+            except Exception as e:  # a part that cannot be read: its objects' headers are read again
+                log.warning("archive index part %s unreadable (%s: %s): its objects are probed again",
+                            part, type(e).__name__, e)  # fmt: skip
+                continue
+            for row in table.to_pylist():
+                rows[row["uri"]] = row
         return rows
 
     def append(self, prefix_id: str, rows: list[dict], *, run_id: str, seq: int) -> None:

@@ -30,7 +30,7 @@ from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog, stamp_attempts
 from mcs_batch.outputs.schema import SLICES_SCHEMA
 from mcs_batch.pipeline.resources import Resolved
-from mcs_batch.stages.assemble import STAGE_TIMES, assemble_case, assemble_cases
+from mcs_batch.stages.assemble import STAGE_TIMES, assemble_cases, assemble_isolated
 from mcs_batch.telemetry import JobMetrics
 
 ASSEMBLE_SLICES = 256  # slices per assembly task (several small cases share one task) ...
@@ -173,7 +173,7 @@ class CaseWriter:
                 del self.pending[case_id]
                 case = {"case_json": pending.case_json, "parts": pending.parts}
                 if pending.expected == 0:  # nothing to segment (skipped, failed at scan): rows right here
-                    self._add_case(assemble_case(case, self.cfg, self.catalog, self.run_id, self.storage))
+                    self._add_case(assemble_isolated(case, self.cfg, self.catalog, self.run_id, self.storage))
                     continue
                 if not self.ready:
                     self.ready_since = time.monotonic()
@@ -185,8 +185,8 @@ class CaseWriter:
         """Cases with nothing to segment (skipped, failed at the scan), from the board: their rows are
         made here (no mask, no slice), committed with the next flush."""
         for case_json in case_jsons:
-            self._add_case(assemble_case({"case_json": case_json, "parts": []}, self.cfg, self.catalog, self.run_id,
-                                         self.storage))  # fmt: skip
+            self._add_case(assemble_isolated({"case_json": case_json, "parts": []}, self.cfg, self.catalog,
+                                             self.run_id, self.storage))  # fmt: skip
         self.flush()
 
     # -- assembly in the cluster ----------------------------------------------------------------------

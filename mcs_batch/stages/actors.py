@@ -3,9 +3,10 @@
 - `actor_record`: who this actor is (stage, node, pid, the GPU ids Ray assigned it, where its model
   runs), reported to the job's board (mcs_batch.archive.board) and kept in the run record.
 - `ModelGuard`: a CUDA out-of-memory error retries the batch in halves before failing a single slice;
-  an error that leaves the CUDA context unusable fails the batch at hand, and the actor exits at the
-  start of its next call, so that Ray restarts it (max_restarts) and retries that call on a fresh
-  process instead of failing every later batch.
+  any other error retries the batch's slices one by one, so that only the slice that raises fails
+  (not the other cases of its batch); an error that leaves the CUDA context unusable fails the batch
+  at hand, and the actor exits at the start of its next call, so that Ray restarts it (max_restarts)
+  and retries that call on a fresh process instead of failing every later batch.
 """
 
 from __future__ import annotations
@@ -107,4 +108,6 @@ class ModelGuard:
                     return self.run(fn, items[:half]) + self.run(fn, items[half:])
             elif breaks_cuda_context(e):
                 self.broken = e
+            elif len(items) > 1:  # which slice was it? each alone: the others go on
+                return [self.run(fn, [item])[0] for item in items]
             return [e] * len(items)

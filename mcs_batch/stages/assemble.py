@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mcs_batch.config import JobConfig
-from mcs_batch.errors import ErrorCode
+from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.faults import worker_crash_hook
 from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.assemble import assemble_target, base_case_row, failed_from_slices, status_of
@@ -148,12 +148,19 @@ def _plain(value):
 
 
 def _read_parts(uris: list[str], storage: StorageOptions | None) -> dict[int, dict]:
+    """The slice rows of a case's staging parts; CaseError(unreadable) when storage fails to give one
+    back (transient: the next run redoes the case)."""
     slices: dict[int, dict] = {}
     for uri in uris:
         fs, path = filesystem_for(uri, storage)
-        with fs.open(path, "rb") as f:
-            for row in pq.read_table(f).to_pylist():
-                slices[int(row["slice_index"])] = row
+        try:
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+        except Exception as e:
+            raise CaseError(f"{uri}: cannot read the staging part back ({type(e).__name__}: {e})"[:300],
+                            code=ErrorCode.UNREADABLE) from e  # fmt: skip
+        for row in table.to_pylist():
+            slices[int(row["slice_index"])] = row
     return slices
 
 
@@ -162,6 +169,29 @@ def _remove_parts(uris: list[str], storage: StorageOptions | None) -> None:
         fs, path = filesystem_for(uri, storage)
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
+
+
+def assemble_isolated(
+    case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, storage: StorageOptions | None
+) -> dict:
+    """assemble_case, or, where it raises (a bug, a part that cannot be read back), the case's rows as
+    failures naming the cause: one case never fails the task or the driver that assembles others."""
+    try:
+        return assemble_case(case, cfg, catalog, run_id, storage)
+    except Exception as e:
+        record = case_of(case)
+        info = json.loads(case["case_json"])
+        done = set(info.get("done_targets") or ())
+        code = e.code if isinstance(e, CaseError) else ErrorCode.INTERNAL_ERROR
+        message = e.message if isinstance(e, CaseError) else f"assembling {record.case_id}: {type(e).__name__}: {e}"
+        rows = [{**base_case_row(record, j, cfg), "status": Status.FAILED, "error_code": code,
+                 "error_message": message[:500], "run_id": run_id, "tiny_models": cfg.models.tiny}
+                for j, target in enumerate(cfg.targets) if target.name not in done]  # fmt: skip
+        old_parts = info.get("supersede") or {}
+        return {"case_id": record.case_id, "case_rows": rows, "slice_rows": [], "failed": True,
+                "supersede": {r["target"]: old_parts[r["target"]] for r in rows if r["target"] in old_parts},
+                "slices": 0, "ok_slices": 0, "stage_seconds": {s: 0.0 for s in ("load", "saliency", "sam")},
+                "models": {"clip": [], "sam": []}}  # fmt: skip
 
 
 def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, storage: StorageOptions | None) -> dict:
@@ -283,7 +313,7 @@ def assemble_cases(cases: list[dict], *, cfg: JobConfig, storage: StorageOptions
     results, slice_rows = [], []
     started = time.time()
     for case in cases:
-        result = assemble_case(case, cfg, catalog, run_id, storage)
+        result = assemble_isolated(case, cfg, catalog, run_id, storage)
         slice_rows.extend({**s, "run_id": run_id} for s in result.pop("slice_rows"))
         results.append(result)
         _remove_parts(case["parts"], storage)

@@ -129,3 +129,53 @@ def test_a_grown_series_carries_the_parts_of_the_rows_it_supersedes(tmp_path: Pa
     kept = grouper(probe_rows(root, grown + same, 0)).to_pylist()
     assert [r["case_id"] for r in kept] == [b["case_id"]]  # C unchanged and done; B grew: redone
     assert kept[0]["done_targets"] == [] and json.loads(kept[0]["supersede"]) == {"a": part}  # this run's target
+
+
+def unreadable_row(root: Path, name: str, wave: int) -> pa.Table:
+    """The probe row of an object storage failed to read (as archive/probe.py emits it: a failed
+    record, `unreadable`), lying at root/name."""
+    import json
+
+    from mcs_batch.records import CaseKind, failed_record
+
+    uri, rel = f"file://{root / name}", f"{root.name}/{name}"
+    record = failed_record(f"file:{rel}", CaseKind.UNKNOWN, uri, rel, "unreadable", f"{uri}: cannot read (503)")
+    table = pa.Table.from_pylist([{"uri": uri, "rel": rel, "size": 4096, "version": "v1", "prefix_id": "p0",
+                                   "payload": json.dumps({"record": record.to_row()})}], schema=WAVE_SCHEMA)  # fmt: skip
+    table = table.append_column("wave", pa.array([wave], pa.int64()))
+    return table.append_column("probed", pa.array([True])).append_column("probed_at", pa.array([0.0]))
+
+
+def test_a_series_beside_an_unreadable_object_fails_as_transient_and_the_failed_read_is_not_indexed(tmp_path: Path):
+    """Failed reads are never data: a series volume whose folder holds an object storage could not read
+    is not assembled from the files that were read (ok with a slice missing, for good), it fails
+    `unreadable`; the index keeps neither that failure nor a too-large verdict, so the next run reads
+    the object again. A series in another folder is unaffected."""
+    root = tmp_path / "in"
+    read = write_series(root / "ct", n_slices=5, series_seed="S")
+    other = write_series(root / "mr", n_slices=3, series_seed="M")
+    grouper = CaseGrouper([len(read) + 1 + len(other)], index_uri=str(tmp_path / "index"), run_id="r1")
+    out = grouper(pa.concat_tables([probe_rows(root, read + other, 0), unreadable_row(root, "ct/slice9999", 0)]))
+    rows = {(len(r["source_uris"]), r["kind"]): r for r in out.to_pylist()}
+    series, member = rows[(5, "dicom_series")], rows[(1, "unknown")]
+    assert (series["status"], series["error_code"]) == ("failed", "unreadable")
+    assert "in/ct/slice9999" in series["error_message"] and "next run" in series["error_message"]
+    assert (member["status"], member["error_code"]) == ("failed", "unreadable")
+    assert rows[(3, "dicom_series")]["status"] == "ok"  # another folder
+    index = ArchiveIndex(str(tmp_path / "index")).read_prefix("p0")
+    assert f"file://{root / 'ct/slice9999'}" not in index and len(index) == len(read) + len(other)
+
+
+def test_one_bad_row_fails_its_object_and_the_block_goes_on(tmp_path: Path):
+    """A probe row no code path expects (here: a payload that is not JSON) fails that object alone."""
+    root = tmp_path / "in"
+    files = write_series(root / "ct", n_slices=3, series_seed="S")
+    table = probe_rows(root, files, 0)
+    payloads = table.column("payload").to_pylist()
+    payloads[1] = "{not json"
+    table = table.set_column(table.schema.get_field_index("payload"), "payload", pa.array(payloads, pa.string()))
+    out = CaseGrouper([3], index_uri=str(tmp_path / "index"), run_id="r1")(table).to_pylist()
+    assert sorted((r["status"], r["error_code"], len(r["source_uris"])) for r in out) == [
+        ("failed", "internal_error", 1),
+        ("ok", None, 2),
+    ]
