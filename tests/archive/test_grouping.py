@@ -140,8 +140,9 @@ def unreadable_row(root: Path, name: str, wave: int) -> pa.Table:
 
     uri, rel = f"file://{root / name}", f"{root.name}/{name}"
     record = failed_record(f"file:{rel}", CaseKind.UNKNOWN, uri, rel, "unreadable", f"{uri}: cannot read (503)")
-    table = pa.Table.from_pylist([{"uri": uri, "rel": rel, "size": 4096, "version": "v1", "prefix_id": "p0",
-                                   "payload": json.dumps({"record": record.to_row()})}], schema=WAVE_SCHEMA)  # fmt: skip
+    row = {"uri": uri, "rel": rel, "size": 4096, "version": "v1", "prefix_id": "p0",
+           "payload": json.dumps({"record": record.to_row()})}  # fmt: skip
+    table = pa.Table.from_pylist([row], schema=WAVE_SCHEMA)
     table = table.append_column("wave", pa.array([wave], pa.int64()))
     return table.append_column("probed", pa.array([True])).append_column("probed_at", pa.array([0.0]))
 
