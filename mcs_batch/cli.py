@@ -24,7 +24,7 @@ from mcs_batch.cli_common import (
 )
 from mcs_batch.errors import ConfigError
 from mcs_batch.eval.cli import add_commands as add_eval_commands
-from mcs_batch.io.storage import StorageOptions
+from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.train.cli import add_commands as add_train_commands
 
 
@@ -163,7 +163,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     fmt = OutputFormat(args.format)
     if fmt == OutputFormat.PARQUET and not args.output:
         raise ConfigError("query: --format parquet needs --output FILE")
-    data = render(query_arrow(args.out, args.sql, storage=storage_options(args)), fmt, width=args.max_width)
+    table = query_arrow(args.out, args.sql, storage=storage_options(args), as_of=args.as_of)
+    data = render(table, fmt, width=args.max_width)
     if args.output:
         try:
             Path(args.output).write_bytes(data)
@@ -171,6 +172,43 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise ConfigError(f"query: cannot write {args.output} ({e.strerror or e})") from e
     else:
         sys.stdout.write(data.decode())
+    return EXIT_OK
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """`catalog compact|vacuum|history|migrate OUT`: the Delta tables' upkeep (outputs/maintenance.py)."""
+    from mcs_batch.outputs import maintenance
+    from mcs_batch.outputs.catalog import Catalog
+    from mcs_batch.outputs.migrate import migrate
+    from mcs_batch.query import format_table
+
+    storage = storage_options(args)
+    if args.action == "migrate":
+        for line in migrate(args.out, storage=storage, index=args.index).lines():
+            print(line)
+        return EXIT_OK
+    catalog = Catalog(args.out, storage=storage)
+    if not catalog.exists():
+        raise ConfigError(f"catalog: {args.out}: no catalog here (expected catalog/cases; run `mcs-batch segment` "
+                          "first)")
+    if args.action == "compact":
+        catalog.check_writable()
+        for name, r in maintenance.compact(catalog, index=args.index or join(args.out, "index")).items():
+            print(f"{name}: {r['files_before']} -> {r['files_after']} data file(s), version {r['version']}"
+                  + (f", {r['orphans_deleted']} orphan slice row(s) deleted" if r["orphans_deleted"] else ""))
+    elif args.action == "vacuum":
+        catalog.check_writable()
+        if args.retention_hours is not None and args.retention_hours < 0:
+            raise ConfigError("catalog vacuum: --retention-hours must be 0 or more")
+        removed = maintenance.vacuum(catalog, retention_hours=args.retention_hours, dry_run=args.dry_run,
+                                     index=args.index or join(args.out, "index"))  # fmt: skip
+        verb = "would remove" if args.dry_run else "removed"
+        for name, files in removed.items():
+            print(f"{name}: {verb} {len(files)} file(s) no current row references")
+    else:
+        entries = maintenance.history(catalog, limit=args.limit)
+        names = ["time", "table", "version", "operation", "run_id", "rows"]
+        print(format_table(names, [tuple(e[n] for n in names) for e in entries]))
     return EXIT_OK
 
 
@@ -283,19 +321,37 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.set_defaults(func=cmd_segment)
 
-    p = sub.add_parser("query", help="run SQL over the catalog (tables cases, slices, manifest)")
+    p = sub.add_parser("query", help="run SQL over the catalog (tables cases, slices, evaluation, manifest)")
     p.add_argument("out", help="output folder or URI of a segment run")
     p.add_argument("sql", help='e.g. "SELECT status, count(*) FROM cases GROUP BY status"')
     p.add_argument(
         "--format",
         choices=["table", "csv", "json", "parquet"],
         default="table",
-        help="table (default), csv, json (one object per line) or parquet (with --output)",
+        help="table (default), csv, json (newline-delimited: one object per line) or parquet (with --output)",
     )
     p.add_argument("--output", help="write the result to this file instead of stdout")
     p.add_argument("--max-width", type=int, default=0, help="cut table cells to this many characters (0: never)")
+    p.add_argument("--as-of", default=None, metavar="VERSION|TIME|RUN_ID",
+                   help="the tables as they stood: a cases table version, an ISO time, or a run id (the versions "
+                        "its record names)")  # fmt: skip
     add_common_args(p)
     p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("catalog", help="upkeep of the catalog's Delta tables: compact, vacuum, history, migrate")
+    p.add_argument("action", choices=["compact", "vacuum", "history", "migrate"],
+                   help="compact: small files into large ones (and a checkpoint); vacuum: remove files no current "
+                        "row references; history: the tables' commits; migrate: convert a catalog of the layout "
+                        "before Delta tables, in place")  # fmt: skip
+    p.add_argument("out", help="output folder or URI of a segment run")
+    p.add_argument("--retention-hours", type=int, default=None,
+                   help="vacuum: keep the files of versions younger than this (default: each table's time-travel "
+                        "window, a week)")  # fmt: skip
+    p.add_argument("--dry-run", action="store_true", help="vacuum: list what would be removed, remove nothing")
+    p.add_argument("--limit", type=int, default=20, help="history: commits per table (20)")
+    p.add_argument("--index", default=None, help="the archive index, when not OUT/index (inputs.index)")
+    add_common_args(p)
+    p.set_defaults(func=cmd_catalog)
 
     p = sub.add_parser("report", help="write a visual QC report (one HTML file) of a segment run to OUT/qc/")
     p.add_argument("out", help="output folder or URI of a segment run")

@@ -102,8 +102,8 @@ class OutputsConfig:
     catalog_flush_seconds: float = 10.0  # ... and a commit at least this often (the first case at once)
     metrics_port: int = 0  # > 0: the driver serves Prometheus metrics on this port (infra/ uses 9500)
     metrics_linger_seconds: float = 60.0  # ... and keeps serving the final values this long after the job
-    lock_wait_seconds: float = 0.0  # one writer per OUT: wait this long for another job's lease, then exit 2
-    lock_ttl_seconds: float = 120.0  # a lease whose heartbeat (every 10 s) is older than this is free
+    heartbeat_ttl_seconds: float = 120.0  # a run whose heartbeat (every 10 s) is older than this is dead
+    compact_min_files: int = 64  # at its end a job compacts the catalog tables holding this many files or more
     dicom_seg: bool = False  # DICOM cases also get masks/<case_id>/<target>.seg.dcm (binary DICOM SEG)
 
 

@@ -21,10 +21,11 @@ class TestingConfig:
     exit_driver_after_commits: int = 0  # job: the driver exits hard (no clean-up) after this many commits
     interrupt_after_step: int = 0  # fine-tuning: rank 0 raises once right after this step's checkpoint
     fault_marker: str = ""  # file recording that the fault fired (so that it fires once)
-    # job: the driver exits hard at this point of the commit protocol (outputs/catalog.py), during the
-    # commit number `crash_at_commit` (1 = the first): slices_half_written, cases_half_written,
-    # before_intent, after_intent, between_publish, during_repair (at the start of the run); or an
-    # assembly task exits hard with a mask half written: mask_half_written (once, with fault_marker)
+    # job: the driver exits hard at this point of a commit (outputs/catalog.py), during the commit number
+    # `crash_at_commit` (1 = the first): slices_committed (the slices appended, the cases not merged),
+    # cases_committed; or of the end-of-job upkeep (outputs/maintenance.py): during_compaction,
+    # during_vacuum; or an assembly task exits hard with a mask half written: mask_half_written (once,
+    # with fault_marker)
     crash_point: str = ""
     crash_at_commit: int = 1
     # job: loading the case whose first source key is this fails as storage does (unreadable, a
@@ -36,9 +37,9 @@ class TestingConfig:
 
 
 CRASH_POINTS = frozenset(
-    {"slices_half_written", "cases_half_written", "before_intent", "after_intent", "between_publish",
-     "during_repair", "mask_half_written"}
-)  # fmt: skip
+    {"slices_committed", "cases_committed", "during_compaction", "during_vacuum", "mask_half_written"}
+)
+UPKEEP_POINTS = frozenset({"during_compaction", "during_vacuum"})  # not tied to a commit
 
 
 def crash_hook(testing: TestingConfig, commits_done):
@@ -50,7 +51,7 @@ def crash_hook(testing: TestingConfig, commits_done):
         return None
 
     def hook(point: str) -> None:
-        at_commit = point == "during_repair" or commits_done() + 1 == testing.crash_at_commit
+        at_commit = point in UPKEEP_POINTS or commits_done() + 1 == testing.crash_at_commit
         if point == testing.crash_point and at_commit:
             os._exit(137)
 

@@ -55,13 +55,15 @@ def case_row(
     record: CaseRecord,
     n_slices: int,
     done_targets: list[str] | tuple[str, ...] = (),
-    supersede: dict[str, str] | None = None,
+    redo: dict[str, dict] | None = None,
 ) -> dict:
-    """The case row: the record as JSON, with the targets a previous run already committed and, for a
-    grown series, the committed rows its new ones supersede (target -> cases part)."""
+    """The case row: the record as JSON, with the targets a previous run already committed and, for
+    the targets redone (a retried failure, a grown series), the committed row each new one replaces
+    (target -> {replaces: run id, attempts, history}: outputs/catalog.CommittedPairs), and the failure
+    rows of its objects as cases of their own that its commit deletes (`absorbs`: {case_id: run id})."""
     info = {**record.to_row(), "done_targets": list(done_targets)}
-    if supersede:
-        info["supersede"] = dict(supersede)
+    if redo:
+        info["redo"] = dict(redo)
     return {"case_id": record.case_id, "slice_index": CASE_ROW, "n_slices": n_slices, "case_json": json.dumps(info)}
 
 

@@ -120,7 +120,7 @@ def scan(
         if waves:
             arrow_fs, path = arrow_filesystem(manifest_uri, storage)
             cases = cases_stream(waves, storage=storage, index_uri=index or join(out, "index"), run_id=run_id)
-            cases.drop_columns(["done_targets", "supersede"]).write_parquet(path, filesystem=arrow_fs)
+            cases.drop_columns(["done_targets", "redo"]).write_parquet(path, filesystem=arrow_fs)
     finally:
         staging_fs, staging_path = filesystem_for(staging, storage)
         if staging_fs.exists(staging_path):

@@ -37,14 +37,29 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def s3_server():
-    """A real S3 HTTP endpoint on 127.0.0.1 at a free port; yields the storage options for it."""
-    from moto.server import ThreadedMotoServer
+def s3_server(tmp_path_factory):
+    """A real S3 HTTP endpoint on 127.0.0.1 at a free port, in a process of its own (moto's server), ended
+    by its pid; yields the storage options for it. Its own process: delta-rs holds the GIL while it waits
+    for the store, so a server in a thread of the test process would never answer it."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
     port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed at teardown)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto server did not start on port {port}") from None
+            time.sleep(0.2)
     # Test-only credentials for the loopback endpoint; moto accepts any.
     options = {
         "endpoint_url": endpoint,
@@ -52,7 +67,9 @@ def s3_server():
         "secret": "testing",
     }
     yield options
-    server.stop()
+    server.terminate()
+    server.wait(timeout=30)
+    log.close()
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""`mcs-batch query`: DuckDB over the committed parts, local and on the S3 endpoint, in every format."""
+"""`mcs-batch query`: DuckDB over the Delta tables' snapshots, local and on the S3 endpoint, in every format."""
 
 from __future__ import annotations
 
@@ -22,10 +22,12 @@ def fill(catalog: Catalog) -> None:
             for i in range(5)]  # fmt: skip
     rows.append({"case_id": "c7", "target": "lungs", "status": "failed", "error_code": "truncated",
                  "error_message": LONG_REASON})  # fmt: skip
-    slices = [{"case_id": f"c{i}", "target": "lungs", "slice_index": k} for i in range(5) for k in range(3)]
+    for row in rows:
+        row["run_id"] = "run1"
+    slices = [{"case_id": f"c{i}", "target": "lungs", "slice_index": k, "run_id": "run1"} for i in range(5)
+              for k in range(3)]  # fmt: skip
     catalog.commit("run1", 0, rows[:3], slices[:9])
     catalog.commit("run1", 1, rows[3:], slices[9:])
-    catalog.end_staging("run1")
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -39,7 +41,7 @@ def out(request, tmp_path) -> tuple[str, StorageOptions | None]:
     return uri, storage
 
 
-def test_sql_over_the_committed_parts(out):
+def test_sql_over_the_committed_snapshots(out):
     uri, storage = out
     names, rows = query(uri, "SELECT status, count(*) AS n FROM cases GROUP BY 1 ORDER BY 1", storage=storage)
     assert names == ["status", "n"] and rows == [("failed", 1), ("ok", 5)]
@@ -92,8 +94,8 @@ def test_the_readmes_curation_queries_run(tmp_path):
     catalog = Catalog(str(tmp_path / "out"))
     fill(catalog)
     catalog.commit("run2", 0, [{"case_id": "c9", "target": "lungs", "status": "failed", "error_code": "unreadable",
-                                "error_message": "storage", "attempts": 1, "retryable": True}], [])  # fmt: skip
-    catalog.end_staging("run2")
+                                "error_message": "storage", "attempts": 1, "retryable": True, "run_id": "run2"}],
+                   [])  # fmt: skip
     results = [query(str(tmp_path / "out"), sql)[1] for sql in queries]
     assert sorted(results[0]) == [("lungs", "truncated", 1, LONG_REASON), ("lungs", "unreadable", 1, "storage")]
     assert [r[0] for r in results[5]] == ["c9"]  # the retryable failure

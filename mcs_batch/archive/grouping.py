@@ -8,7 +8,7 @@ folder, or neighbouring folders: how archives are laid out) is therefore assembl
 files, while later waves are still being read. Files of an already released series that turn up
 further on (a series scattered across the archive) become failure rows naming the reason, never a
 second case with the same id. A series committed before with another instance set (files still
-arriving then) is redone, and its new rows supersede the old ones (pipeline/writer.py).
+arriving then) is redone, and its new rows replace the old ones (outputs/catalog.CommittedPairs).
 
 An object that could not be read (a storage failure: unreadable, transient) may have been a file of a
 series: a series volume with a file in a folder where a read failed is not assembled from the files
@@ -37,7 +37,7 @@ from mcs_batch.io.dicom_header import DicomHeader
 from mcs_batch.io.limits import SizeLimits, check_size
 from mcs_batch.io.series import cases_from_headers
 from mcs_batch.io.storage import StorageOptions
-from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.catalog import Catalog, CommittedPairs
 from mcs_batch.outputs.index import ArchiveIndex
 from mcs_batch.outputs.schema import manifest_table
 from mcs_batch.records import CaseKind, CaseRecord, Status, failed_record, instances_digest
@@ -81,10 +81,11 @@ class CaseGrouper:
     """Probe rows (archive/probe.py) in, case rows (the manifest schema) out, as series complete.
 
     wave_sizes: objects per wave, in wave order (the job's listing). committed_out: for a segmentation
-    job, its OUT: cases whose every target is committed there are dropped (counted as skipped), others
-    carry the targets already done in `done_targets`; a grown series (files arrived or left since its
-    commit) carries in `supersede` (JSON: target -> cases part) the committed rows its new ones replace.
-    None for `scan`, which keeps every case. The catalog is read once, here: the driver never loads it.
+    job, its OUT: cases whose every target is done there are dropped (counted as skipped), others carry
+    the targets already done in `done_targets` and, in `redo` (JSON: target -> {replaces, attempts,
+    history}), the committed rows their new ones replace: a retried failure, a grown series (files
+    arrived or left since its commit). None for `scan`, which keeps every case. The catalog is read
+    once, here (CommittedPairs): the driver never loads it.
     """
 
     def __init__(
@@ -100,6 +101,8 @@ class CaseGrouper:
         divert_unsegmented: bool = False,
         limits: SizeLimits | None = None,
         slice_axis: int = 2,
+        max_attempts: int = 3,
+        retry_failed: bool = False,
     ):
         self.expected = list(wave_sizes)
         self.limits, self.slice_axis = limits or SizeLimits(), slice_axis
@@ -117,16 +120,10 @@ class CaseGrouper:
         self.index_seq = 0
         self.run_id = run_id
         self.targets = frozenset(targets)
-        self.done: dict[str, set[str]] = defaultdict(set)
-        self.instances: dict[str, str] = {}  # committed series: their instance digest
-        self.series_parts: dict[str, dict[str, str]] = defaultdict(dict)  # ... and target -> its row's part
+        self.committed: CommittedPairs | None = None
         if committed_out is not None:
-            pairs, series = Catalog(committed_out, storage=storage).committed_state()
-            for case_id, target in pairs:
-                self.done[case_id].add(target)
-            for (case_id, target), (part, digest) in series.items():
-                self.instances[case_id] = digest
-                self.series_parts[case_id][target] = part
+            self.committed = CommittedPairs(Catalog(committed_out, storage=storage).committed_state(),
+                                            max_attempts=max_attempts, retry_failed=retry_failed)  # fmt: skip
         self.board = None
         if board:
             import ray
@@ -247,26 +244,28 @@ class CaseGrouper:
         )  # fmt: skip
 
     # -- committed pairs, index, board --------------------------------------------------------------
-    def _not_committed(
-        self, records: list[CaseRecord], delta: dict
-    ) -> list[tuple[CaseRecord, list[str], dict[str, str]]]:
-        """(record, targets done, committed rows its new rows supersede: target -> cases part)."""
+    def _not_committed(self, records: list[CaseRecord], delta: dict) -> list[tuple[CaseRecord, list[str], dict]]:
+        """(record, targets done, redo: target -> the committed row its new one replaces)."""
         kept = []
         for record in records:
             record = self._within_limits(record)
-            done = self.done.get(record.case_id, set())
-            committed = self.instances.get(record.case_id)
-            supersede: dict[str, str] = {}
-            if done and committed is not None and committed != instances_digest(record):
-                done = set()  # files arrived (or left) since the series was committed: redo every target
-                delta["grown_series"] = delta.get("grown_series", 0) + 1
-                parts = self.series_parts.get(record.case_id, {})
-                supersede = {t: p for t, p in parts.items() if t in self.targets}
+            done: set[str] = set()
+            redo: dict[str, dict] = {}
+            if self.committed is not None:
+                done, redo, grown = self.committed.judge(record.case_id, instances_digest(record), self.targets)
+                if grown:
+                    delta["grown_series"] = delta.get("grown_series", 0) + 1
+                if redo:
+                    delta["redone"] = delta.get("redone", 0) + len(redo)
+                # an object that failed as a case of its own before and is now part of this one: its row goes
+                failures = self.committed.object_failures(record.case_id, record.source_keys, self.targets - done)
+                for target, rows in failures.items():
+                    redo.setdefault(target, {"replaces": None, "attempts": 0, "history": []})["absorbs"] = rows
             if self.targets and self.targets <= done:
                 delta["skipped_committed"] = delta.get("skipped_committed", 0) + 1
                 delta["skipped_objects"] = delta.get("skipped_objects", 0) + len(record.source_uris)
                 continue
-            kept.append((record, sorted(done & self.targets), supersede))
+            kept.append((record, sorted(done & self.targets), redo))
         delta["cases"] = len(kept)
         return kept
 
@@ -295,12 +294,12 @@ class CaseGrouper:
         if self.board is not None:
             self.board.scan_progress.remote(delta)
 
-    def _table(self, kept: list[tuple[CaseRecord, list[str], dict[str, str]]]) -> pa.Table:
+    def _table(self, kept: list[tuple[CaseRecord, list[str], dict]]) -> pa.Table:
         try:
             table = manifest_table([r.to_row() for r, _, _ in kept])
         except (pa.ArrowException, OverflowError, TypeError, ValueError):  # one record Arrow refuses
             kept = [(_storable(r), d, o) for r, d, o in kept]
             table = manifest_table([r.to_row() for r, _, _ in kept])
         table = table.append_column("done_targets", pa.array([d for _, d, _ in kept], pa.list_(pa.string())))
-        supersede = [json.dumps(old) if old else "" for _, _, old in kept]
-        return table.append_column("supersede", pa.array(supersede, pa.string()))
+        redo = [json.dumps(old) if old else "" for _, _, old in kept]
+        return table.append_column("redo", pa.array(redo, pa.string()))

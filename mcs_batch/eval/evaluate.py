@@ -3,7 +3,8 @@
     truth items (datasets.list_truth)  x  catalog cases of one target
       -> match (case id, SEG series / instance UIDs, key, unique file name)
       -> per case: Dice, NSD, HD95 (metrics.py) in the prediction's geometry
-      -> OUT/catalog/evaluation/<dataset>--<target>.parquet and a summary table
+      -> OUT/catalog/evaluation (a Delta table: the rows of (dataset, target) replaced in one commit)
+         and a summary table
 
 Honest counting: every truth item is a row. A failed prediction, or a truth item without any
 prediction, scores Dice 0, NSD 0 and HD95 = the extent diagonal (not dropped); truth that cannot be
@@ -15,7 +16,6 @@ measured in pixels (the paper's NSD tolerance: 2 pixels), everything else in mm.
 from __future__ import annotations
 
 import gzip
-import json
 import posixpath
 import re
 import time
@@ -33,7 +33,9 @@ from mcs_batch.eval.datasets import TruthItem, strip_extension
 from mcs_batch.eval.metrics import case_metrics, extent_diagonal
 from mcs_batch.eval.truth import TruthError, image_mask, nifti_mask, read_seg, seg_mask
 from mcs_batch.io.storage import StorageOptions, fetch_bytes, filesystem_for
-from mcs_batch.outputs.catalog import EVALUATION_DIR, RUNS_DIR, Catalog
+from mcs_batch.outputs.catalog import EVALUATION_DIR, Catalog
+from mcs_batch.outputs.reader import read_mask_image
+from mcs_batch.outputs.runs import list_runs
 from mcs_batch.outputs.schema import EVALUATION_SCHEMA, table_from_rows
 from mcs_batch.records import CaseKind, make_case_id
 
@@ -162,7 +164,7 @@ def truth_extent(item: TruthItem, fs) -> tuple[list[int], list[float], str] | No
 class Scorer:
     """Scores matches; holds the filesystems and the settings of one evaluation."""
 
-    out_fs: object
+    out_storage: object  # StorageOptions of OUT (its masks)
     truth_fs: object
     tolerance: float = 2.0
     label: str | None = None
@@ -216,8 +218,7 @@ class Scorer:
             message = pred.get("error_message") or f"prediction {pred['status']}"
             return self._zero(row, item, pred, "failed", code, message)
         try:
-            data = fetch_bytes(self.out_fs, pred["mask_uri"])
-            image = nib.Nifti1Image.from_bytes(gzip.decompress(data))
+            image = read_mask_image(pred["mask_uri"], self.out_storage)
             predicted = np.asarray(image.dataobj) > 0
         except Exception as e:
             message = f"{pred['mask_uri']}: {type(e).__name__}: {e}"
@@ -304,19 +305,8 @@ def safe_name(text: str) -> str:
 
 
 def _ablations(catalog: Catalog) -> dict[str, str]:
-    """run_id -> the run's `ablation` setting, from OUT/runs/*.json."""
-    out = {}
-    try:
-        paths = [p for p in catalog.fs.ls(catalog.path(RUNS_DIR), detail=False) if p.endswith(".json")]
-    except FileNotFoundError:
-        return out
-    for path in paths:
-        try:
-            doc = json.loads(catalog.fs.cat_file(path))
-            out[doc["run_id"]] = doc.get("config", {}).get("ablation", "full")
-        except (OSError, ValueError, KeyError):
-            continue
-    return out
+    """run_id -> the run's `ablation` setting, from its run record."""
+    return {record.run_id: record.ablation for record in list_runs(catalog)}
 
 
 def choose_target(rows: Sequence[dict], target: str | None, out: str) -> str:
@@ -355,7 +345,7 @@ def evaluate(
     rows = [r for r in cases if r["target"] == target]
     matches = match_truth(items, rows)
     truth_fs, _ = filesystem_for(truth_root, storage)
-    scorer = Scorer(out_fs=catalog.fs, truth_fs=truth_fs, tolerance=tolerance, label=label)
+    scorer = Scorer(out_storage=storage, truth_fs=truth_fs, tolerance=tolerance, label=label)
     ablations = _ablations(catalog)
     evaluation_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
     now = datetime.now(UTC).isoformat()
@@ -376,9 +366,8 @@ def evaluate(
         unmatched_predictions=sum(1 for r in rows if r["case_id"] not in matched),
         problems=list(problems),
     )
-    path = catalog.path(EVALUATION_DIR, f"{safe_name(dataset)}--{safe_name(target)}.parquet")
-    catalog.write_table(path, table_from_rows(results, EVALUATION_SCHEMA))
-    result.table_uri = catalog.fs.unstrip_protocol(path)
+    catalog.replace_evaluation(dataset, target, table_from_rows(results, EVALUATION_SCHEMA))
+    result.table_uri = catalog.uri(EVALUATION_DIR)
     result.seconds = time.perf_counter() - start
     return result
 

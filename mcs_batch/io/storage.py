@@ -122,6 +122,27 @@ def arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.Fil
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
+def native_arrow_filesystem(uri: str, storage: StorageOptions | None) -> tuple[pafs.FileSystem, str]:
+    """pyarrow's own filesystem for `uri` (C++, not the Python-backed wrapper of `arrow_filesystem`) and
+    the path in it: local disk, or S3 with the same endpoint and credentials (the standard AWS chain
+    where StorageOptions has none). DuckDB reading an Arrow dataset through a Python-backed filesystem
+    aborts or hangs at exit after a query that stops early (LIMIT); through these it does not."""
+    protocol = protocol_of(uri)
+    fs, path = filesystem_for(uri, storage)
+    if protocol in ("file", "local"):
+        return pafs.LocalFileSystem(), path
+    if protocol not in ("s3", "s3a"):
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+    s = storage or StorageOptions()
+    kwargs: dict = {"anonymous": s.anon}
+    if s.key or s.secret:
+        kwargs.update(access_key=s.key, secret_key=s.secret, session_token=s.token)
+    if s.endpoint_url:
+        scheme, _, host = s.endpoint_url.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme, region="us-east-1")
+    return pafs.S3FileSystem(**kwargs), path
+
+
 def ray_train_storage(uri: str, storage: StorageOptions | None) -> tuple[str, pafs.FileSystem | None]:
     """(storage_path, storage_filesystem) for Ray Train's RunConfig: local paths as they are (absolute);
     object stores through a pyarrow wrapper of the same fsspec filesystem (so endpoint and credentials

@@ -1,18 +1,13 @@
-"""One writer per OUT: a lease taken with a create-if-absent write, kept alive by a heartbeat.
+"""Which runs writing an OUT are alive: a heartbeat file per run.
 
-    OUT/locks/writer-<generation>.json    {run_id, host, pid, started_at, heartbeat_at, released}
+    OUT/locks/run-<run_id>.json    {run_id, host, pid, started_at, heartbeat_at, released}
 
-The holder is the writer of the highest generation. A job takes the lease by creating the next
-generation exclusively (local disk: a hard link, which fails when the name exists; object stores: a
-PUT with `If-None-Match: *`), so of two jobs starting together exactly one wins. The other waits up
-to `outputs.lock_wait_seconds` and then stops with a one-line error naming the holder.
-
-A lease is free when its holder released it, when its holder's process is gone (same host: the pid
-is checked), or when its heartbeat is older than `ttl_s` (another host: a driver that stopped
-beating). Whoever takes a free lease that was never released learns which run died, so that its run
-record can be closed. A holder checks before every commit that no later generation exists: a driver
-that was paused past its ttl and then wakes up finds it lost the lease and stops instead of
-committing beside the new holder.
+Several jobs (and refinements) write one OUT at once: their commits go through the Delta log
+(outputs/delta.py), and no OUT-wide lease stands between them. What needs to know which runs are alive
+is the clean-up that follows a crash: the staging folder of a dead run is removed and its run record
+closed as failed (`sweep`, at every job's start), and vacuum keeps the masks a live run may still
+commit. A run beats every `heartbeat_s`; it is dead once it released its file, once its process is
+gone (same host: the pid is checked), or once its heartbeat is older than `ttl_s` (another host).
 """
 
 from __future__ import annotations
@@ -23,21 +18,9 @@ import os
 import posixpath
 import socket
 import threading
-import time
-import uuid
 from datetime import UTC, datetime
 
-from mcs_batch.errors import ConfigError
-
 LOCKS_DIR = "locks"
-
-
-class LeaseHeld(ConfigError):
-    """Another live job holds the output folder."""
-
-
-class LeaseLost(RuntimeError):
-    """This job's lease was taken over (its heartbeat stopped past the ttl): it must not commit."""
 
 
 def _now() -> str:
@@ -48,7 +31,7 @@ def _age_s(iso: str) -> float:
     try:
         return (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
     except (TypeError, ValueError):
-        return 0.0  # unreadable: count it as fresh (never steal on a guess)
+        return 0.0  # unreadable: count it as fresh (never declare a run dead on a guess)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -61,148 +44,92 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-class WriterLease:
-    """The writer lease of one output folder (`fs`, `root` as `Catalog` holds them)."""
+def alive(record: dict | None, ttl_s: float) -> bool:
+    if not record or record.get("released"):
+        return False
+    if _age_s(record.get("heartbeat_at", "")) > ttl_s:
+        return False
+    if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
+        return _pid_alive(record["pid"])
+    return True
 
-    def __init__(self, catalog, run_id: str, *, ttl_s: float = 120.0, heartbeat_s: float = 10.0):
-        self.catalog, self.run_id = catalog, run_id
-        self.ttl_s, self.heartbeat_s = ttl_s, heartbeat_s
-        self.generation: int | None = None
-        self.lost = ""
-        self._document: dict = {}
+
+class RunHeartbeat:
+    """This run's heartbeat file, beaten by a daemon thread from `start` to `stop`."""
+
+    def __init__(self, catalog, run_id: str, *, heartbeat_s: float = 10.0):
+        self.catalog, self.run_id, self.heartbeat_s = catalog, run_id, heartbeat_s
+        self.path = catalog.path(LOCKS_DIR, f"run-{run_id}.json")
+        self._document = {"run_id": run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                          "started_at": _now(), "heartbeat_at": _now(), "released": False}  # fmt: skip
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- reading ---------------------------------------------------------------------------------------
-    def _path(self, generation: int) -> str:
-        return self.catalog.path(LOCKS_DIR, f"writer-{generation:08d}.json")
+    def start(self) -> None:
+        """The first beat (raises when OUT cannot be written), then one every heartbeat_s."""
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="mcs-batch-heartbeat", daemon=True)
+        self._thread.start()
 
-    def _generations(self) -> list[int]:
-        try:
-            names = self.catalog.fs.ls(self.catalog.path(LOCKS_DIR), detail=False)
-        except FileNotFoundError:
-            return []
-        found = []
-        for name in names:
-            base = posixpath.basename(name)
-            if base.startswith("writer-") and base.endswith(".json"):
-                try:
-                    found.append(int(base[len("writer-") : -len(".json")]))
-                except ValueError:
-                    continue
-        return sorted(found)
-
-    def _read(self, generation: int) -> dict | None:
-        try:
-            return json.loads(self.catalog.fs.cat_file(self._path(generation)))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {"run_id": "?", "heartbeat_at": _now()}  # being written: treat as live
-
-    def holder(self) -> tuple[int, dict | None]:
-        """(latest generation, its record) or (-1, None) when no lease was ever taken."""
-        generations = self._generations()
-        if not generations:
-            return -1, None
-        return generations[-1], self._read(generations[-1])
-
-    def alive(self, record: dict | None) -> bool:
-        if not record or record.get("released"):
-            return False
-        if _age_s(record.get("heartbeat_at", "")) > self.ttl_s:
-            return False
-        if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int):
-            return _pid_alive(record["pid"])
-        return True
-
-    # -- taking and keeping ------------------------------------------------------------------------------
-    def _create(self, generation: int, data: bytes) -> bool:
-        path = self._path(generation)
-        if self.catalog.local:
-            os.makedirs(posixpath.dirname(path), exist_ok=True)
-            tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-            try:
-                os.link(tmp, path)  # atomic, fails when the name exists: the content is complete at once
-                return True
-            except FileExistsError:
-                return False
-            finally:
-                os.remove(tmp)
-        try:
-            self.catalog.fs.pipe_file(path, data, mode="create")  # PUT with If-None-Match: *
-            return True
-        except FileExistsError:
-            return False
-
-    def acquire(self, *, wait_s: float = 0.0, progress=print) -> dict | None:
-        """Take the lease, waiting up to `wait_s` for a live holder. Returns the record of a previous
-        holder that died without releasing it (so its run can be marked), else None.
-
-        Raises LeaseHeld (one line, exit 2) naming the live holder when the wait runs out."""
-        deadline = time.monotonic() + wait_s
-        said = False
-        while True:
-            generation, record = self.holder()
-            if self.alive(record):
-                if time.monotonic() >= deadline:
-                    raise LeaseHeld(
-                        f"{self.catalog.out} is being written by run {record.get('run_id')} (host "
-                        f"{record.get('host')}, pid {record.get('pid')}, started {record.get('started_at')}, "
-                        f"last heartbeat {_age_s(record.get('heartbeat_at', '')):.0f} s ago): one writer per "
-                        "output folder; wait for it, or set outputs.lock_wait_seconds"
-                    )
-                if not said:
-                    progress(f"waiting for run {record.get('run_id')} to release {self.catalog.out}")
-                    said = True
-                time.sleep(min(2.0, max(0.1, deadline - time.monotonic())))
-                continue
-            self._document = {"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
-                              "started_at": _now(), "heartbeat_at": _now(), "released": False}  # fmt: skip
-            if not self._create(generation + 1, json.dumps(self._document).encode()):
-                continue  # another job took this generation first: look again
-            if self._generations()[-1] != generation + 1:  # a late create beside a newer holder
-                self.catalog.fs.rm(self._path(generation + 1))
-                continue
-            self.generation = generation + 1
-            for older in self._generations():
-                if older < self.generation:
-                    with contextlib.suppress(FileNotFoundError):
-                        self.catalog.fs.rm(self._path(older))
-            self._thread = threading.Thread(target=self._beat, name="mcs-batch-lease", daemon=True)
-            self._thread.start()
-            died = record if record and not record.get("released") else None
-            return died
+    def _write(self) -> None:
+        self.catalog.write_bytes(self.path, json.dumps(self._document).encode(), shared_tmp=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                if self._generations()[-1:] != [self.generation]:
-                    self.lost = f"the lease of {self.catalog.out} was taken by a later writer"
-                    return
                 self._document["heartbeat_at"] = _now()
-                self.catalog.write_bytes(self._path(self.generation), json.dumps(self._document).encode(), beside=True)
+                self._write()
             except Exception:  # a storage hiccup: the next beat tries again (the ttl is many beats long)
                 continue
 
-    def check(self) -> None:
-        """Raise LeaseLost unless this job still holds the lease (called before every commit)."""
-        if self.generation is None:
-            raise LeaseLost("no lease taken")
-        if self.lost or self._generations()[-1:] != [self.generation]:
-            raise LeaseLost(self.lost or f"the lease of {self.catalog.out} was taken by a later writer")
-
-    def release(self) -> None:
+    def stop(self) -> None:
+        """Released: the run is over (its file stays, saying so, until the next sweep removes it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if self.generation is None:
-            return
+        with contextlib.suppress(Exception):
+            self._document.update(released=True, released_at=_now())
+            self._write()
+
+
+def heartbeats(catalog) -> dict[str, dict]:
+    """run id -> its heartbeat record, for every run file under OUT/locks."""
+    try:
+        paths = [p for p in catalog.fs.ls(catalog.path(LOCKS_DIR), detail=False)
+                 if posixpath.basename(p).startswith("run-") and p.endswith(".json")]  # fmt: skip
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for path, data in (catalog.fs.cat(paths).items() if paths else ()):
         try:
-            if self._generations()[-1:] == [self.generation]:
-                self._document.update(released=True, released_at=_now())
-                self.catalog.write_bytes(self._path(self.generation), json.dumps(self._document).encode(), beside=True)
-        finally:
-            self.generation = None
+            record = json.loads(data)
+        except ValueError:
+            record = {"heartbeat_at": _now()}  # being written: alive
+        out[posixpath.basename(path)[len("run-") : -len(".json")]] = record | {"_path": path}
+    return out
+
+
+def live_runs(catalog, ttl_s: float) -> dict[str, dict]:
+    return {run: record for run, record in heartbeats(catalog).items() if alive(record, ttl_s)}
+
+
+def sweep(catalog, *, live: str, ttl_s: float) -> list[str]:
+    """What dead runs left: their staging folders removed, their run records still "running" marked
+    failed, their heartbeat files removed. `live` (the caller's run) is never touched. Returns what
+    was done, for the job's log."""
+    beats = heartbeats(catalog)
+    done: list[str] = []
+    for run in catalog.staging_runs():
+        if run != live and not alive(beats.get(run), ttl_s):
+            catalog.remove_staging(run)
+            done.append(f"removed staging/{run}")
+    for run in catalog.running_records():
+        if run != live and not alive(beats.get(run), ttl_s):
+            catalog.close_run(run, reason=f"its driver died before the end (found by run {live})")
+            done.append(f"closed the record of run {run}")
+    for run, record in beats.items():
+        if run != live and not alive(record, ttl_s):
+            with contextlib.suppress(FileNotFoundError):
+                catalog.fs.rm(record["_path"])
+    done += [f"removed staging/tmp/{n}" for n in catalog.remove_stale_temporaries()]
+    return done

@@ -32,7 +32,8 @@ from mcs_batch.errors import ConfigError
 from mcs_batch.faults import crash_hook
 from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
-from mcs_batch.outputs.lease import WriterLease
+from mcs_batch.outputs.lease import RunHeartbeat, sweep
+from mcs_batch.outputs.maintenance import maintain
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
 from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, resolve
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
@@ -136,41 +137,34 @@ def run_job(
     progress: Callable[[str], None] = print,
     stages: ModelStages | None = None,
 ) -> JobSummary:
-    """Run the job on the current Ray cluster (ray.init() must have been called). Takes the writer
-    lease of OUT first (outputs/lease.py): a second job on the same OUT waits or stops with LeaseHeld."""
+    """Run the job on the current Ray cluster (ray.init() must have been called). Other jobs may write
+    the same OUT at once: each pair is committed once (outputs/catalog.py)."""
     start = time.perf_counter()
     if not cfg.inputs.uris:
         raise ConfigError("inputs.uris: no inputs given")
     run_id = new_run_id()
     catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)
-    lease = WriterLease(catalog, run_id, ttl_s=cfg.outputs.lock_ttl_seconds)
+    catalog.check_writable()  # an unmigrated, newer or unwritable catalog: one line, nothing written
+    heartbeat = RunHeartbeat(catalog, run_id)
     try:
-        died = lease.acquire(wait_s=cfg.outputs.lock_wait_seconds, progress=progress)
-    except ConfigError:
-        raise
+        heartbeat.start()
     except Exception as e:  # denied, read-only, unreachable endpoint: said in one line
         raise ConfigError(f"{cfg.outputs.uri}: cannot write the output folder ({type(e).__name__}: {e})") from e
-    catalog.lease = lease
     catalog.crash_hook = crash_hook(cfg.testing, lambda: catalog.commits)
     try:
-        if died:
-            progress(f"run {died.get('run_id')} stopped without finishing (its driver is gone): repairing after it")
-        return _run_leased(cfg, catalog, run_id, start, storage=storage, retry_failed=retry_failed,
-                           progress=progress, stages=stages)  # fmt: skip
+        return _run(cfg, catalog, run_id, start, storage=storage, retry_failed=retry_failed, progress=progress,
+                    stages=stages)  # fmt: skip
     finally:
-        lease.release()
+        heartbeat.stop()
 
 
-def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages) -> JobSummary:
-    """The job, once this run holds the writer lease of OUT."""
+def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages) -> JobSummary:
+    """The job, once its heartbeat beats."""
     import ray
 
-    removed = catalog.repair(live=run_id)
-    if removed:
-        progress(f"repaired what an interrupted run left: {len(removed)} file(s) published or removed")
-    stale = catalog.close_stale_runs(live=run_id)
-    if stale:
-        progress(f"marked {len(stale)} run record(s) of dead drivers as failed: {', '.join(stale[:3])}")
+    cleaned = sweep(catalog, live=run_id, ttl_s=cfg.outputs.heartbeat_ttl_seconds)
+    if cleaned:
+        progress(f"cleaned up after {len(cleaned)} thing(s) dead runs left: {'; '.join(cleaned[:3])}")
     config_hash = cfg.hash()
     other = catalog.config_hashes() - {config_hash}
     if other:
@@ -178,8 +172,6 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
             f"{cfg.outputs.uri} holds results of another configuration ({', '.join(sorted(other))}; this one is "
             f"{config_hash}): write to a new output folder"
         )
-    if retry_failed:
-        progress(f"retrying {len(catalog.drop_failed())} failed (case, target) pair(s)")
 
     summary = JobSummary(run_id=run_id, out=cfg.outputs.uri, config_hash=config_hash, tiny_models=cfg.models.tiny)
     resources = resolve(cfg.resources, cluster_view())
@@ -205,10 +197,7 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
     staging = catalog.uri("staging", run_id)
     board_name = f"mcs-batch-board-{run_id}"
     board = start_board(board_name)
-    retried = catalog.take_retryable(cfg.failure_budget.transient_attempts)
-    if retried:
-        progress(f"retrying {len(retried)} (case, target) pair(s) whose failure was transient (storage, memory)")
-    writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources, retried=retried)
+    writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources)
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             if attempt > 1:  # the cluster changed under the previous attempt: plan again on what is there
@@ -219,7 +208,7 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
             outcome = _attempt(
                 cfg, resources, writer, board, board_name, storage=storage, index_uri=index_uri,
                 staging=join(staging, f"attempt-{attempt}"), stages=stages or ModelStages(),
-                progress=progress, start=start, record=record, document=document,
+                progress=progress, start=start, record=record, document=document, retry_failed=retry_failed,
             )  # fmt: skip
             if outcome == "done":
                 break
@@ -250,6 +239,7 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
             progress(f"{len(fake)} model actor(s) were given GPU(s) by Ray but CUDA is not available on their "
                      "node(s): their models ran on CPU")  # fmt: skip
         summary.skipped_committed = int(snapshot.get("scan", {}).get("skipped_committed", 0))
+        summary.redone = int(snapshot.get("scan", {}).get("redone", 0))
         summary.grown_series = int(snapshot.get("scan", {}).get("grown_series", 0))
         document.update(
             finished_at=datetime.now(UTC).isoformat(),
@@ -270,14 +260,18 @@ def _run_leased(cfg, catalog, run_id, start, *, storage, retry_failed, progress,
                 "first_commit_at": _iso(writer.first_commit_at),
                 "stages": {k: {e: _iso(t) for e, t in v.items()} for k, v in writer.timeline().items()},
             },
+            tables=writer.table_versions(),
+            commits={"count": writer.seq, "replaced": summary.replaced, "dropped": summary.dropped},
             assembly_seconds=round(writer.assembly_seconds, 3),
             assembled=dict(writer.assembled),
             model_sha256={k: sorted(v) for k, v in writer.models.items()},
         )
         if document["status"] == "running":
             document["status"] = "failed"
+        if document["status"] != "failed":
+            document["maintenance"] = _maintain(catalog, cfg, index_uri, progress)
         catalog.write_run(run_id, document)
-        catalog.end_staging(run_id)
+        catalog.remove_staging(run_id)
     return summary
 
 
@@ -298,7 +292,7 @@ def _alive_nodes() -> set[str]:
 
 
 def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, staging, stages, progress, start,
-             record, document) -> str | set[str]:  # fmt: skip
+             record, document, retry_failed=False) -> str | set[str]:  # fmt: skip
     """One pass over the archive: "done", or the ids of the nodes lost meanwhile.
 
     A lost node's model actors cannot restart while the remaining GPUs are taken, and their batches
@@ -327,6 +321,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
         targets=tuple(t.name for t in cfg.targets), board=board_name, divert_unsegmented=True,
         scan_tasks=max(1, int(resources.cluster.get("cpus", 1) // SCAN_CPU_SHARE)),
         limits=cfg.resources.size_limits(), slice_axis=cfg.slice_axis,
+        max_attempts=cfg.failure_budget.transient_attempts, retry_failed=retry_failed and attempt_is_first(record),
     )  # fmt: skip
     rows = build_pipeline(cases, cfg, resources, storage=storage, staging_uri=join(staging, "parts"),
                           run_id=writer.run_id, board=board_name, stages=stages)  # fmt: skip
@@ -365,6 +360,29 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
     writer.drain()
     document["ray_data"] = ray_data_stats(rows)
     return "done"
+
+
+def attempt_is_first(record: dict) -> bool:
+    """--retry-failed applies to the run's first attempt; later attempts (after lost nodes) redo what the
+    first left, and the failures it committed stand."""
+    return record.get("attempt") == 1
+
+
+def _maintain(catalog, cfg: JobConfig, index_uri: str, progress) -> dict:
+    """At the end of a job: compact the tables that gathered many small files and vacuum every table
+    (outputs/maintenance.py). Never fails the job: what it could not do, the next job or `mcs-batch
+    catalog compact|vacuum` does."""
+    try:
+        done = maintain(catalog, min_files=cfg.outputs.compact_min_files, index=index_uri)
+    except Exception as e:
+        progress(f"table upkeep skipped ({type(e).__name__}: {e})")
+        return {"error": f"{type(e).__name__}: {e}"}
+    for name, result in done.items():
+        if "files_before" in result:
+            progress(f"compacted the {name} table: {result['files_before']} -> {result['files_after']} file(s)")
+        if result.get("vacuumed"):
+            progress(f"vacuumed the {name} table: {result['vacuumed']} file(s) removed a week ago deleted")
+    return done
 
 
 def _stop_attempt(board, since: float) -> None:

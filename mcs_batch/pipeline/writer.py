@@ -6,8 +6,8 @@ staging part (case id, slices in it, its URI), and one per block whose parts tas
 wholly inside it (their rows, as an assembly task returns them: committed like those). When a case's
 slices are all in, it waits in `ready` until a few cases can go to one assembly task
 (stages/assemble.assemble_cases); results are buffered and committed every
-`outputs.catalog_flush_cases` cases or `catalog_flush_seconds` (commit protocol:
-mcs_batch.outputs.catalog). The driver holds only cases in flight: no mask, no image, no slice row
+`outputs.catalog_flush_cases` cases or `catalog_flush_seconds`, each flush one commit of the Delta
+tables (mcs_batch.outputs.catalog). The driver holds only cases in flight: no mask, no image, no slice row
 as Python objects (slice rows come back as Arrow tables and go to Parquet as they are).
 """
 
@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 
 from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions
-from mcs_batch.outputs.catalog import Catalog, stamp_attempts
+from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.schema import SLICES_SCHEMA
 from mcs_batch.pipeline.resources import Resolved
 from mcs_batch.stages.assemble import STAGE_TIMES, assemble_cases, assemble_isolated
@@ -66,7 +66,10 @@ class JobSummary:
     slices: int = 0
     seconds: float = 0.0
     skipped_committed: int = 0
+    redone: int = 0  # committed pairs redone: retried failures, grown series
     grown_series: int = 0  # committed series found with another instance set, redone
+    replaced: int = 0  # committed rows this run replaced (retried failures, grown series)
+    dropped: int = 0  # pairs another job committed first: this run's rows for them were dropped
     aborted: str = ""
     run_uri: str = ""
 
@@ -83,7 +86,8 @@ class JobSummary:
             f"in {self.seconds:.1f} s ({rate:.2f} slices/s)",
             f"  (case, target) rows: {fmt(self.by_status)}",
             f"  errors:              {fmt(self.by_error)}",
-            f"  already committed, skipped: {self.skipped_committed} case(s); grown series redone: {self.grown_series}",
+            f"  already committed, skipped: {self.skipped_committed} case(s); grown series redone: "
+            f"{self.grown_series}; rows replaced: {self.replaced}; committed first by another job: {self.dropped}",
             f"  outputs: {self.out}  (masks/, catalog/cases, catalog/slices, {self.run_uri})",
             f'  example: mcs-batch query {self.out} "SELECT status, error_code, count(*) FROM cases GROUP BY 1, 2"',
         ]
@@ -105,13 +109,10 @@ class CaseWriter:
         *,
         storage: StorageOptions | None,
         resources: Resolved,
-        retried: dict[tuple[str, str], tuple[int, list[str]]] | None = None,
     ):
         import ray
 
         self.catalog, self.cfg, self.run_id, self.summary, self.metrics = catalog, cfg, run_id, summary, metrics
-        self.retried = retried or {}  # pairs redone after transient failures: attempts so far, history
-        self.supersede: dict[tuple[str, str], str] = {}  # rows to commit -> the part of the row they replace
         self.storage = storage
         self.pending: dict[str, _Pending] = {}
         self.ready: list[dict] = []
@@ -131,6 +132,7 @@ class CaseWriter:
         self.models: dict[str, set[str]] = {"clip": set(), "sam": set()}
         self.stage_windows = {name: [math.inf, -math.inf] for name in STAGE_TIMES}
         self.first_commit_at: float | None = None
+        self.versions: dict[str, dict[str, int]] = {}  # table -> the first and last version this run committed
         self.assembly_seconds = 0.0
         self.assembled = {"in_blocks": 0, "by_tasks": 0}  # cases assembled in the parts tasks / assembly tasks
         self.abandoned: list[str] = []  # cases in flight when an attempt stopped (redone by the next one)
@@ -242,8 +244,6 @@ class CaseWriter:
             s.by_status[row["status"]] = s.by_status.get(row["status"], 0) + 1
             if row.get("error_code"):
                 s.by_error[row["error_code"]] = s.by_error.get(row["error_code"], 0) + 1
-        for target, part in case.get("supersede", {}).items():  # a grown series (found by the grouper)
-            self.supersede[(case["case_id"], target)] = part
         for name in ("clip", "sam"):
             self.models[name].update(case["models"][name])
         s.slices += case["slices"]
@@ -279,14 +279,14 @@ class CaseWriter:
             rows = [r for r in self.case_rows if r["case_id"] in part]
             mask = pc.is_in(slices.column("case_id"), value_set=pa.array(sorted(part)))
             now = datetime.now(UTC).isoformat()
-            supersede = {}
             for row in rows:
                 row["committed_at"] = now
-                stamp_attempts(row, self.retried, self.cfg.failure_budget.transient_attempts)
-                if (key := (row["case_id"], row["target"])) in self.supersede:
-                    supersede[key] = self.supersede.pop(key)
-            self.catalog.commit(self.run_id, self.seq, rows, slices.filter(mask) if len(order) > size else slices,
-                                supersede=supersede)  # fmt: skip
+            result = self.catalog.commit(self.run_id, self.seq, rows,
+                                         slices.filter(mask) if len(order) > size else slices)  # fmt: skip
+            self.summary.dropped += result.dropped
+            self.summary.replaced += result.replaced
+            for table, version in (result.versions or {}).items():
+                self.versions.setdefault(table, {"first": version})["last"] = version
             self.metrics.committed(len(self.pending) + len(self.ready) + len(self.inflight))
             if self.first_commit_at is None:
                 self.first_commit_at = time.time()
@@ -295,6 +295,10 @@ class CaseWriter:
                 os._exit(137)
         self.case_rows, self.slice_tables, self.buffered_cases = [], [], 0
         self.last_flush = time.monotonic()
+
+    def table_versions(self) -> dict[str, dict[str, int]]:
+        """table -> {"first", "last"}: the Delta versions this run's commits produced (run record)."""
+        return {table: dict(v) for table, v in self.versions.items()}
 
     def timeline(self) -> dict:
         """When each stage first and last finished a slice (epoch seconds): the stages' overlap."""

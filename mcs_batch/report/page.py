@@ -22,10 +22,10 @@ from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.reader import job_config_of_run
 from mcs_batch.report.plots import Plot, distribution_plots
 from mcs_batch.report.summary import Counts, Pick, counts, details, metrics, open_catalog, pick
 from mcs_batch.report.thumbnails import case_views, thumbnail
-from mcs_batch.train.weak.export import job_config_of_run
 
 QC_DIR = "qc"
 DEFAULT_SAMPLE = 12  # randomly sampled ok pairs
@@ -89,7 +89,7 @@ def draw(picks: list[Pick], rows: dict[tuple[str, str], dict], *, out: str, stor
             continue
         run_id = row.get("run_id") or ""
         if run_id not in jobs:
-            jobs[run_id] = job_config_of_run(out, run_id, storage)
+            jobs[run_id] = job_config_of_run(Catalog(out, storage=storage), run_id)
         try:
             views = case_views(row, jobs[run_id], storage=storage)[:left]
         except CaseError as e:

@@ -1,6 +1,6 @@
 """What the report says about a catalog: counts, failure reasons, metrics, and which pairs it shows.
 
-Everything is read through DuckDB over the catalog's Parquet parts (`query.connect`), one query per
+Everything is read through DuckDB over the catalog tables' snapshots (`query.connect`), one query per
 table of the page and only the columns it needs, so a 100k-case catalog costs a few megabytes. Rows
 are (case, target) pairs, as in `cases`.
 """
@@ -60,7 +60,7 @@ def open_catalog(out: str, storage: StorageOptions | None):
     from mcs_batch.query import connect
 
     catalog = Catalog(out, storage=storage)
-    if not catalog.fs.exists(catalog.path(CASES_DIR)):
+    if not catalog.exists():
         raise ConfigError(f"report: {out}: no catalog here (expected {CASES_DIR}/; run `mcs-batch segment` first)")
     return connect(out, storage=storage)
 

@@ -18,9 +18,9 @@ from mcs_batch.io.display import to_display
 from mcs_batch.io.storage import StorageOptions, filesystem_for
 from mcs_batch.io.volume import plane
 from mcs_batch.outputs.qc import mask_contour
+from mcs_batch.outputs.reader import read_mask, record_of
 from mcs_batch.records import slice_axis_for
 from mcs_batch.stages.load import load_chunk
-from mcs_batch.train.weak.export import read_mask, record_of
 
 THUMB_SIDE = 192  # px: the longer side of every thumbnail (smaller images are enlarged, larger reduced)
 CONTOUR_RGB = (0, 255, 0)

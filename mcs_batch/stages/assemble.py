@@ -34,7 +34,7 @@ from mcs_batch.errors import CaseError, ErrorCode
 from mcs_batch.faults import worker_crash_hook
 from mcs_batch.io.storage import StorageOptions, filesystem_for, to_uri
 from mcs_batch.outputs.assemble import assemble_target, base_case_row, failed_from_slices, status_of
-from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.catalog import ABSORBS, REPLACES, Catalog, stamp_attempts
 from mcs_batch.outputs.dicom_seg import (
     SEG_KINDS,
     Algorithm,
@@ -187,11 +187,22 @@ def assemble_isolated(
         rows = [{**base_case_row(record, j, cfg), "status": Status.FAILED, "error_code": code,
                  "error_message": message[:500], "run_id": run_id, "tiny_models": cfg.models.tiny}
                 for j, target in enumerate(cfg.targets) if target.name not in done]  # fmt: skip
-        old_parts = info.get("supersede") or {}
-        return {"case_id": record.case_id, "case_rows": rows, "slice_rows": [], "failed": True,
-                "supersede": {r["target"]: old_parts[r["target"]] for r in rows if r["target"] in old_parts},
-                "slices": 0, "ok_slices": 0, "stage_seconds": {s: 0.0 for s in ("load", "saliency", "sam")},
+        _stamp(rows, info.get("redo") or {}, cfg)
+        return {"case_id": record.case_id, "case_rows": rows, "slice_rows": [], "failed": True, "slices": 0,
+                "ok_slices": 0, "stage_seconds": {s: 0.0 for s in ("load", "saliency", "sam")},
                 "models": {"clip": [], "sam": []}}  # fmt: skip
+
+
+def _stamp(case_rows: list[dict], redo: dict[str, dict], cfg: JobConfig) -> None:
+    """Each row's attempts, history and retryable flag, `_replaces` (the committed row it replaces) and
+    `_absorbs` (failure rows of its objects as cases of their own, which its commit deletes): from the
+    grouper's judgement of the catalog (`redo`, outputs/catalog.CommittedPairs)."""
+    for row in case_rows:
+        old = redo.get(row["target"])
+        previous = (int(old["attempts"]), list(old["history"])) if old else None
+        stamp_attempts(row, previous, cfg.failure_budget.transient_attempts)
+        row[REPLACES] = old["replaces"] if old else None
+        row[ABSORBS] = json.dumps(old["absorbs"]) if old and old.get("absorbs") else None
 
 
 def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, storage: StorageOptions | None) -> dict:
@@ -199,7 +210,6 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
     info = json.loads(case["case_json"])
     record = case_of(case)
     done = set(info.get("done_targets") or ())
-    old_parts = info.get("supersede") or {}  # a grown series: target -> the part of its committed row
     slices = case.get("slices") or (_read_parts(case["parts"], storage) if case["parts"] else {})
     error = failed_from_slices(slices)
     status = status_of(record, error)
@@ -221,11 +231,11 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
                 row.update(status=Status.FAILED, error_code=ErrorCode.INTERNAL_ERROR, error_message=message)
                 case_failed = True
         case_rows.append(row)
+    _stamp(case_rows, info.get("redo") or {}, cfg)
     rows = list(slices.values())
     return {
         "case_id": record.case_id,
         "case_rows": case_rows,
-        "supersede": {r["target"]: old_parts[r["target"]] for r in case_rows if r["target"] in old_parts},
         "slice_rows": slice_rows,
         "failed": case_failed,
         "slices": len(rows),

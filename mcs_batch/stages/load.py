@@ -29,10 +29,10 @@ from mcs_batch.rows import CASE_ROW, NO_IMAGE, case_of, case_row, chunk_row, col
 LOAD_YIELD_ROWS = 16  # decoded slices handed on at a time (bounds a load task's memory)
 
 
-def plan_case(record: CaseRecord, *, slice_chunk: int, axis: int, done_targets=(), supersede=None) -> list[dict]:
+def plan_case(record: CaseRecord, *, slice_chunk: int, axis: int, done_targets=(), redo=None) -> list[dict]:
     """One case row, then one chunk row per `slice_chunk` slices (none for cases that are not ok)."""
     n = slice_count(record, axis) if record.status == Status.OK else 0
-    head = case_row(record, n, done_targets, supersede)
+    head = case_row(record, n, done_targets, redo)
     return [head] + [chunk_row(head, k0, min(k0 + slice_chunk, n) - k0) for k0 in range(0, n, slice_chunk)]
 
 
@@ -69,21 +69,21 @@ def load_chunk(
 
 def plan_batch(table, *, cfg: JobConfig) -> dict:
     """map_batches (pyarrow in): case rows of the archive stream (manifest schema + done_targets,
-    supersede) -> case rows + chunk rows. Cases whose every target is committed never get here (the
+    redo) -> case rows + chunk rows. Cases whose every target is committed never get here (the
     grouper drops them; it also applied the size limits). A map_batches, not a flat_map, so that Ray
     Data fuses it with the repartition after it. A case that cannot be planned fails on its own."""
     rows: list[dict] = []
     for row in table.to_pylist():
         record = CaseRecord.from_row(row)
         done = [str(t) for t in (row.get("done_targets") or [])]
-        supersede = json.loads(row["supersede"]) if row.get("supersede") else None
+        redo = json.loads(row["redo"]) if row.get("redo") else None
         try:
             planned = plan_case(record, slice_chunk=cfg.resources.slice_chunk, axis=cfg.slice_axis,
-                                done_targets=done, supersede=supersede)  # fmt: skip
+                                done_targets=done, redo=redo)  # fmt: skip
         except Exception as e:  # a record no plan can be made of: its case fails, the block goes on
             record.status, record.error_code = Status.FAILED, ErrorCode.INTERNAL_ERROR
             record.error_message = f"{record.case_id}: cannot plan the case ({type(e).__name__}: {e})"[:300]
-            planned = plan_case(record, slice_chunk=1, axis=cfg.slice_axis, done_targets=done, supersede=supersede)
+            planned = plan_case(record, slice_chunk=1, axis=cfg.slice_axis, done_targets=done, redo=redo)
         rows += planned
     return columns(rows)
 

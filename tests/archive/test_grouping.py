@@ -103,9 +103,9 @@ def test_committed_cases_are_dropped_and_partial_ones_carry_their_done_targets(t
     assert rows == {ids[1]: ["a"], ids[2]: []}  # case 0 is done; case 1 still needs target b
 
 
-def test_a_grown_series_carries_the_parts_of_the_rows_it_supersedes(tmp_path: Path):
-    """The grouper reads the catalog once (committed_state) and hands on, in the case row, where the
-    committed rows of a grown series lie: the driver never loads the catalog."""
+def test_a_grown_series_and_a_retried_failure_name_the_rows_they_replace(tmp_path: Path):
+    """The grouper reads the catalog once (committed_state) and hands on, in the case row, which
+    committed row each redone target replaces (`redo`): the driver never loads the catalog."""
     import json
 
     from mcs_batch.outputs.catalog import Catalog
@@ -118,17 +118,20 @@ def test_a_grown_series_carries_the_parts_of_the_rows_it_supersedes(tmp_path: Pa
     by_files = {len(r["source_uris"]): r for r in first.to_pylist()}
     b, c = by_files[4], by_files[3]
     out = tmp_path / "out"
-    catalog = Catalog(str(out))
-    rows = [{"case_id": b["case_id"], "target": t, "status": "ok", "instances": "digest-of-3-files"} for t in "ab"]
-    rows += [{"case_id": c["case_id"], "target": t, "status": "ok",
-              "instances": instances_digest(CaseRecord.from_row(c))} for t in "ab"]  # fmt: skip
-    catalog.commit("r0", 0, rows, [])
-    part = catalog._list("catalog/cases")[0]
+    rows = [{"case_id": b["case_id"], "target": t, "status": "ok", "instances": "digest-of-3-files", "run_id": "r0"}
+            for t in "ab"]  # fmt: skip
+    rows += [{"case_id": c["case_id"], "target": "a", "status": "failed", "error_code": "unreadable",
+              "error_message": "503", "attempts": 1, "instances": instances_digest(CaseRecord.from_row(c)),
+              "run_id": "r0"}]  # fmt: skip
+    Catalog(str(out)).commit("r0", 0, rows, [])
     grouper = CaseGrouper([7], index_uri=str(tmp_path / "index"), run_id="r2", committed_out=str(out),
                           targets=("a",))  # fmt: skip
-    kept = grouper(probe_rows(root, grown + same, 0)).to_pylist()
-    assert [r["case_id"] for r in kept] == [b["case_id"]]  # C unchanged and done; B grew: redone
-    assert kept[0]["done_targets"] == [] and json.loads(kept[0]["supersede"]) == {"a": part}  # this run's target
+    kept = {r["case_id"]: r for r in grouper(probe_rows(root, grown + same, 0)).to_pylist()}
+    assert set(kept) == {b["case_id"], c["case_id"]}
+    assert kept[b["case_id"]]["done_targets"] == []  # B grew: redone, its row replaced
+    assert json.loads(kept[b["case_id"]]["redo"]) == {"a": {"replaces": "r0", "attempts": 0, "history": []}}
+    assert json.loads(kept[c["case_id"]]["redo"]) == {  # C's transient failure: retried, its history kept
+        "a": {"replaces": "r0", "attempts": 1, "history": ["attempt 1 (r0): unreadable: 503"]}}
 
 
 def unreadable_row(root: Path, name: str, wave: int) -> pa.Table:

@@ -14,7 +14,6 @@ import highdicom as hd
 import nibabel as nib
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pydicom
 import pytest
 
@@ -233,10 +232,16 @@ def test_error_reasons_carry_no_patient_values(tmp_path):
     assert reason.startswith("ValueError: patient <redacted>")
 
 
-def test_catalog_parts_before_schema_4_read_seg_uri_as_null(tmp_path):
-    v3 = pa.schema([f for f in CASES_SCHEMA if f.name != "seg_uri"])
-    (tmp_path / "catalog" / "cases").mkdir(parents=True)
-    row = {"case_id": "c1", "target": "lesion", "status": "ok", "mask_uri": "file:///m.nii.gz"}
-    pq.write_table(pa.Table.from_pylist([row], schema=v3), tmp_path / "catalog" / "cases" / "part-old.parquet")
-    cases = Catalog(str(tmp_path)).cases().to_pylist()
-    assert cases == [{**{name: None for name in CASES_SCHEMA.names}, **row}]
+def test_a_cases_table_without_seg_uri_reads_it_as_null_and_takes_it_on(tmp_path):
+    from deltalake import write_deltalake
+
+    from mcs_batch.outputs.catalog import CASES
+
+    before = pa.schema([f for f in CASES.arrow_schema() if f.name != "seg_uri"])  # a table of rows without SEGs
+    row = {"case_id": "c1", "target": "lesion", "status": "ok", "mask_uri": "file:///m.nii.gz", "run_id": "r1"}
+    write_deltalake(str(tmp_path / "catalog" / "cases"), pa.Table.from_pylist([row], schema=before))
+    catalog = Catalog(str(tmp_path))
+    assert catalog.cases().to_pylist() == [{**{name: None for name in CASES_SCHEMA.names}, **row}]
+    catalog.commit("r2", 0, [{**row, "case_id": "c2", "run_id": "r2", "seg_uri": "file:///m.seg.dcm"}], [])
+    rows = {r["case_id"]: r["seg_uri"] for r in catalog.cases(["case_id", "seg_uri"]).to_pylist()}
+    assert rows == {"c1": None, "c2": "file:///m.seg.dcm"}

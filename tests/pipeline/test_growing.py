@@ -1,5 +1,5 @@
 """A series committed while its files were still arriving is completed by a later run: its rows and
-mask are replaced (the old rows superseded in the same commit), never two rows for one pair."""
+mask are replaced (the new rows replace the old in the commit's merge), never two rows for one pair."""
 
 from __future__ import annotations
 
@@ -74,9 +74,9 @@ def test_a_series_committed_with_20_of_30_files_is_completed_by_the_next_run(tmp
     assert after["image"]["run_id"] == first.run_id  # the other case is untouched
     slices = catalog.slices(["case_id", "slice_index"]).to_pylist()
     ks = sorted(s["slice_index"] for s in slices if s["case_id"] == series["case_id"])
-    assert ks == list(range(30))  # the first run's 20 slice rows are gone, none twice
+    assert ks == list(range(30))  # the first run's 20 slice rows are not the catalog's any more, none twice
     if where == "local":
-        for reader, (cases, slice_keys) in read_everywhere(Path(out)).items():
+        for reader, (cases, slice_keys) in read_everywhere(out, None).items():
             assert len(cases) == len(set(cases)) == 2 and len(slice_keys) == len(set(slice_keys)) == 31, reader
         third = run_job(job(inputs, out, tmp_path), storage=storage, **QUIET)
         assert third.cases == 0 and third.grown_series == 0  # complete now: nothing to redo

@@ -144,13 +144,14 @@ def test_a_flaky_header_read_never_gives_an_ok_series_with_a_member_missing(tmp_
     for p in local:
         fs.put_file(str(p), f"{bucket}/archive/ct/{p.name}")
     broken = f"{bucket}/archive/ct/{local[6].name}"
-    faults = Faults(prefixes=(f"{bucket}/archive/",), rate_503=0.15, rate_drop=0.05, always_fail={broken}, seed=7)
+    faults = Faults(prefixes=(f"{bucket}/archive/",), rate_503=0.15, rate_drop=0.05, always_fail=(broken,), seed=7)
     proxy = FaultyS3(s3_server["endpoint_url"], faults)
     try:
         storage = StorageOptions(endpoint_url=proxy.endpoint_url, key=s3_server["key"], secret=s3_server["secret"])
         inputs, out = [f"s3://{bucket}/archive"], f"s3://{bucket}/out"
         first = run_job(job(inputs, out, tmp_path), storage=storage, **QUIET)
-        assert faults.counts.get("garbage", 0) > 0 and faults.counts.get("503", 0) > 0  # the store did fail
+        counts = proxy.counts()
+        assert counts.get("garbage", 0) > 0 and counts.get("503", 0) > 0  # the store did fail
         rows = rows_by_key(out, storage)
         series = rows["archive/ct/slice0000"]
         assert (series["status"], series["error_code"]) == ("failed", "unreadable"), series

@@ -13,13 +13,11 @@ mapping rows and drop counts; the driver keeps a few tasks in flight. No image p
 
 from __future__ import annotations
 
-import gzip
 import io
 import json
 import posixpath
 from collections import Counter
 
-import nibabel as nib
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -28,13 +26,14 @@ from PIL import Image
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError
 from mcs_batch.io.display import to_display
-from mcs_batch.io.storage import StorageOptions, fetch_bytes, filesystem_for, join
+from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.io.volume import plane
-from mcs_batch.records import CaseKind, CaseRecord, slice_axis_for
+from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.reader import job_config_of_run, read_mask, record_of
+from mcs_batch.records import slice_axis_for
 from mcs_batch.stages.load import load_chunk
 from mcs_batch.train.weak.config import WeakConfig
 from mcs_batch.train.weak.select import agreement, slice_drop_reason
-from mcs_batch.yaml_config import load as load_dataclass
 
 MAPPING_SCHEMA = pa.schema(
     [
@@ -47,44 +46,12 @@ MAPPING_SCHEMA = pa.schema(
         pa.field("mask_pixels", pa.int64()),
     ]
 )
-RECORD_COLUMNS = ["case_id", "kind", "source_uris", "source_keys", "status", "modality", "shape", "spacing_mm",
-                  "affine", "series_uid", "study_uid", "run_id", "target", "tiny_models", "prompts"]  # fmt: skip
-
-
 def raw_folder(cfg: WeakConfig) -> str:
     return join(cfg.work, "nnUNet_raw", cfg.dataset_name)
 
 
 def identifier(case_id: str, k: int) -> str:
     return f"{case_id}_{k:05d}"
-
-
-def record_of(row: dict) -> CaseRecord:
-    """A loadable CaseRecord from a catalog cases row. The catalog keeps DICOM series files in slice
-    order, so file i holds slice i."""
-    record = CaseRecord.from_row({k: v for k, v in row.items() if k in RECORD_COLUMNS and v is not None})
-    if record.kind == CaseKind.DICOM_SERIES and record.slice_index is None:
-        record.slice_index = list(range(len(record.source_uris)))
-    return record
-
-
-def job_config_of_run(source: str, run_id: str | None, storage: StorageOptions | None) -> JobConfig:
-    """The segmentation job's config (slice axis, window) from OUT/runs/<run_id>.json; defaults when absent."""
-    if run_id:
-        fs, root = filesystem_for(join(source, "runs", f"{run_id}.json"), storage)
-        try:
-            document = json.loads(fs.cat_file(root))
-            return load_dataclass(JobConfig, tree=document["config"])
-        except (FileNotFoundError, KeyError, ValueError):
-            pass
-    return JobConfig()
-
-
-def read_mask(uri: str, storage: StorageOptions | None) -> np.ndarray:
-    """uint8 [I, J, K] of a catalog mask (.nii.gz)."""
-    fs, _ = filesystem_for(uri, storage)
-    data = fetch_bytes(fs, uri)
-    return np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(data)).dataobj, dtype=np.uint8)
 
 
 def png(array: np.ndarray) -> bytes:
@@ -104,7 +71,7 @@ def export_cases(cases: list[dict], slices: dict[str, list[dict]], *, cfg: WeakC
     for case in cases:
         run_id = case.get("run_id") or ""
         if run_id not in configs:
-            configs[run_id] = job_config_of_run(cfg.source, run_id, storage)
+            configs[run_id] = job_config_of_run(Catalog(cfg.source, storage=storage), run_id)
         job = configs[run_id]
         record = record_of(case)
         axis = slice_axis_for(record, job.slice_axis)
@@ -183,8 +150,6 @@ CASES_PER_TASK, TASKS_IN_FLIGHT = 8, 4
 
 
 def _slice_info(source: str, target: str, case_ids: set[str], storage: StorageOptions | None) -> dict:
-    from mcs_batch.outputs.catalog import Catalog
-
     table = Catalog(source, storage=storage).slices(["case_id", "target", "slice_index", "sam_score", "boxes_xyxy"])
     out: dict[str, list[dict]] = {}
     for row in table.to_pylist():

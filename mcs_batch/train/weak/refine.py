@@ -36,14 +36,14 @@ from mcs_batch.io.display import display_shape, slice_count, to_stored
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.io.volume import place
 from mcs_batch.outputs.assemble import mask_volume_ml
-from mcs_batch.outputs.catalog import Catalog
-from mcs_batch.outputs.lease import WriterLease
+from mcs_batch.outputs.catalog import REPLACES, Catalog
+from mcs_batch.outputs.lease import RunHeartbeat
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
+from mcs_batch.outputs.reader import job_config_of_run, record_of
 from mcs_batch.records import slice_axis_for
 from mcs_batch.stages.load import load_chunk
 from mcs_batch.train.weak.config import WeakConfig
 from mcs_batch.train.weak.ensemble import read_ensemble
-from mcs_batch.train.weak.export import job_config_of_run, record_of
 from mcs_batch.train.weak.files import write_bytes
 from mcs_batch.train.weak.uncertainty import case_uncertainty, score_slice
 
@@ -58,7 +58,7 @@ ZERO_SHOT_ONLY = ("n_slices_empty_saliency", "sam_score_mean", "saliency_mean", 
 def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_id: str, storage) -> dict:
     """One zero-shot case row -> its refined case row (mask written) and slice rows."""
     record = record_of(row)
-    job = job_config_of_run(cfg.source, row.get("run_id"), storage)
+    job = job_config_of_run(catalog, row.get("run_id"))
     axis = slice_axis_for(record, job.slice_axis)
     mask = np.zeros(display_shape(record), np.uint8)  # the job's display grid (io/display.py)
     fs = filesystem_for(record.source_uris[0], storage)[0]
@@ -139,34 +139,37 @@ def _failed(row: dict, cfg: WeakConfig, run_id: str, code, message: str) -> dict
 
 
 def cases_to_refine(catalog: Catalog, cfg: WeakConfig, case_ids: list[str] | None = None) -> list[dict]:
-    """The zero-shot rows of the target (status ok) whose refined pair is not committed yet."""
-    done = {c for (c, t), status in catalog.committed().items() if t == cfg.refined_target and status == "ok"}
+    """The zero-shot rows of the target (status ok) whose refined pair is not committed ok yet; a row
+    whose refined pair failed before names that row's run (`_replaces`): its new row replaces it."""
+    refined = catalog.cases(["case_id", "target", "status", "run_id"]).to_pylist()
+    done = {r["case_id"] for r in refined if r["target"] == cfg.refined_target and r["status"] == "ok"}
+    failed = {r["case_id"]: r["run_id"] for r in refined if r["target"] == cfg.refined_target and r["status"] != "ok"}
     rows = [r for r in catalog.cases().to_pylist() if r["target"] == cfg.target and r["status"] == "ok"]
     wanted = set(case_ids) if case_ids else None
-    return [r for r in rows if r["case_id"] not in done and (wanted is None or r["case_id"] in wanted)]
+    return [{**r, REPLACES: failed.get(r["case_id"])} for r in rows
+            if r["case_id"] not in done and (wanted is None or r["case_id"] in wanted)]  # fmt: skip
 
 
 def refine(cfg: WeakConfig, *, storage: StorageOptions | None = None, case_ids: list[str] | None = None,
            progress: Callable[[str], None] = print, commit_every: int = 16) -> dict:  # fmt: skip
     """Refine the cases of cfg.target in cfg.source with the ensemble in cfg.work; returns the summary.
-    Takes the writer lease of cfg.source (LeaseHeld while a segment job writes there)."""
+    Commits beside any segment job writing cfg.source (the catalog takes concurrent writers)."""
     cfg.check_required()
     ensemble = read_ensemble(cfg.work, storage)  # ConfigError before any work when there is none
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-refine-" + uuid.uuid4().hex[:6]
     catalog = Catalog(cfg.source, storage=storage, owner=run_id)
-    lease = WriterLease(catalog, run_id)  # one writer per OUT: a segment job and a refinement never interleave
-    lease.acquire(progress=progress)
-    catalog.lease = lease
+    catalog.check_writable()
+    heartbeat = RunHeartbeat(catalog, run_id)
+    heartbeat.start()
     try:
-        catalog.repair(live=run_id)
-        return _refine_leased(cfg, catalog, run_id, ensemble, storage=storage, case_ids=case_ids,
-                              progress=progress, commit_every=commit_every)  # fmt: skip
+        return _refine(cfg, catalog, run_id, ensemble, storage=storage, case_ids=case_ids,
+                       progress=progress, commit_every=commit_every)  # fmt: skip
     finally:
-        catalog.end_staging(run_id)
-        lease.release()
+        catalog.remove_staging(run_id)
+        heartbeat.stop()
 
 
-def _refine_leased(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, storage, case_ids, progress,
+def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, storage, case_ids, progress,
                    commit_every: int) -> dict:  # fmt: skip
     import ray
 
@@ -176,6 +179,7 @@ def _refine_leased(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dic
              f"-> target {cfg.refined_target}")  # fmt: skip
     counts = {"ok": 0, "failed": 0}
     uncertainty_rows: list[dict] = []
+    versions: dict[str, dict[str, int]] = {}  # table -> the first and last version this run committed
     if rows:
         items = [{"case_json": json.dumps(r, default=str)} for r in rows]
         data = ray.data.from_items(items).map_batches(
@@ -188,21 +192,30 @@ def _refine_leased(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dic
             batch_format="numpy",
         )
         pending_cases, pending_slices, seq = [], [], 0
+        replaces = {r["case_id"]: r[REPLACES] for r in rows}
+
+        def commit() -> None:
+            result = catalog.commit(run_id, seq, pending_cases, pending_slices)
+            for table, version in (result.versions or {}).items():
+                versions.setdefault(table, {"first": version})["last"] = version
+
         for item in data.iter_rows():
             result = json.loads(str(item["result"]))
             case_row = result["case_row"]
             case_row["committed_at"] = datetime.now(UTC).isoformat()
+            case_row[REPLACES] = replaces.get(case_row["case_id"])
             counts[case_row["status"]] = counts.get(case_row["status"], 0) + 1
             uncertainty_rows.append({k: case_row.get(k) for k in ("case_id", "status", "uncertainty",
                                                                   "uncertainty_spread", "mask_voxels")})  # fmt: skip
             pending_cases.append(case_row)
             pending_slices.extend(result["slice_rows"])
             if len(pending_cases) >= commit_every:
-                catalog.commit(run_id, seq, pending_cases, pending_slices)
+                commit()
                 pending_cases, pending_slices, seq = [], [], seq + 1
         if pending_cases:
-            catalog.commit(run_id, seq, pending_cases, pending_slices)
-    summary = {"run_id": run_id, "kind": "refine", "source": cfg.source, "target": cfg.target,
+            commit()
+    summary = {"run_id": run_id, "kind": "refine", "status": "succeeded", "tables": versions,
+               "source": cfg.source, "target": cfg.target,
                "refined_target": cfg.refined_target, "work": cfg.work, "threshold": cfg.refine.threshold,
                "members": [m["file"] for m in ensemble["members"]], "ensemble_config_hash": ensemble["config_hash"],
                "cases": counts, "uncertainty": uncertainty_rows, "started_at": started,
