@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/report_bench.py [--cases 100000] [--parts-of 256]
 
-Writes a synthetic catalog (committed through `Catalog.commit`, parts of 256 cases like the job's):
+Writes a synthetic catalog (committed through `Catalog.commit`, commits of 256 cases like the job's):
 every row is a distinct case with its own metrics (sizes, SAM scores, saliency, 2% failures over
 five codes), and all of them point at a few real sources and masks (PNGs, a DICOM series, a NIfTI:
 tests/report/cohort.py), so the thumbnails decode real images. Then times `write_report` and prints
@@ -48,7 +48,6 @@ def build(folder: Path, cases: int, parts_of: int) -> str:
                            saliency_mean=float(rng.beta(2, 8)), saliency_max=float(rng.beta(8, 2)))  # fmt: skip
             rows.append(row)
         catalog.commit("bench", seq, rows, [])
-    catalog.end_staging("bench")
     return out
 
 
