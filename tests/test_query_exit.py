@@ -29,6 +29,7 @@ def fill(out: str, storage: StorageOptions | None) -> None:
     catalog = Catalog(out, storage=storage)
     for seq in range(COMMITS):
         rows = [{"case_id": f"c{seq:02d}{i}", "target": "lungs", "status": "ok" if i else "failed", "run_id": "r1",
+                 "kind": "png", "source_uris": [f"s3://archive/{seq}/{i}.png"], "source_keys": [f"{seq}/{i}.png"],
                  "mask_voxels": i, "error_code": None if i else "truncated"} for i in range(3)]  # fmt: skip
         slices = [{"case_id": r["case_id"], "target": "lungs", "slice_index": k, "run_id": "r1"}
                   for r in rows for k in range(2)]  # fmt: skip

@@ -213,7 +213,10 @@ class Catalog:
         wanted = columns or SLICES_SCHEMA.names
         table = self.read(SLICES, list(dict.fromkeys([*wanted, *keys])), version=version)
         committed = self.read(CASES, keys, version=version)
-        return table.join(committed, keys=keys, join_type="left semi").select(wanted)
+        # joined on the keys alone (Arrow's join carries no nested columns, such as boxes), then taken
+        rows = table.select(keys).append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        kept = np.sort(rows.join(committed, keys=keys, join_type="left semi").column("_row").to_numpy())
+        return table.take(pa.array(kept, pa.int64())).select(wanted)
 
     def evaluation(self, columns: list[str] | None = None, *, version: int | str | None = None) -> pa.Table:
         return self.read(EVALUATION, columns, version=version)

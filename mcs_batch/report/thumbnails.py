@@ -53,6 +53,8 @@ def slices_to_show(mask_display: np.ndarray, axis: int) -> list[tuple[str, int]]
 def case_views(row: dict, job: JobConfig, *, storage: StorageOptions | None) -> list[SliceView]:
     """The slices to show of a catalog cases row (DETAIL_COLUMNS) with its mask. Raises CaseError,
     OSError or ValueError when the source or the mask cannot be read."""
+    if not row.get("mask_uri"):
+        raise ValueError(f"{row['case_id']}: its row names no mask file")
     record = record_of(row)
     axis = slice_axis_for(record, job.slice_axis)
     mask = to_display(read_mask(row["mask_uri"], storage), record) > 0

@@ -81,7 +81,9 @@ def mask_contents(out: Path) -> dict[Path, bytes]:
             for p in (out / "masks").rglob("*.*")}  # fmt: skip
 
 
-@pytest.mark.parametrize("kill", ["sigkill_at_random", "slices_committed"])
+# the named steps of a commit are killed one by one in tests/outputs/test_commit_protocol.py; here one
+# in CI (a SIGKILL at a random moment of a real job), the job killed at a named step in the slow tests
+@pytest.mark.parametrize("kill", ["sigkill_at_random", pytest.param("slices_committed", marks=pytest.mark.slow)])
 def test_a_killed_driver_leaves_readers_consistent_and_the_next_run_completes(tmp_path: Path, kill, uninterrupted):
     cohort = small_cohort(tmp_path / "in", n_images=14)
     out = tmp_path / "out"
