@@ -32,9 +32,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import yaml
+from deltalake import DeltaTable
 
 from mcs_batch.testdata.sample import build_sample_archive
 
@@ -284,7 +284,7 @@ def test_the_shipped_rayjob_entrypoint_runs_through_the_jobs_api(ray_head, tmp_p
     ended = [text for text in scraped if "mcs_batch_job_running 0.0" in text]  # scraped during the linger
     assert ended and "mcs_batch_job_failed 0.0" in ended[-1], "the final values were not served after the job"
 
-    cases = pd.read_parquet(out / "catalog" / "cases")
+    cases = DeltaTable(str(out / "catalog" / "cases")).to_pandas()  # as a curator reads it
     assert sorted(k.split("/")[0] for k in cases["source_keys"].map(lambda keys: keys[0])) == [
         "ct_series", "phantom_ct"]  # fmt: skip
     assert len(cases) == len(inputs) and set(cases["target"]) == {"lungs"}  # one row per (case, target)
