@@ -13,7 +13,8 @@ the bench's clock: a bench night lasts seconds, so "a week" is seven of them.
 At the nights of `--measure` it prints, after the night's commits: the files under catalog/ and
 index/ (data files and log entries) before and after compaction and vacuum; the grouper's start-up
 read (Catalog.committed_state into CommittedPairs, in a fresh process); and the time and peak memory of
-a GROUP BY and of a cases-slices join through `mcs-batch query` (each in a fresh process).
+a GROUP BY and of a cases-slices join through `mcs-batch query` (each in a fresh process; peaks are
+the processes' VmHWM: ru_maxrss of a child carries its parent's peak over fork and exec on Linux).
 
 The issue's year is 365 nights x 200 commits of 50 cases; the default here is 10x fewer commits per
 night (20), which this 2-core machine runs in about an hour: say so when quoting the figures.
@@ -46,18 +47,18 @@ QUERIES = {
                          "GROUP BY 1 ORDER BY n DESC LIMIT 5",
 }  # fmt: skip
 QUERY_CHILD = (
-    "import json, resource, sys, time; from mcs_batch.io.storage import StorageOptions; "
+    "import json, sys, time; from mcs_batch.io.storage import StorageOptions; "
     "from mcs_batch.query import query_arrow; s = json.loads(sys.argv[3]); start = time.perf_counter(); "
     "query_arrow(sys.argv[1], sys.argv[2], storage=StorageOptions(**s) if s else None); "
     "print(json.dumps({'s': time.perf_counter() - start, "
-    "'mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    "'mb': int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024}))"
 )  # fmt: skip
 STARTUP_CHILD = (
-    "import json, resource, sys, time; from mcs_batch.io.storage import StorageOptions; "
+    "import json, sys, time; from mcs_batch.io.storage import StorageOptions; "
     "from mcs_batch.outputs.catalog import Catalog, CommittedPairs; s = json.loads(sys.argv[2]); "
     "start = time.perf_counter(); pairs = CommittedPairs(Catalog(sys.argv[1], storage=StorageOptions(**s) if s else "
     "None).committed_state(), max_attempts=3); print(json.dumps({'s': time.perf_counter() - start, 'pairs': len(pairs),"
-    " 'mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    " 'mb': int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024}))"
 )  # fmt: skip
 
 
@@ -120,13 +121,15 @@ def measure(night: int, out: str, storage: StorageOptions | None, storage_json: 
     vacuum(catalog, index=index_uri, retention_hours=None, masks=False)
     files_after = {"catalog": count_files(join(out, "catalog"), storage), "index": count_files(index_uri, storage)}
     active = sum(file_counts(catalog, index=index_uri).values())
+    writer_mb = int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0]) / 1024
     startup = in_child(STARTUP_CHILD, out, storage_json)
     queries = {name: in_child(QUERY_CHILD, out, sql, storage_json) for name, sql in QUERIES.items()}
     print(f"night {night}: {startup['pairs']} pairs; files catalog/ {files_before['catalog']} -> "
           f"{files_after['catalog']}, index/ {files_before['index']} -> {files_after['index']} (before -> after "
           f"compaction and vacuum; {active} data files in the current versions, the rest kept for a week of time "
           f"travel); grouper start-up read {startup['s']:.2f} s ({startup['mb']:.0f} MB peak); "
-          + "; ".join(f"{n} {q['s']:.2f} s ({q['mb']:.0f} MB peak)" for n, q in queries.items()), flush=True)
+          + "; ".join(f"{n} {q['s']:.2f} s ({q['mb']:.0f} MB peak)" for n, q in queries.items())
+          + f"; this committing process's peak {writer_mb:.0f} MB", flush=True)
 
 
 def start_moto() -> tuple[subprocess.Popen, StorageOptions]:

@@ -29,9 +29,9 @@ QUERIES = {
     "cases-slices join": "SELECT c.case_id, count(*) FROM cases c JOIN slices s USING (case_id) GROUP BY 1 LIMIT 5",
 }
 CHILD = (
-    "import json, resource, sys, time; from mcs_batch.query import query_arrow; start = time.perf_counter(); "
+    "import json, sys, time; from mcs_batch.query import query_arrow; start = time.perf_counter(); "
     "query_arrow(sys.argv[1], sys.argv[2]); print(json.dumps({'s': time.perf_counter() - start, "
-    "'mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))"
+    "'mb': int(open('/proc/self/status').read().split('VmHWM:')[1].split()[0]) / 1024}))"
 )
 
 
