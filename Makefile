@@ -7,7 +7,12 @@ STAMP := $(VENV)/.installed-stamp
 export HF_HUB_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-slow lint bench venv clean
+.PHONY: demo test test-slow lint bench venv clean sysdeps
+
+# Validators the tests run (Debian packages: `tool:package`), installed with apt where missing.
+# As root in CI and containers; through sudo elsewhere.
+SYSTEM_TOOLS := dciodvfy:dicom3tools promtool:prometheus
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 venv: $(STAMP)
 
@@ -21,11 +26,20 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/mcs-batch demo --out demo-out
 
-test: $(STAMP)
+sysdeps:
+	@missing=""; for pair in $(SYSTEM_TOOLS); do \
+	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing (apt)"; \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+test: $(STAMP) sysdeps
 	$(VENV)/bin/ruff check mcs_batch tests bench jobs
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) sysdeps
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
