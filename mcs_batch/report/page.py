@@ -203,7 +203,7 @@ def render(out: str, numbers: Counts, plots: list[Plot], shown: list[Shown], *, 
     tiny = ""
     if numbers.tiny_pairs:
         tiny = (f'<p class="tiny" id="tiny-models">TINY RANDOM MODELS: {numbers.tiny_pairs:,} of {numbers.pairs:,} '
-                "pair(s) were segmented with tiny random models; their masks are meaningless.</p>")  # fmt: skip
+                "pair(s) come from runs with tiny random models; their masks are meaningless.</p>")  # fmt: skip
     outliers = [s for s in shown if s.pick.outlier]
     sampled = [s for s in shown if not s.pick.outlier]
     notes = [f"{_e(s.pick.case_id)} ({_e(s.pick.target)}): {_e(s.problem)}" for s in shown if s.problem]

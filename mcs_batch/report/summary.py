@@ -35,7 +35,7 @@ class Counts:
     by_kind: list[tuple[str, int, int]]  # (kind, pairs, cases)
     by_target: list[tuple[str, dict[str, int]]]  # (target, status -> pairs)
     reasons: list[tuple[str, str, int, str]]  # (status, error code, pairs, an example message)
-    tiny_pairs: int  # pairs made with tiny random models
+    tiny_pairs: int  # pairs from runs with tiny random models (their failures too)
 
 
 @dataclass(frozen=True)

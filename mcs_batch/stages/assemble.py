@@ -213,7 +213,7 @@ def assemble_case(case: dict, cfg: JobConfig, catalog: Catalog, run_id: str, sto
     slices = case.get("slices") or (_read_parts(case["parts"], storage) if case["parts"] else {})
     error = failed_from_slices(slices)
     status = status_of(record, error)
-    tiny = any(bool(r.get("models_tiny")) for r in slices.values())
+    tiny = cfg.models.tiny or any(bool(r.get("models_tiny")) for r in slices.values())  # the run's, failures too
     case_rows, slice_rows = [], []
     case_failed = status == Status.FAILED
     seg_sources = _SegSources(record, storage) if cfg.outputs.dicom_seg and record.kind in SEG_KINDS else None

@@ -251,6 +251,7 @@ def test_the_report_of_a_real_job_with_tiny_models(tmp_path: Path, capsys):
     from mcs_batch.query import query
 
     src = write_inputs(tmp_path)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)  # fails before any model sees it
     out = tmp_path / "out"
     cfg = load_config(preset="tiny", prompts=["a bright lesion"], target=TARGET, overrides=[
         f"inputs.uris={json.dumps([str(src)])}", f"outputs.uri={json.dumps(str(out))}",
@@ -269,4 +270,5 @@ def test_the_report_of_a_real_job_with_tiny_models(tmp_path: Path, capsys):
     shown = {c for _, c, _ in page.figures}
     assert shown and shown <= {c for c, _ in ids}
     assert {k for c, k in ids if c in shown} == {"image", "dicom_series", "nifti"}  # 7 ok cases: all shown
-    assert "TINY RANDOM MODELS: 7 of 7 pair(s)" in " ".join(page.text)
+    assert by_status and {s for s, _, _ in by_status} == {"ok", "failed"}
+    assert "TINY RANDOM MODELS: 8 of 8 pair(s) come from runs with tiny" in " ".join(page.text)  # the failure too
