@@ -6,7 +6,8 @@ Several jobs (and refinements) write one OUT at once: their commits go through t
 (outputs/delta.py), and no OUT-wide lease stands between them. What needs to know which runs are alive
 is the clean-up that follows a crash: the staging folder of a dead run is removed and its run record
 closed as failed (`sweep`, at every job's start), and vacuum keeps the masks a live run may still
-commit. A run beats every `heartbeat_s`; it is dead once it released its file, once its process is
+commit. A run beats every `heartbeat_s` and removes its file when it ends; it is dead once its file is
+gone or marked released, once its process is
 gone (same host: the pid is checked), or once its heartbeat is older than `ttl_s` (another host).
 """
 
@@ -83,13 +84,19 @@ class RunHeartbeat:
                 continue
 
     def stop(self) -> None:
-        """Released: the run is over (its file stays, saying so, until the next sweep removes it)."""
+        """The run is over: its file is removed, so OUT/locks holds the heartbeats of running jobs only
+        (one the store failed to remove is marked released, and the next job's sweep removes it)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):
-            self._document.update(released=True, released_at=_now())
-            self._write()
+        try:
+            self.catalog.fs.rm(self.path)
+        except FileNotFoundError:
+            pass
+        except Exception:
+            with contextlib.suppress(Exception):
+                self._document.update(released=True, released_at=_now())
+                self._write()
 
 
 def heartbeats(catalog) -> dict[str, dict]:

@@ -143,6 +143,8 @@ def run_job(
     if not cfg.inputs.uris:
         raise ConfigError("inputs.uris: no inputs given")
     run_id = new_run_id()
+    top_prefixes(cfg.inputs.uris, storage=storage)  # missing, unreachable or overlapping inputs: before OUT is
+    # touched (a job that cannot read its inputs leaves no trace there)
     catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)
     catalog.check_writable()  # an unmigrated, newer or unwritable catalog: one line, nothing written
     heartbeat = RunHeartbeat(catalog, run_id)
@@ -189,7 +191,6 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
         "resources": resources.to_dict(),
         "attempts": [],
     }
-    top_prefixes(cfg.inputs.uris, storage=storage)  # missing or overlapping inputs: before the run record
     metrics = JobMetrics(cfg.outputs.metrics_port, cfg.outputs.metrics_linger_seconds)  # a port in use stops
     # the job before its run record
     summary.run_uri = catalog.write_run(run_id, document)

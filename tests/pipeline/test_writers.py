@@ -131,6 +131,13 @@ def test_a_killed_driver_leaves_readers_consistent_and_the_next_run_completes(tm
 
 def test_an_unwritable_out_a_busy_metrics_port_or_no_gpu_is_one_line_and_leaves_no_running_record(tmp_path: Path):
     cohort = small_cohort(tmp_path / "in", n_images=1)
+    with socket.socket() as closed:  # an object store nothing answers at
+        closed.bind(("127.0.0.1", 0))
+        nowhere = StorageOptions(endpoint_url=f"http://127.0.0.1:{closed.getsockname()[1]}", key="k", secret="s")
+    unreachable = job([cohort], tmp_path / "out", tmp_path, 'inputs.uris=["s3://archive/chest"]')
+    with pytest.raises(ConfigError, match="s3://archive/chest: cannot list input"):
+        run_job(unreachable, storage=nowhere, **QUIET)
+    assert not (tmp_path / "out").exists()  # inputs it cannot read: OUT untouched, not even locks/
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(ConfigError, match="a-file/out: cannot write the output folder"):
         run_job(job([cohort], tmp_path / "a-file" / "out", tmp_path), **QUIET)
@@ -144,7 +151,9 @@ def test_an_unwritable_out_a_busy_metrics_port_or_no_gpu_is_one_line_and_leaves_
     with pytest.raises(ConfigError, match=r"resources.gpus=1 asks for GPUs, but the cluster has none after 1 s"):
         run_job(no_gpu, **QUIET)  # a CPU-only cluster: not model actors waiting for a GPU forever
     assert not (tmp_path / "out" / "runs").exists()  # stopped before its run record
+    assert not list((tmp_path / "out" / "locks").iterdir())  # and its heartbeat gone with it
     assert run_job(job([cohort], tmp_path / "out", tmp_path), **QUIET).cases == 2
+    assert not list((tmp_path / "out" / "locks").iterdir())  # locks/: running jobs only
 
 
 def test_the_retraining_trigger_is_recorded_and_never_fails_the_segmentation(tmp_path: Path):
