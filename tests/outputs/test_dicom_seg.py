@@ -26,6 +26,7 @@ from mcs_batch.outputs.dicom_seg import (
     Algorithm,
     SegRefused,
     build_segmentation,
+    patient_orientation,
     read_source_headers,
     safe_reason,
     seg_bytes,
@@ -212,6 +213,48 @@ def test_seg_of_a_2d_ultrasound_image(tmp_path):
     sop = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
     pixels = seg.get_pixels_by_source_instance([sop], segment_numbers=[1])
     np.testing.assert_array_equal(pixels[0, ..., 0].T, nifti_mask[:, :, 0])
+    raw = pydicom.dcmread(path)  # (values taken out first: a failing assert shows them, not the patient's header)
+    frame_of_reference, orientation = raw.get("FrameOfReferenceUID"), raw.get("PatientOrientation")
+    assert frame_of_reference is None and orientation == ""  # present and empty (unknown): the source's is empty
+
+
+def test_seg_of_a_cr_image_takes_the_sources_patient_orientation(tmp_path):
+    source = tmp_path / "cr.dcm"
+    shutil.copy(_data_store_file("RG1_UNCR.dcm"), source)  # pydicom-data's computed radiograph
+    record = _record([source])
+    assert record.kind == CaseKind.DICOM_IMAGE and record.shape == [1841, 1955, 1]
+    path, nifti_mask = _write(tmp_path, _mask(record, seed=5), record)
+    raw = pydicom.dcmread(path)
+    frame_of_reference, orientation = raw.get("FrameOfReferenceUID"), list(raw.get("PatientOrientation", []))
+    plane_orientation = raw.SharedFunctionalGroupsSequence[0].get("PlaneOrientationSequence")
+    assert frame_of_reference is None and plane_orientation is None
+    assert orientation == ["L", "F"]  # the source's: rows run to the patient's left, columns to the feet
+    sop = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    pixels = hd.seg.segread(path).get_pixels_by_source_instance([sop], segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[0, ..., 0].T, nifti_mask[:, :, 0])
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ({"PatientOrientation": ["L", "F"]}, ["L", "F"]),
+        ({"PatientOrientation": ["AP", "H"]}, None),  # A and P are opposites
+        ({"PatientOrientation": ["AL", "F"]}, ["AL", "F"]),  # oblique rows
+        ({"PatientOrientation": ["L", "F", "A"]}, None),
+        ({"PatientOrientation": ["L", "X"]}, None),
+        ({"PatientOrientation": ["LL", "F"]}, None),
+        ({"PatientOrientation": ""}, None),
+        ({}, None),
+        ({"PatientOrientation": ["L", "F"], "AnatomicalOrientationType": "QUADRUPED"}, None),
+        ({"PatientOrientation": ["L", "F"], "AnatomicalOrientationType": "BIPED"}, ["L", "F"]),
+    ],
+    ids=["LF", "opposites", "oblique", "three", "not_a_direction", "repeated", "empty", "absent", "quadruped", "biped"],
+)
+def test_patient_orientation_is_the_sources_when_it_is_a_bipeds_pair(header, expected):
+    source = pydicom.Dataset()
+    for keyword, value in header.items():
+        setattr(source, keyword, value)
+    assert patient_orientation(source) == expected
 
 
 def test_a_multiframe_without_positions_is_refused(tmp_path):
