@@ -254,14 +254,19 @@ def seg_bytes(seg: pydicom.Dataset) -> bytes:
 
 def safe_reason(error: BaseException, sources: Sequence[pydicom.Dataset] = ()) -> str:
     """`Type: message` of an error, with the values of the sources' patient attributes cut out."""
-    text = f"{type(error).__name__}: {error}"
+    return redact(f"{type(error).__name__}: {error}", sources)[:500]
+
+
+def redact(text: str, sources: Sequence[pydicom.Dataset]) -> str:
+    """`text` with the values of the sources' patient attributes (PATIENT_KEYWORDS), and their name
+    components, replaced by <redacted>: longest first, so a value inside another goes with it."""
+    pieces = set()
     for ds in sources:
         for keyword in PATIENT_KEYWORDS:
             value = ds.get(keyword)
             for part in value if isinstance(value, pydicom.multival.MultiValue) else [value]:
-                if part is None:
-                    continue
-                for piece in sorted({str(part).strip(), *str(part).split("^")}, key=len, reverse=True):
-                    if len(piece.strip()) >= 2:
-                        text = text.replace(piece.strip(), "<redacted>")
-    return text[:500]
+                if part is not None:
+                    pieces.update(piece.strip() for piece in [str(part), *str(part).split("^")])
+    for piece in sorted((p for p in pieces if len(p) >= 2), key=len, reverse=True):
+        text = text.replace(piece, "<redacted>")
+    return text
