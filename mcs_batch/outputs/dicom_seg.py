@@ -5,7 +5,9 @@ One SEG per (DICOM case, target), one segment (the target) in it:
   instance's SOP instance UID in its derivation (source image) reference and its plane position;
 - a multi-frame object: one SEG frame per source frame (frame n shows mask slice slice_index[n]);
   only objects whose frames carry patient positions (a volume), others are refused with SegRefused;
-- a 2D DICOM image: one frame.
+- a 2D DICOM image: one frame. Without a frame of reference (CR, DX, US, ...) the SEG has no plane
+  position or orientation, so its General Image module needs Patient Orientation (Type 2C): the
+  source's own value (same pixel grid), or empty (unknown) when the source has none that is usable.
 
 The mask arrives as the NIfTI mask does: uint8 [I, J, K] in the source's stored grid (i along a DICOM
 row, j down a column, k = slice order), so SEG frame n is `mask[:, :, k_n].T` ([rows, columns]).
@@ -53,6 +55,11 @@ PATIENT_KEYWORDS = (
 # dropped them (anonymised exports, synthetic series) get them empty rather than no SEG.
 _TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber", "StudyID",
                  "StudyDate", "StudyTime")  # fmt: skip
+
+
+# Patient Orientation letters of a biped (PS3.3 C.7.6.1.1.1): one to three per direction, no opposites.
+_BIPED_DIRECTION = re.compile(r"[APRLHF]{1,3}")
+_OPPOSITES = ({"A", "P"}, {"R", "L"}, {"H", "F"})
 
 
 class SegRefused(Exception):
@@ -124,6 +131,29 @@ def _check_sources(record: CaseRecord, sources: Sequence[pydicom.Dataset], frame
             raise SegRefused("multi-frame object without a frame of reference and per-frame positions")
 
 
+def patient_orientation(source: pydicom.Dataset) -> list[str] | None:
+    """The SEG's Patient Orientation (row direction, column direction) from its source's: the SEG frame
+    is the source's pixel grid, so the source's value holds as it is. None (an empty value, "unknown",
+    which the Type 2 attribute allows) when the source has none, a malformed one, or a quadruped's
+    (whose letters mean other directions unless Anatomical Orientation Type travels with them)."""
+    if str(source.get("AnatomicalOrientationType") or "BIPED").strip().upper() != "BIPED":
+        return None
+    value = source.get("PatientOrientation")
+    if not isinstance(value, pydicom.multival.MultiValue) or len(value) != 2:  # absent, empty or one value
+        return None
+    values = [str(v).strip() for v in value]
+    for v in values:
+        if not _BIPED_DIRECTION.fullmatch(v) or any(pair <= set(v) for pair in _OPPOSITES) or len(set(v)) < len(v):
+            return None
+    return values
+
+
+def _has_plane_orientation(seg: pydicom.Dataset) -> bool:
+    shared = seg.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence") or []
+    return any("PlaneOrientationSequence" in item for item in [*shared, *per_frame])
+
+
 def _code(code: Code):
     from highdicom.sr import CodedConcept
 
@@ -191,7 +221,7 @@ def build_segmentation(
     )
     description = "mcs-batch, TINY random models: meaningless" if tiny else "mcs-batch text-prompted segmentation"
     with _quiet():
-        return hd.seg.Segmentation(
+        seg = hd.seg.Segmentation(
             source_images=list(sources),
             pixel_array=frames if len(frames) > 1 else frames[0],
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
@@ -209,6 +239,9 @@ def build_segmentation(
             pixel_measures=hd.PixelMeasuresSequence(pixel_spacing=dy_dx, slice_thickness=thickness),
             omit_empty_frames=bool(frames.any()),  # all empty: every frame kept (none cannot be encoded)
         )
+    if not _has_plane_orientation(seg):  # no frame of reference: General Image's Type 2C condition holds
+        seg.PatientOrientation = patient_orientation(sources[0])  # highdicom leaves it out
+    return seg
 
 
 def seg_bytes(seg: pydicom.Dataset) -> bytes:
@@ -221,14 +254,19 @@ def seg_bytes(seg: pydicom.Dataset) -> bytes:
 
 def safe_reason(error: BaseException, sources: Sequence[pydicom.Dataset] = ()) -> str:
     """`Type: message` of an error, with the values of the sources' patient attributes cut out."""
-    text = f"{type(error).__name__}: {error}"
+    return redact(f"{type(error).__name__}: {error}", sources)[:500]
+
+
+def redact(text: str, sources: Sequence[pydicom.Dataset]) -> str:
+    """`text` with the values of the sources' patient attributes (PATIENT_KEYWORDS), and their name
+    components, replaced by <redacted>: longest first, so a value inside another goes with it."""
+    pieces = set()
     for ds in sources:
         for keyword in PATIENT_KEYWORDS:
             value = ds.get(keyword)
             for part in value if isinstance(value, pydicom.multival.MultiValue) else [value]:
-                if part is None:
-                    continue
-                for piece in sorted({str(part).strip(), *str(part).split("^")}, key=len, reverse=True):
-                    if len(piece.strip()) >= 2:
-                        text = text.replace(piece.strip(), "<redacted>")
-    return text[:500]
+                if part is not None:
+                    pieces.update(piece.strip() for piece in [str(part), *str(part).split("^")])
+    for piece in sorted((p for p in pieces if len(p) >= 2), key=len, reverse=True):
+        text = text.replace(piece, "<redacted>")
+    return text

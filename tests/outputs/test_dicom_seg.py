@@ -1,13 +1,16 @@
 """DICOM SEG output: read back with highdicom and pydicom, against the sources and the NIfTI mask.
 
 Real files, no mocks: pydicom's shipped CT series, a synthetic oblique series, an enhanced CT
-multi-frame and an ultrasound image (pydicom-data). Records come from the job's own discovery code.
+multi-frame, an ultrasound image and a computed radiograph (pydicom-data). Records come from the job's own
+discovery code. SEGs of each kind of source are checked with dicom3tools' `dciodvfy` (installed by
+`make test`): no errors, and no warnings the source itself does not give.
 """
 
 from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -26,7 +29,9 @@ from mcs_batch.outputs.dicom_seg import (
     Algorithm,
     SegRefused,
     build_segmentation,
+    patient_orientation,
     read_source_headers,
+    redact,
     safe_reason,
     seg_bytes,
     seg_uids,
@@ -212,6 +217,48 @@ def test_seg_of_a_2d_ultrasound_image(tmp_path):
     sop = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
     pixels = seg.get_pixels_by_source_instance([sop], segment_numbers=[1])
     np.testing.assert_array_equal(pixels[0, ..., 0].T, nifti_mask[:, :, 0])
+    raw = pydicom.dcmread(path)  # (values taken out first: a failing assert shows them, not the patient's header)
+    frame_of_reference, orientation = raw.get("FrameOfReferenceUID"), raw.get("PatientOrientation")
+    assert frame_of_reference is None and orientation == ""  # present and empty (unknown): the source's is empty
+
+
+def test_seg_of_a_cr_image_takes_the_sources_patient_orientation(tmp_path):
+    source = tmp_path / "cr.dcm"
+    shutil.copy(_data_store_file("RG1_UNCR.dcm"), source)  # pydicom-data's computed radiograph
+    record = _record([source])
+    assert record.kind == CaseKind.DICOM_IMAGE and record.shape == [1841, 1955, 1]
+    path, nifti_mask = _write(tmp_path, _mask(record, seed=5), record)
+    raw = pydicom.dcmread(path)
+    frame_of_reference, orientation = raw.get("FrameOfReferenceUID"), list(raw.get("PatientOrientation", []))
+    plane_orientation = raw.SharedFunctionalGroupsSequence[0].get("PlaneOrientationSequence")
+    assert frame_of_reference is None and plane_orientation is None
+    assert orientation == ["L", "F"]  # the source's: rows run to the patient's left, columns to the feet
+    sop = pydicom.dcmread(source, stop_before_pixels=True).SOPInstanceUID
+    pixels = hd.seg.segread(path).get_pixels_by_source_instance([sop], segment_numbers=[1])
+    np.testing.assert_array_equal(pixels[0, ..., 0].T, nifti_mask[:, :, 0])
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ({"PatientOrientation": ["L", "F"]}, ["L", "F"]),
+        ({"PatientOrientation": ["AP", "H"]}, None),  # A and P are opposites
+        ({"PatientOrientation": ["AL", "F"]}, ["AL", "F"]),  # oblique rows
+        ({"PatientOrientation": ["L", "F", "A"]}, None),
+        ({"PatientOrientation": ["L", "X"]}, None),
+        ({"PatientOrientation": ["LL", "F"]}, None),
+        ({"PatientOrientation": ""}, None),
+        ({}, None),
+        ({"PatientOrientation": ["L", "F"], "AnatomicalOrientationType": "QUADRUPED"}, None),
+        ({"PatientOrientation": ["L", "F"], "AnatomicalOrientationType": "BIPED"}, ["L", "F"]),
+    ],
+    ids=["LF", "opposites", "oblique", "three", "not_a_direction", "repeated", "empty", "absent", "quadruped", "biped"],
+)
+def test_patient_orientation_is_the_sources_when_it_is_a_bipeds_pair(header, expected):
+    source = pydicom.Dataset()
+    for keyword, value in header.items():
+        setattr(source, keyword, value)
+    assert patient_orientation(source) == expected
 
 
 def test_a_multiframe_without_positions_is_refused(tmp_path):
@@ -230,6 +277,7 @@ def test_error_reasons_carry_no_patient_values(tmp_path):
     reason = safe_reason(ValueError(f"patient {name} ({pid}) and {name.split('^')[0]} differ"), [header])
     assert name not in reason and pid not in reason and name.split("^")[0] not in reason
     assert reason.startswith("ValueError: patient <redacted>")
+    assert redact(f"PN [1] = <{pid}>", [header]) == "PN [1] = <<redacted>>"  # as the dciodvfy test prints reports
 
 
 def test_a_cases_table_without_seg_uri_reads_it_as_null_and_takes_it_on(tmp_path):
@@ -245,3 +293,86 @@ def test_a_cases_table_without_seg_uri_reads_it_as_null_and_takes_it_on(tmp_path
     catalog.commit("r2", 0, [{**row, "case_id": "c2", "run_id": "r2", "seg_uri": "file:///m.seg.dcm"}], [])
     rows = {r["case_id"]: r["seg_uri"] for r in catalog.cases(["case_id", "seg_uri"]).to_pylist()}
     assert rows == {"c1": None, "c2": "file:///m.seg.dcm"}
+
+
+def _ct_series(folder: Path) -> list[Path]:
+    shutil.copytree(PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N", folder)
+    return sorted(folder.iterdir())
+
+
+def _one_file(name: str, *, drop: tuple[str, ...] = ()):
+    def copy(folder: Path) -> list[Path]:
+        folder.mkdir()
+        ds = pydicom.dcmread(_data_store_file(name))
+        for keyword in drop:
+            delattr(ds, keyword)
+        ds.save_as(folder / name)
+        return [folder / name]
+
+    return copy
+
+
+# Sources of each kind the writer handles: test id -> maker of the source files in a folder.
+CONFORMANCE_SOURCES = {
+    "ct_series": _ct_series,  # pydicom's real CT series, 5 slices
+    "enhanced_ct_multiframe": _one_file("eCT_Supplemental.dcm"),
+    "cr_image": _one_file("RG1_UNCR.dcm"),  # Patient Orientation ["L", "F"], no frame of reference
+    "cr_image_without_patient_orientation": _one_file("RG1_UNCR.dcm", drop=("PatientOrientation",)),
+    "us_image": _one_file("US1_UNCR.dcm"),  # Patient Orientation empty, no frame of reference
+}
+
+
+def _dciodvfy(path: Path) -> list[str]:
+    """dciodvfy's report on one file, line by line (Error / Warning lines, and the IOD it checked against)."""
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        pytest.fail(
+            "dciodvfy not found: it is Debian's dicom3tools, which `make test` installs (the Makefile's sysdeps "
+            "target); or: apt-get install dicom3tools"
+        )
+    run = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=300, check=False)
+    return [line.strip() for line in (run.stdout + run.stderr).splitlines() if line.strip()]
+
+
+def _decoded(path: Path, record: CaseRecord) -> np.ndarray:
+    """uint8 [I, J, K]: the SEG's segment read back with highdicom, by source reference, onto the stored grid."""
+    seg = hd.seg.segread(path)
+    sops = [
+        pydicom.dcmread(u.removeprefix("file://"), stop_before_pixels=True).SOPInstanceUID for u in record.source_uris
+    ]
+    if record.kind == CaseKind.DICOM_MULTIFRAME:
+        numbers = list(range(1, len(record.slice_index) + 1))
+        frames = seg.get_pixels_by_source_frame(
+            sops[0], numbers, segment_numbers=[1], assert_missing_frames_are_empty=True
+        )
+    else:
+        frames = seg.get_pixels_by_source_instance(sops, segment_numbers=[1], assert_missing_frames_are_empty=True)
+    decoded = np.zeros(record.shape, np.uint8)
+    for frame, k in zip(
+        frames[..., 0], [0] if record.kind == CaseKind.DICOM_IMAGE else record.slice_index, strict=True
+    ):
+        decoded[:, :, k] = frame.T
+    return decoded
+
+
+@pytest.mark.parametrize("source", list(CONFORMANCE_SOURCES))
+def test_seg_passes_dciodvfy(tmp_path, source):
+    """dciodvfy finds no error in the SEG, and every warning it gives is one it gives on the sources too (a
+    value copied from them, such as a zero patient weight): none is the writer's. highdicom reads the SEG
+    back equal to the mask."""
+    paths = CONFORMANCE_SOURCES[source](tmp_path / "source")
+    record = _record(paths)
+    mask = _mask(record, seed=7)
+    assert mask.any()
+    path, nifti_mask = _write(tmp_path, mask, record)
+    np.testing.assert_array_equal(_decoded(path, record), nifti_mask)
+
+    report = _dciodvfy(path)
+    headers = read_source_headers(record.source_uris, storage=None)  # to redact the report's patient values
+    print(f"dciodvfy on the SEG of {source}:", *[redact(line, headers) for line in report], sep="\n  ")
+    assert "Segmentation" in report  # checked against the Segmentation IOD
+    errors = [redact(line, headers) for line in report if line.startswith("Error")]
+    assert errors == []
+    inherited = {line for p in paths for line in _dciodvfy(p) if line.startswith("Warning")}
+    own = [redact(line, headers) for line in report if line.startswith("Warning") and line not in inherited]
+    assert own == []
