@@ -7,6 +7,7 @@ an interrupted run exits 130; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import shutil
 import sys
@@ -369,12 +370,54 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_demo)
+    sub.add_parser("job", add_help=False, help="Ray's `ray job` client (submit, status, logs, stop, list): "
+                   "the same, with a missing or wrong token or an unreachable head in one line")  # fmt: skip
     add_train_commands(sub)
     add_eval_commands(sub)
     return parser
 
 
+def ray_job(argv: list[str]) -> int:
+    """`mcs-batch job ...`: Ray's own `ray job ...` client (same arguments, output and exit codes), except
+    that what stops the client before the head answers (no token, a wrong one, a head it cannot reach)
+    is one line naming the address and what to do, exit 2, not Ray's traceback."""
+    import click
+    from ray.exceptions import AuthenticationError
+    from ray.scripts.scripts import cli as ray_cli
+
+    address = next((v for k, v in itertools.pairwise(argv) if k == "--address"), None)
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS") or "the head"
+    try:
+        ray_cli.main(args=["job", *argv], prog_name="mcs-batch", standalone_mode=False)
+    except AuthenticationError as e:
+        reason = str(e).split("\n")[0].split(". ")[0].rstrip(".")
+        raise ConfigError(f"{address}: {reason}; give the cluster's token as RAY_AUTH_TOKEN (or a file named "
+                          "by RAY_AUTH_TOKEN_PATH) with RAY_AUTH_MODE=token: README, 'For ops'") from e  # fmt: skip
+    except RuntimeError as e:  # the SDK's answer to an HTTP error (no such job: 404)
+        if not str(e).startswith("Request failed with status code"):
+            raise
+        raise ConfigError(f"{address}: {str(e).splitlines()[0]}") from e
+    except ConnectionError as e:
+        reason = str(e).split("\n")[0]
+        raise ConfigError(f"{address}: cannot reach the Ray dashboard ({type(e).__name__}: {reason})") from e
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Abort:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["job"]:  # Ray's CLI parses its own arguments
+        try:
+            return ray_job(argv[1:])
+        except ConfigError as e:
+            print(f"mcs-batch: error: {e}", file=sys.stderr)
+            return EXIT_USAGE
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

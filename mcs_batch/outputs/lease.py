@@ -107,7 +107,7 @@ def heartbeats(catalog) -> dict[str, dict]:
     except FileNotFoundError:
         return {}
     out = {}
-    for path, data in (catalog.fs.cat(paths).items() if paths else ()):
+    for path, data in catalog.fs.cat(paths).items() if paths else ():
         try:
             record = json.loads(data)
         except ValueError:

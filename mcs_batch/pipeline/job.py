@@ -276,6 +276,15 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
     return summary
 
 
+# Said once per job, before the model pools start: Ray prints an error-level line for them that ops would
+# otherwise chase (core_worker.cc, once per driver).
+RAY_ACTOR_ARGS_NOTE = (
+    "note: Ray's 'E ... core_worker.cc ... has constructor arguments in the object store and max_restarts > 0' "
+    "line for the model pools is expected and harmless: Ray Data hands every restartable actor its arguments by "
+    "reference (ray-project/ray#53727), and this driver holds them for as long as the job runs"
+)
+
+
 class NodesLost(Exception):
     """Nodes that ran the attempt's work left the cluster (their actors cannot come back)."""
 
@@ -316,6 +325,8 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
              f"{resources.gpus:g} GPU(s)")  # fmt: skip
     if not waves:
         return "done"
+    if record["attempt"] == 1:
+        progress(RAY_ACTOR_ARGS_NOTE)
     nodes, since = _alive_nodes(), time.time()
     cases = cases_stream(
         waves, storage=storage, index_uri=index_uri, run_id=writer.run_id, committed_out=cfg.outputs.uri,
