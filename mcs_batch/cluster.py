@@ -1,9 +1,10 @@
 """Ray plumbing: connecting to a cluster (a running one when an address is given, else a local
-instance), and streaming re-blocking of Ray Data datasets."""
+instance), streaming re-blocking of Ray Data datasets, and stopping a dataset's execution."""
 
 from __future__ import annotations
 
 import logging
+import threading
 
 # How long the local instance keeps an idle worker process above its soft limit (one per CPU; Ray's
 # default is 1 s). The job's actors (models, grouper, Ray Data's helpers) keep a small node above that
@@ -73,3 +74,51 @@ def rechunk(ds, rows: int, *, num_cpus: float):
         ray_remote_args={"num_cpus": num_cpus},
     )
     return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
+
+
+STOP_KEY = "mcs_batch.stop"  # DataContext config key: the name of a dataset's stop event (`stoppable`)
+_STOP_EVENTS: dict[str, threading.Event] = {}  # name -> event; the driver's process, where executors run
+
+
+class ExecutionStopped(RuntimeError):
+    """A stoppable dataset's stop event was set: its execution ended here."""
+
+
+def stoppable(ds, stop: threading.Event, *, name: str):
+    """ds, whose execution fails with ExecutionStopped at the executor's next scheduling step once
+    `stop` is set: Ray Data then shuts it down (tasks cancelled, actors killed, pending ones too) and
+    the consumer's iteration raises. An iteration blocked on a stage that never starts (model actors
+    waiting for a GPU the cluster lacks) cannot be closed from another thread: this ends it.
+    name: unique per run (the event is found by it; forget it with `forget_stop`)."""
+    _STOP_EVENTS[name] = stop
+    ds.context.set_config(STOP_KEY, name)
+    if StopOnEvent not in ds.context.custom_execution_callback_classes:
+        ds.context.custom_execution_callback_classes.append(StopOnEvent)
+    return ds
+
+
+def forget_stop(name: str) -> None:
+    _STOP_EVENTS.pop(name, None)
+
+
+class StopOnEvent:
+    """A Ray Data execution callback (ray.data's ExecutionCallback interface, not subclassed so that
+    importing this module imports no Ray): raises in the executor's loop once its dataset's stop event
+    is set. A module-level class, so the DataContext that lists it pickles by reference. Reads the
+    executor's `_data_context` (Ray Data 2.60 passes no context to callbacks)."""
+
+    def before_execution_starts(self, executor) -> None:
+        pass
+
+    def on_execution_step(self, executor) -> None:
+        context = getattr(executor, "_data_context", None)
+        name = context.get_config(STOP_KEY) if context is not None else None
+        event = _STOP_EVENTS.get(name) if name else None
+        if event is not None and event.is_set():
+            raise ExecutionStopped(f"{name}: stopped")
+
+    def after_execution_succeeds(self, executor) -> None:
+        pass
+
+    def after_execution_fails(self, executor, error: Exception) -> None:
+        pass

@@ -1,16 +1,36 @@
 """Prometheus metrics of a job, served by the driver (prometheus-client) when a port is configured.
 
-    mcs_batch_cases_total{target, status, error_code}   (case, target) rows committed
-    mcs_batch_slices_total{stage}                        slices through load / saliency / sam
-    mcs_batch_stage_seconds_total{stage}                 time spent per stage, summed over slices
+    mcs_batch_cases_total{target, status, error_code}   (case, target) rows in this run's commits, counted
+                                                         when the commit lands
+    mcs_batch_slices_total{stage}                        slices through a stage, counted when their case is
+                                                         assembled; stage: load (decode, window), saliency
+                                                         (M2IB maps), sam (SAM masks). The prompts are made
+                                                         from the maps in the saliency actor and not timed
+    mcs_batch_stage_seconds_total{stage}                 seconds spent in a stage, summed over those slices
     mcs_batch_job_running                                1 while the job runs, 0 once it has ended
     mcs_batch_job_failed                                 1 once the job ended failed or aborted
-    mcs_batch_cases_in_flight                            cases planned and not yet committed
-    mcs_batch_last_commit_timestamp_seconds              when the last commit was published
-The counters move while the job runs (every commit). After the job the server keeps serving the final
-values for outputs.metrics_linger_seconds, so that a scrape every 15 s still sees how the job ended
-(`wait_for_lingering` holds a command-line process that long). The Grafana dashboard in infra/grafana
-and the alert rules in infra/prometheus/alerts.yml read these names.
+    mcs_batch_job_start_timestamp_seconds                when the job started (its metrics were set up)
+    mcs_batch_cases_planned                              cases the grouper has handed on this run, to be
+                                                         segmented or recorded (cases committed before and
+                                                         skipped are not planned; a case planned again after
+                                                         lost nodes counts again)
+    mcs_batch_cases_committed                            cases whose rows this run has committed
+    mcs_batch_cases_failed                               of those, cases with a failed row
+    mcs_batch_cases_in_flight                            cases planned and not yet committed: planned -
+                                                         committed - what stopped attempts dropped (planned
+                                                         again by the next); 0 once the job has ended
+    mcs_batch_last_commit_timestamp_seconds              when the last commit was published; 0 before the
+                                                         run's first commit (alerts on a job that never
+                                                         committed read the start timestamp)
+
+The queue gauges move while the job runs: planned (and so in flight) as the grouper releases cases
+(the driver reads the job board's count every pipeline/job.POLL_SECONDS), committed, failed and in
+flight at every commit. So a job stuck before its first commit (model actors that never start) shows
+its cases in flight, and infra/prometheus/alerts.yml's McsBatchNoProgress pages 20 minutes after its
+start. After the job the server keeps serving the final values for outputs.metrics_linger_seconds, so
+that a scrape every 15 s still sees how the job ended (`wait_for_lingering` holds a command-line
+process that long). The Grafana dashboard in infra/grafana and the alert rules in
+infra/prometheus/alerts.yml read these names.
 """
 
 from __future__ import annotations
@@ -43,10 +63,19 @@ class JobMetrics:
         )
         self.running = Gauge("mcs_batch_job_running", "1 while the job runs", registry=self.registry)
         self.failed = Gauge("mcs_batch_job_failed", "1 once the job ended failed or aborted", registry=self.registry)
+        self.started = Gauge("mcs_batch_job_start_timestamp_seconds", "when the job started", registry=self.registry)
+        self.cases_planned = Gauge("mcs_batch_cases_planned", "cases the grouper has handed on this run",
+                                   registry=self.registry)  # fmt: skip
+        self.cases_committed = Gauge("mcs_batch_cases_committed", "cases whose rows this run has committed",
+                                     registry=self.registry)  # fmt: skip
+        self.cases_failed = Gauge("mcs_batch_cases_failed", "committed cases with a failed row", registry=self.registry)
         self.in_flight = Gauge("mcs_batch_cases_in_flight", "cases planned, not yet committed", registry=self.registry)
         self.last_commit = Gauge(
-            "mcs_batch_last_commit_timestamp_seconds", "when the last commit was published", registry=self.registry
-        )
+            "mcs_batch_last_commit_timestamp_seconds", "when the last commit was published (0: none yet)",
+            registry=self.registry,
+        )  # fmt: skip
+        self._planned = self._committed = self._failed = self._dropped = 0  # cases, this run
+        self.started.set(time.time())
         self.running.set(1)
         self.server = None
         if port:
@@ -66,9 +95,30 @@ class JobMetrics:
             self.slices.labels(stage=stage).inc(n)
             self.stage_seconds.labels(stage=stage).inc(max(float(seconds), 0.0))
 
-    def committed(self, in_flight: int) -> None:
+    def planned(self, cases: int) -> None:
+        """The grouper has handed on `cases` cases this run so far (the job board's running total)."""
+        self._planned = max(self._planned, int(cases))
+        self._queue()
+
+    def committed(self, cases: int, failed: int) -> None:
+        """A commit landed with the rows of `cases` cases, `failed` of them with a failed row."""
+        self._committed += int(cases)
+        self._failed += int(failed)
         self.last_commit.set(time.time())
-        self.in_flight.set(in_flight)
+        self._queue()
+
+    def attempt_stopped(self) -> None:
+        """An attempt stopped (lost nodes) after committing what was assembled: the cases still in
+        flight are dropped, and the next attempt's grouper plans them again."""
+        self._dropped = self._planned - self._committed
+        self._queue()
+
+    def _queue(self) -> None:
+        self.cases_planned.set(self._planned)
+        self.cases_committed.set(self._committed)
+        self.cases_failed.set(self._failed)
+        # max: the board's count may trail a commit of cases it handed straight to the driver
+        self.in_flight.set(max(0, self._planned - self._committed - self._dropped))
 
     def close(self, failed: bool = False) -> None:
         """The job ended: final values set; the server stops now, or after the linger (in a thread)."""

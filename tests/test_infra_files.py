@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -379,6 +381,12 @@ def test_alert_rules_cover_failure_progress_and_idle_gpus_with_metrics_that_exis
         assert rule["labels"]["severity"] in ("page", "warn") and rule["annotations"]["summary"]
     for config in ("prometheus.yml", "prometheus-vm.yml"):
         assert yaml.safe_load((INFRA / "prometheus" / config).read_text())["rule_files"] == ["alerts.yml"]
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: `make sysdeps` installs it (Debian package prometheus)")
+    checked = subprocess.run([promtool, "check", "rules", str(INFRA / "prometheus" / "alerts.yml")],
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert checked.returncode == 0 and "SUCCESS: 4 rules found" in checked.stdout, checked.stdout + checked.stderr
     panels = json.loads((INFRA / "grafana" / "mcs-batch-dashboard.json").read_text())["panels"]
     joined = "\n".join(t["expr"] for p in panels for t in p["targets"])
     assert "mcs_batch_stage_seconds_total" in joined and "mcs_batch_cases_in_flight" in joined  # latency, queue

@@ -35,3 +35,41 @@ def test_no_port_no_server():
     assert metrics.server is None
     metrics.case("t", "ok", None)  # counting still works
     metrics.close()
+
+
+def test_queue_gauges_follow_planning_commits_and_stopped_attempts():
+    port = free_port()
+    metrics = JobMetrics(port)
+    try:
+        before = scrape_text(port)
+        metrics.planned(7)  # the grouper handed on 7 cases; nothing committed yet
+        planned = scrape_text(port)
+        metrics.committed(2, failed=1)
+        committed = scrape_text(port)
+        metrics.planned(9)
+        metrics.attempt_stopped()  # 7 planned and not committed are dropped, planned again by the next attempt
+        stopped = scrape_text(port)
+        metrics.planned(12)  # ... which planned 3 of them again
+        replanned = scrape_text(port)
+    finally:
+        metrics.close()
+    assert sample(before, "mcs_batch_cases_in_flight") == 0
+    assert sample(before, "mcs_batch_last_commit_timestamp_seconds") == 0  # no commit yet
+    assert sample(before, "mcs_batch_job_start_timestamp_seconds") > 0
+    assert sample(planned, "mcs_batch_cases_planned") == 7 and sample(planned, "mcs_batch_cases_in_flight") == 7
+    assert sample(committed, "mcs_batch_cases_committed") == 2 and sample(committed, "mcs_batch_cases_failed") == 1
+    assert sample(committed, "mcs_batch_cases_in_flight") == 5
+    assert sample(committed, "mcs_batch_last_commit_timestamp_seconds") >= sample(
+        before, "mcs_batch_job_start_timestamp_seconds"
+    )
+    assert sample(stopped, "mcs_batch_cases_in_flight") == 0
+    assert sample(replanned, "mcs_batch_cases_planned") == 12 and sample(replanned, "mcs_batch_cases_in_flight") == 3
+
+
+def scrape_text(port: int) -> str:
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+
+def sample(text: str, name: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])

@@ -6,7 +6,9 @@ the device its model runs on). The driver polls it for its progress line and wri
 record. It holds counters and one small record per actor: nothing that grows with the archive.
 
 It also passes the grouper's cases that have nothing to segment (skipped, failed at the scan) straight
-to the driver, which takes them every POLL_SECONDS: they never queue behind images for the model actors.
+to the driver, which takes them every POLL_SECONDS: they never queue behind images for the model actors;
+with them, how many cases the grouper has planned (the driver's queue gauges, telemetry.py), so that a
+job whose model actors never start still shows its cases in flight.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ class JobBoard:
     def add_unsegmented(self, case_jsons: list[str]) -> None:
         self._unsegmented.extend(case_jsons)
 
-    def take_unsegmented(self) -> list[str]:
-        """What the grouper left since the last call (the driver's poll: bounded by its pace)."""
+    def poll(self) -> tuple[int, list[str]]:
+        """The driver's poll: the cases the grouper has planned so far (scan_progress's `cases`, which
+        the grouper reports before it hands any of them on), and the case_json of the cases with
+        nothing to segment it left since the last call (bounded by the driver's pace)."""
         taken, self._unsegmented = self._unsegmented, []
-        return taken
+        return self.scan["cases"], taken
 
     def scan_progress(self, delta: dict) -> None:
         for key in self.scan:

@@ -158,6 +158,7 @@ class CaseGrouper:
         else:
             self._flush_index()
         kept = self._not_committed(out, delta)
+        self._report(delta)  # counted planned before any of them reaches the driver (board.poll)
         if self.divert:
             to_board = [case_row(r, 0, done, old)["case_json"] for r, done, old in kept if r.status != Status.OK]
             kept = [(r, done, old) for r, done, old in kept if r.status == Status.OK]
@@ -165,7 +166,6 @@ class CaseGrouper:
                 import ray
 
                 ray.get(self.board.add_unsegmented.remote(to_board))
-        self._report(delta)
         return self._table(kept)
 
     def _take(self, row: dict, out: list[CaseRecord]) -> None:

@@ -27,6 +27,7 @@ from importlib import metadata
 from mcs_batch.archive.board import start_board
 from mcs_batch.archive.listing import list_archive, top_prefixes
 from mcs_batch.archive.source import cases_stream
+from mcs_batch.cluster import forget_stop, stoppable
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import ConfigError
 from mcs_batch.faults import crash_hook
@@ -136,9 +137,12 @@ def run_job(
     retry_failed: bool = False,
     progress: Callable[[str], None] = print,
     stages: ModelStages | None = None,
+    stop: threading.Event | None = None,
 ) -> JobSummary:
     """Run the job on the current Ray cluster (ray.init() must have been called). Other jobs may write
-    the same OUT at once: each pair is committed once (outputs/catalog.py)."""
+    the same OUT at once: each pair is committed once (outputs/catalog.py). stop: set by the caller (a
+    long-lived process, a test), the job stops within POLL_SECONDS as an attempt that lost nodes does
+    (its actors killed, what is assembled committed) and ends `aborted`."""
     start = time.perf_counter()
     if not cfg.inputs.uris:
         raise ConfigError("inputs.uris: no inputs given")
@@ -155,12 +159,12 @@ def run_job(
     catalog.crash_hook = crash_hook(cfg.testing, lambda: catalog.commits)
     try:
         return _run(cfg, catalog, run_id, start, storage=storage, retry_failed=retry_failed, progress=progress,
-                    stages=stages)  # fmt: skip
+                    stages=stages, stop=stop)  # fmt: skip
     finally:
         heartbeat.stop()
 
 
-def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages) -> JobSummary:
+def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages, stop) -> JobSummary:
     """The job, once its heartbeat beats."""
     import ray
 
@@ -210,6 +214,7 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
                 cfg, resources, writer, board, board_name, storage=storage, index_uri=index_uri,
                 staging=join(staging, f"attempt-{attempt}"), stages=stages or ModelStages(),
                 progress=progress, start=start, record=record, document=document, retry_failed=retry_failed,
+                metrics=metrics, stop=stop,
             )  # fmt: skip
             if outcome == "done":
                 break
@@ -235,6 +240,7 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
         except Exception as e:  # the record must be written whatever happened
             snapshot = {"error": f"{type(e).__name__}: {e}"}
         ray.kill(board)
+        forget_stop(board_name)
         fake = [a for a in snapshot.get("actors") or () if a.get("gpu_ids") and not a.get("cuda_available")]
         if fake:
             progress(f"{len(fake)} model actor(s) were given GPU(s) by Ray but CUDA is not available on their "
@@ -289,6 +295,20 @@ class NodesLost(Exception):
     """Nodes that ran the attempt's work left the cluster (their actors cannot come back)."""
 
 
+class JobStopped(Exception):
+    """The caller set run_job's stop event."""
+
+
+def _poll_board(board, writer: CaseWriter, metrics: JobMetrics) -> None:
+    """The grouper's count of planned cases into the queue gauges; its cases with nothing to segment
+    into the writer."""
+    import ray
+
+    planned, unsegmented = ray.get(board.poll.remote(), timeout=60)
+    metrics.planned(planned)
+    writer.add_unsegmented(unsegmented)
+
+
 def _pools(r: Resolved) -> str:
     if r.together:
         return f"{r.models.max_actors} actor(s) with M2IB and SAM"
@@ -302,7 +322,7 @@ def _alive_nodes() -> set[str]:
 
 
 def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, staging, stages, progress, start,
-             record, document, retry_failed=False) -> str | set[str]:  # fmt: skip
+             record, document, metrics, retry_failed=False, stop=None) -> str | set[str]:  # fmt: skip
     """One pass over the archive: "done", or the ids of the nodes lost meanwhile.
 
     A lost node's model actors cannot restart while the remaining GPUs are taken, and their batches
@@ -310,8 +330,6 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
     flight), what was assembled is committed, and the job plans again on the remaining cluster.
     Committed cases are skipped by the next attempt, as by a next run.
     """
-    import ray
-
     waves = list_archive(
         cfg.inputs.uris, storage=storage, include=cfg.inputs.include, exclude=cfg.inputs.exclude,
         wave_objects=cfg.inputs.wave_objects, index_uri=index_uri, staging_uri=join(staging, "waves"),
@@ -337,6 +355,8 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
     )  # fmt: skip
     rows = build_pipeline(cases, cfg, resources, storage=storage, staging_uri=join(staging, "parts"),
                           run_id=writer.run_id, board=board_name, stages=stages)  # fmt: skip
+    if stop is not None:
+        rows = stoppable(rows, stop, name=board_name)
     last_progress = last_check = last_take = time.monotonic()
     lost: set[str] = set()
     try:
@@ -348,7 +368,9 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
             now = time.monotonic()
             if now - last_take >= POLL_SECONDS:
                 last_take = now
-                writer.add_unsegmented(ray.get(board.take_unsegmented.remote(), timeout=60))
+                _poll_board(board, writer, metrics)
+            if stop is not None and stop.is_set():
+                raise JobStopped
             if now - last_progress >= PROGRESS_SECONDS:
                 last_progress = now
                 _progress_line(progress, writer, board, start, objects)
@@ -360,13 +382,18 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
     except NodesLost:
         _stop_attempt(board, since)
     except Exception:
+        if stop is not None and stop.is_set():  # JobStopped here, or ExecutionStopped from Ray Data
+            _stop_attempt(board, since)
+            writer.abandon_in_flight()  # what is assembled is committed
+            raise JobAborted("stopped by its caller (run_job's stop event)") from None
         if not (nodes - _alive_nodes()):
             raise
         lost = nodes - _alive_nodes()  # the attempt failed because nodes went away: plan again
         _stop_attempt(board, since)
-    writer.add_unsegmented(ray.get(board.take_unsegmented.remote(), timeout=60))  # what the grouper left last
+    _poll_board(board, writer, metrics)  # what the grouper left last
     if lost:
         writer.abandon_in_flight()
+        metrics.attempt_stopped()
         record["lost_nodes"] = sorted(lost)
         return lost
     writer.drain()

@@ -30,6 +30,7 @@ from mcs_batch.io.storage import StorageOptions
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.schema import SLICES_SCHEMA
 from mcs_batch.pipeline.resources import Resolved
+from mcs_batch.records import Status
 from mcs_batch.stages.assemble import STAGE_TIMES, assemble_cases, assemble_isolated
 from mcs_batch.telemetry import JobMetrics
 
@@ -240,7 +241,6 @@ class CaseWriter:
         s = self.summary
         for row in case["case_rows"]:
             self.case_rows.append(row)
-            self.metrics.case(row["target"], row["status"], row.get("error_code"))
             s.by_status[row["status"]] = s.by_status.get(row["status"], 0) + 1
             if row.get("error_code"):
                 s.by_error[row["error_code"]] = s.by_error.get(row["error_code"], 0) + 1
@@ -287,7 +287,10 @@ class CaseWriter:
             self.summary.replaced += result.replaced
             for table, version in (result.versions or {}).items():
                 self.versions.setdefault(table, {"first": version})["last"] = version
-            self.metrics.committed(len(self.pending) + len(self.ready) + len(self.inflight))
+            for row in rows:
+                self.metrics.case(row["target"], row["status"], row.get("error_code"))
+            failed = {r["case_id"] for r in rows if r["status"] == Status.FAILED}
+            self.metrics.committed(len(part), len(failed))
             if self.first_commit_at is None:
                 self.first_commit_at = time.time()
             self.seq += 1
