@@ -78,11 +78,48 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _weights_pins(models) -> dict[str, tuple[str, str | dict | None]]:
+    """{"clip" | "sam": (URI, pinned digest(s) in the form `weights.verify` takes)} of a ModelsConfig."""
+    clip_pin = {"open_clip_pytorch_model.bin": models.clip_sha256} if models.clip_sha256 else None
+    return {"clip": (models.clip, clip_pin), "sam": (models.sam, models.sam_sha256)}
+
+
+def cmd_weights_mirror(args: argparse.Namespace, cfg) -> int:
+    """`weights prefill --from PREFIX` (the pods' init step) and `weights mirror --to PREFIX`: the config's
+    weights between models.cache_dir and a mirror in object storage, without loading any model."""
+    from mcs_batch.io.storage import protocol_of
+    from mcs_batch.models.weights_mirror import mirror, prefill
+
+    prefix = args.from_ if args.action == "prefill" else args.to
+    if not prefix:
+        raise ConfigError(
+            f"weights {args.action}: {'--from' if args.action == 'prefill' else '--to'} PREFIX is required"
+        )
+    storage = storage_options(args)
+    options = storage.fsspec_kwargs(protocol_of(prefix))
+    cache_dir = Path(os.path.expanduser(cfg.models.cache_dir))
+    for name, (uri, pin) in _weights_pins(cfg.models).items():
+        if args.action == "prefill":
+            done = prefill(uri, mirror=prefix, cache_dir=cache_dir, storage_options=options, expected=pin)
+            said = f"copied {done.copied} file(s) from {done.source}/" if done.copied else "in the cache already"
+            record = done.record
+        else:
+            source_options = storage.fsspec_kwargs(protocol_of(uri))
+            record, target = mirror(uri, to=prefix, cache_dir=cache_dir, storage_options=options,
+                                    source_storage_options=source_options, expected=pin)  # fmt: skip
+            said = f"mirrored to {target}/"
+        print(f"{name:5s} {uri}  {said}  sha256:{record.digest}{'  (pinned, verified)' if pin else ''}")
+    return EXIT_OK
+
+
 def cmd_weights(args: argparse.Namespace) -> int:
-    from mcs_batch.models.registry import load_models
     from mcs_batch.models.weights import verify
 
     cfg = _config(args)
+    if args.action in ("prefill", "mirror"):
+        return cmd_weights_mirror(args, cfg)
+    from mcs_batch.models.registry import load_models
+
     models = load_models(cfg.models, storage=storage_options(args))
     for name, record in sorted(models.weights.items()):
         for file, digest in sorted(record.files.items()):
@@ -190,13 +227,16 @@ def cmd_catalog(args: argparse.Namespace) -> int:
         return EXIT_OK
     catalog = Catalog(args.out, storage=storage)
     if not catalog.exists():
-        raise ConfigError(f"catalog: {args.out}: no catalog here (expected catalog/cases; run `mcs-batch segment` "
-                          "first)")
+        raise ConfigError(
+            f"catalog: {args.out}: no catalog here (expected catalog/cases; run `mcs-batch segment` first)"
+        )
     if args.action == "compact":
         catalog.check_writable()
         for name, r in maintenance.compact(catalog, index=args.index or join(args.out, "index")).items():
-            print(f"{name}: {r['files_before']} -> {r['files_after']} data file(s), version {r['version']}"
-                  + (f", {r['orphans_deleted']} orphan slice row(s) deleted" if r["orphans_deleted"] else ""))
+            print(
+                f"{name}: {r['files_before']} -> {r['files_after']} data file(s), version {r['version']}"
+                + (f", {r['orphans_deleted']} orphan slice row(s) deleted" if r["orphans_deleted"] else "")
+            )
     elif args.action == "vacuum":
         catalog.check_writable()
         if args.retention_hours is not None and args.retention_hours < 0:
@@ -300,8 +340,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_args(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("weights", help="fetch model weights into the cache, or verify their digests")
-    p.add_argument("action", choices=["fetch", "verify"])
+    p = sub.add_parser("weights", help="fetch model weights into the cache, verify their digests, or copy them "
+                                       "between the cache and a mirror in object storage")  # fmt: skip
+    p.add_argument("action", choices=["fetch", "verify", "mirror", "prefill"],
+                   help="fetch: download into models.cache_dir; verify: check the pinned digests; mirror: fetch, "
+                        "then copy the cache entries to --to PREFIX; prefill: copy them from --from PREFIX into "
+                        "models.cache_dir (no internet needed; a no-op for entries already there)")  # fmt: skip
+    p.add_argument("--from", dest="from_", metavar="PREFIX", help="prefill: the mirror, e.g. s3://BUCKET/models/")
+    p.add_argument("--to", metavar="PREFIX", help="mirror: where to write it, e.g. s3://BUCKET/models/")
     _add_model_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_weights, prompt=None, target=None)

@@ -4,7 +4,7 @@ authentication, segments a sample archive and commits every case.
 A Ray head of this test's own (`ray start --head --block` in a subprocess: its own temp dir, ports and
 token; stopped through the PIDs it started, never `ray stop`, which would stop every Ray on the host).
 The job is `ray job submit --working-dir <repo> -- <entrypoint>`, the entrypoint parsed from
-infra/kuberay/rayjob.yaml, so the two cannot drift. Only these values differ from the manifest:
+infra/kuberay/base/rayjob.yaml, so the two cannot drift. Only these values differ from the manifest:
 - the site's slots, which the manifest ships as placeholders: inputs.uris and outputs.uri (a local
   sample archive and a temporary OUT);
 - what this machine lacks or shares: no GPU (resources.gpus=0 instead of the GPU pool's 4), no
@@ -40,9 +40,9 @@ from deltalake import DeltaTable
 from mcs_batch.testdata.sample import build_sample_archive
 
 REPO = Path(__file__).resolve().parents[1]
-RAYJOB = REPO / "infra" / "kuberay" / "rayjob.yaml"
+RAYJOB = REPO / "infra" / "kuberay" / "base" / "rayjob.yaml"
 VENV_BIN = Path(sys.executable).parent  # the head runs this environment's python and `ray`
-SITE_KEYS = ("inputs.uris", "outputs.uri")  # what a site fills in (infra/README.md)
+SITE_KEYS = ("inputs.uris", "outputs.uri")  # the entrypoint's site slots (ARCHIVE_URIS, RESULTS_URI in site.env)
 START_TIMEOUT_S = 120
 JOB_TIMEOUT_S = 300
 

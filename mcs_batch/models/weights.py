@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 HF_HUB_PREFIX = "hf-hub:"
 TINY_URIS = {"tiny": "tiny", "tiny:tiny": "tiny", "tiny:base": "base"}
 _CHUNK = 1 << 20
-_MANIFEST = ".mcs_batch_download.json"  # in each cache entry: uri, pid, time, kind
+MANIFEST = ".mcs_batch_download.json"  # in each cache entry: uri, pid, time, kind
 
 
 class WeightsError(ConfigError):
@@ -203,6 +203,13 @@ def fetch(
     return record
 
 
+def is_cached(uri: str) -> bool:
+    """Whether `fetch` keeps the weights of `uri` in a cache entry (tiny, hf-hub:, any remote scheme);
+    local files and folders are used in place."""
+    uri = str(uri).strip()
+    return uri in TINY_URIS or uri.startswith(HF_HUB_PREFIX) or _scheme(uri) not in ("", "file", "local")
+
+
 def _scheme(uri: str) -> str:
     match = re.match(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://", uri)
     return match.group(1).lower() if match else ""
@@ -222,7 +229,7 @@ def cache_key(uri: str) -> str:
     return f"{scheme or 'local'}-{name.strip('-.') or 'x'}-{hashlib.sha256(uri.encode()).hexdigest()[:16]}"
 
 
-def _materialise(uri: str, cache_dir: Path, download) -> tuple[Path, dict]:
+def materialise(uri: str, cache_dir: Path, download) -> tuple[Path, dict]:
     """(cache entry, its manifest) for `uri`; download(tmp_dir) runs once per node, under a file lock.
 
     download may return a dict of facts to keep in the entry's manifest (e.g. {"file": name}).
@@ -241,7 +248,7 @@ def _materialise(uri: str, cache_dir: Path, download) -> tuple[Path, dict]:
         try:
             logger.info("%s: downloading into %s", uri, entry)
             manifest = {"uri": uri, "pid": os.getpid(), "downloaded_at": time.time(), **(download(tmp) or {})}
-            (tmp / _MANIFEST).write_text(json.dumps(manifest) + "\n")
+            (tmp / MANIFEST).write_text(json.dumps(manifest) + "\n")
             os.replace(tmp, entry)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -250,7 +257,7 @@ def _materialise(uri: str, cache_dir: Path, download) -> tuple[Path, dict]:
 
 def _read_manifest(entry: Path) -> dict:
     try:
-        return json.loads((entry / _MANIFEST).read_text())
+        return json.loads((entry / MANIFEST).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -278,7 +285,7 @@ def _fetch_tiny(uri: str, cache_dir: Path) -> Path:
         write_tiny_biomedclip(tmp, seed=0, size=size)
         point_text_tower_at(tmp, entry)  # the folder's final place, after os.replace
 
-    return _materialise(uri, cache_dir, write)[0]
+    return materialise(uri, cache_dir, write)[0]
 
 
 def _fetch_hf_hub(uri: str, cache_dir: Path) -> Path:
@@ -301,7 +308,7 @@ def _fetch_hf_hub(uri: str, cache_dir: Path) -> Path:
             ) from e
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
 
-    return _materialise(uri, cache_dir, download)[0]
+    return materialise(uri, cache_dir, download)[0]
 
 
 def _fetch_fsspec(uri: str, cache_dir: Path, storage_options: dict) -> Path:
@@ -335,7 +342,7 @@ def _fetch_fsspec(uri: str, cache_dir: Path, storage_options: dict) -> Path:
                 raise WeightsError(f"{uri}: download of {remote} failed ({type(e).__name__}: {e})") from e
         return {"file": name} if is_file else {}
 
-    entry, manifest = _materialise(uri, cache_dir, download)
+    entry, manifest = materialise(uri, cache_dir, download)
     return entry / manifest["file"] if manifest.get("file") else entry
 
 
