@@ -11,7 +11,7 @@ from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import RunHeartbeat, heartbeats, live_runs, sweep
 
 
-def test_a_run_beats_while_it_runs_and_says_when_it_has_ended(tmp_path: Path):
+def test_a_run_beats_while_it_runs_and_its_file_goes_when_it_has_ended(tmp_path: Path):
     catalog = Catalog(str(tmp_path))
     beat = RunHeartbeat(catalog, "run-a", heartbeat_s=0.05)
     beat.start()
@@ -22,7 +22,8 @@ def test_a_run_beats_while_it_runs_and_says_when_it_has_ended(tmp_path: Path):
     assert heartbeats(catalog)["run-a"]["heartbeat_at"] > first  # it beats
     assert set(live_runs(catalog, ttl_s=60)) == {"run-a"}
     beat.stop()
-    assert live_runs(catalog, ttl_s=60) == {} and heartbeats(catalog)["run-a"]["released"]
+    assert live_runs(catalog, ttl_s=60) == {} and heartbeats(catalog) == {}  # OUT/locks: running jobs only
+    assert not list((tmp_path / "locks").iterdir())
 
 
 def test_the_sweep_removes_what_dead_runs_left_and_never_touches_a_live_one(tmp_path: Path):
