@@ -33,6 +33,7 @@ def read(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow  # two trainings: 319 s on 2 shared cores under load (the other test: one training)
 @pytest.mark.usefixtures("ray_local")
 def test_cases_added_to_the_catalog_start_a_new_training_and_the_same_labels_reuse_it(tmp_path: Path):
     out, work = tmp_path / "out", tmp_path / "work"
