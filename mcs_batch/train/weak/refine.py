@@ -46,6 +46,7 @@ from mcs_batch.stages.load import load_chunk
 from mcs_batch.train.weak.config import WeakConfig
 from mcs_batch.train.weak.ensemble import read_ensemble
 from mcs_batch.train.weak.files import write_bytes
+from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
 from mcs_batch.train.weak.uncertainty import case_uncertainty, score_moments
 
 SLICES_PER_READ = 16
@@ -101,10 +102,9 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
 class RefineActor:
     """Ray Data actor: loads the ensemble once; batches of case rows (JSON) -> refined rows (JSON)."""
 
-    def __init__(self, cfg: WeakConfig, storage: StorageOptions | None, run_id: str):
+    def __init__(self, cfg: WeakConfig, storage: StorageOptions | None, run_id: str, device: str = "cpu"):
         from mcs_batch.train.weak.ensemble import EnsemblePredictor
 
-        device = "cuda" if cfg.run.use_gpu else "cpu"
         self.predictor = EnsemblePredictor(cfg.work, storage=storage, max_members=cfg.refine.max_checkpoints,
                                            device=device, scratch_dir=cfg.run.scratch_dir)  # fmt: skip
         self.cfg, self.storage, self.run_id = cfg, storage, run_id
@@ -177,8 +177,9 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
 
     rows = cases_to_refine(catalog, cfg, case_ids)
     started = time.time()
+    resources = resolve_weak_resources(cfg, weak_cluster_view())
     progress(f"refining {len(rows)} case(s) of {cfg.target} with {len(ensemble['members'])} checkpoint(s) "
-             f"-> target {cfg.refined_target}")  # fmt: skip
+             f"-> {cfg.refined_target} ({resources.refine_actors} actor(s), {resources.refine_device})")  # fmt: skip
     counts = {"ok": 0, "failed": 0}
     uncertainty_rows: list[dict] = []
     versions: dict[str, dict[str, int]] = {}  # table -> the first and last version this run committed
@@ -186,10 +187,10 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
         items = [{"case_json": json.dumps(r, default=str)} for r in rows]
         data = ray.data.from_items(items).map_batches(
             RefineActor,
-            fn_constructor_kwargs={"cfg": cfg, "storage": storage, "run_id": run_id},
-            compute=ray.data.ActorPoolStrategy(size=cfg.refine.actors),
+            fn_constructor_kwargs={"cfg": cfg, "storage": storage, "run_id": run_id, "device": resources.refine_device},
+            compute=ray.data.ActorPoolStrategy(size=resources.refine_actors),
             num_cpus=cfg.refine.cpus_per_actor,
-            num_gpus=1 if cfg.run.use_gpu else 0,
+            num_gpus=resources.refine_gpus_per_actor,
             batch_size=cfg.refine.batch_cases,
             batch_format="numpy",
         )
@@ -221,6 +222,7 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
                "refined_target": cfg.refined_target, "work": cfg.work, "threshold": cfg.refine.threshold,
                "members": [m["file"] for m in ensemble["members"]], "ensemble_config_hash": ensemble["config_hash"],
                "cases": counts, "uncertainty": uncertainty_rows, "started_at": started,
+               "resources": resources.to_dict(),
                "seconds": round(time.time() - started, 1)}  # fmt: skip
     catalog.write_run(run_id, summary)
     if uncertainty_rows:
