@@ -14,7 +14,6 @@ seed + k, and WORK/ensemble/ensemble.json lists them with their sha256 (train._w
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 from pathlib import Path
 
@@ -111,17 +110,19 @@ def write_random_ensemble(work: str | Path, *, members: int, image_size: int, ba
     (preprocessed / "dataset.json").write_text(json.dumps(DATASET_JSON, indent=1))
     folder = work / "ensemble"
     folder.mkdir(parents=True, exist_ok=True)
-    listed, parameters = [], 0
+    network = build_network(plans)
+    parameters = sum(p.numel() for p in network.parameters())
+    listed = []
     for k in range(members):
         torch.manual_seed(seed + k)
-        network = build_network(plans)
-        parameters = sum(p.numel() for p in network.parameters())
-        buffer = io.BytesIO()
-        torch.save({name: t.detach().cpu() for name, t in network.state_dict().items()}, buffer)
+        network.apply(network.initialize)  # nnU-Net's initialisation (He), as when it builds the network
         name = f"member{k:02d}.pt"
-        (folder / name).write_bytes(buffer.getvalue())
-        listed.append({"file": name, "sha256": hashlib.sha256(buffer.getvalue()).hexdigest()})
-        del network, buffer
+        torch.save({key: t.detach().cpu() for key, t in network.state_dict().items()}, folder / name)
+        digest = hashlib.sha256()
+        with open(folder / name, "rb") as f:
+            while chunk := f.read(8 * 2**20):
+                digest.update(chunk)
+        listed.append({"file": name, "sha256": digest.hexdigest()})
     document = {
         "format": 1, "config_hash": "random", "dataset": DATASET, "configuration": CONFIGURATION,
         "trainer": "nnUNetTrainer", "plans": str(preprocessed / "nnUNetPlans.json"),
