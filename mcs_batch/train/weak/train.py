@@ -42,6 +42,7 @@ from mcs_batch.train.weak.files import download_folder, exists, read_bytes, sha2
 from mcs_batch.train.weak.identity import SELECTION_FILE, TrainingPlan, plan_training
 from mcs_batch.train.weak.loop import CONFIGURATION, STATE_FILE, ensemble_folder, member_loop, preprocessed_folder
 from mcs_batch.train.weak.nnunet_env import PREPROCESSED, RAW, NnunetStage, nnunet_environment
+from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
 
 PREPARED_FILE = "mcs_batch_prepared.json"
 DECISION_FILE = "training.json"  # the latest decision: a new training or a reused one
@@ -86,14 +87,16 @@ def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
         if done is not None and done.get("identity") == identity:
             progress(f"run {cfg.run.name} under {cfg.work} is already trained ({len(done['members'])} checkpoints)")
             return {**done, "decision": plan.record(), "seconds": round(time.perf_counter() - start, 1)}
-    _prepare(cfg, storage, progress, identity)
+    resources = resolve_weak_resources(cfg, weak_cluster_view())
+    _prepare(cfg, storage, progress, identity, resources.plan_processes)
     if resume is None:
         _clear(ensemble_folder(cfg), storage)  # members of an older run under this WORK
     else:
         progress(f"resuming run {cfg.run.name} after epoch {resume.get('epoch')}")
-    summaries = _fit(cfg, storage, config_hash)
+    summaries = _fit(cfg, storage, config_hash, resources.augmentation_processes)
     ensemble = _write_ensemble(cfg, storage, plan, summaries)
     ensemble["seconds"] = round(time.perf_counter() - start, 1)
+    ensemble["resources"] = resources.to_dict()
     progress(f"ensemble of {len(ensemble['members'])} checkpoint(s) written to {ensemble_folder(cfg)}")
     return ensemble
 
@@ -132,28 +135,31 @@ def _write_decision(cfg: WeakConfig, storage, plan: TrainingPlan) -> None:
     write_bytes(join(cfg.work, DECISION_FILE), json.dumps(document, indent=2).encode(), storage)
 
 
-def _prepare(cfg: WeakConfig, storage, progress, identity: str) -> None:
-    """nnU-Net fingerprint, plans and preprocessing (2d) in a Ray task; the result goes to WORK."""
+def _prepare(cfg: WeakConfig, storage, progress, identity: str, processes: int) -> None:
+    """nnU-Net fingerprint, plans and preprocessing (2d) in a Ray task, nnU-Net running `processes`
+    worker processes (-np / -npfp); the result goes to WORK."""
     import ray
 
     marker = _read_json(join(preprocessed_folder(cfg), PREPARED_FILE), storage)
     if marker and marker.get("identity") == identity:
         return
-    progress("nnU-Net planning and preprocessing (2d)")
+    progress(f"nnU-Net planning and preprocessing (2d, {processes} process(es))")
     _clear(preprocessed_folder(cfg), storage)
+    # One CPU reserved, the planner's processes beside it: a task asking for a node's every CPU would
+    # wait for good behind any actor holding one (planning runs before training, alone).
     task = ray.remote(num_cpus=1)(plan_and_preprocess)
-    ray.get(task.remote(cfg, storage, identity))
+    ray.get(task.remote(cfg, storage, identity, processes))
 
 
-def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identity: str) -> None:
+def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identity: str, processes: int = 1) -> None:
     """Ray task body: raw dataset from WORK -> scratch, nnU-Net's planner in a subprocess (its own
     environment, from nnunet_env), plans adjusted (train.base_features), preprocessed data -> WORK."""
     with tempfile.TemporaryDirectory(prefix="mcs-weak-plan-", dir=cfg.run.scratch_dir or None) as scratch:
-        env = nnunet_environment(scratch, stage=NnunetStage.PLAN)
+        env = nnunet_environment(scratch, stage=NnunetStage.PLAN, n_proc=processes)
         download_folder(raw_folder(cfg), Path(env[RAW]) / cfg.dataset_name, storage)
         code = ("from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
                 "plan_and_preprocess_entry()\n")  # fmt: skip
-        args = ["-d", str(cfg.export.dataset_id), "-c", CONFIGURATION, "-np", "1", "-npfp", "1",
+        args = ["-d", str(cfg.export.dataset_id), "-c", CONFIGURATION, "-np", str(processes), "-npfp", str(processes),
                 "--verify_dataset_integrity"]  # fmt: skip
         done = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True,
                               text=True, check=False)  # fmt: skip
@@ -174,14 +180,19 @@ def _shrink_network(plans_path: Path, base: int) -> None:
     plans_path.write_text(json.dumps(plans, indent=2))
 
 
-def _fit(cfg: WeakConfig, storage, config_hash: str) -> list[dict]:
+def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int) -> list[dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_filesystem = ray_train_storage(join(cfg.work, "checkpoints"), storage)
     trainer = TorchTrainer(
         member_loop,
-        train_loop_config={"cfg": cfg, "storage": storage, "config_hash": config_hash},
+        train_loop_config={
+            "cfg": cfg,
+            "storage": storage,
+            "config_hash": config_hash,
+            "augmentation_processes": augmentation_processes,  # nnUNet_n_proc_DA (resources.py)
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers,
             use_gpu=cfg.run.use_gpu,
