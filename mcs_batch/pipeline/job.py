@@ -227,7 +227,7 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
             raise RuntimeError(f"{len(writer.pending)} case(s) did not complete: {sorted(writer.pending)[:3]}")
         document["status"] = "succeeded"
         if cfg.weak.enabled:
-            document["weak_jobs"] = _submit_retraining(cfg, summary, progress)
+            document["weak_jobs"] = _submit_retraining(cfg, summary, progress, storage)
     except JobAborted as e:
         summary.aborted = str(e)
         document["status"] = "aborted"
@@ -464,10 +464,12 @@ def _duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def _submit_retraining(cfg: JobConfig, summary, progress) -> list[dict]:
+def _submit_retraining(cfg: JobConfig, summary, progress, storage: StorageOptions | None) -> list[dict]:
     """The weak-supervision trigger: one `train-weak --refine` Ray job per target, when this run
-    committed new ok cases. A failed submission is recorded and said, never a failed segmentation."""
-    from mcs_batch.train.weak.trigger import submit_after_segment
+    committed new ok cases, each recorded with what it will decide ("training": a new training and its
+    label counts, or the last one reused). A failed submission is recorded and said, never a failed
+    segmentation."""
+    from mcs_batch.train.weak.trigger import planned_training, submit_after_segment
 
     if not summary.by_status.get("ok"):
         progress("weak.enabled: no new ok case in this run, so no retraining was submitted")
@@ -476,12 +478,19 @@ def _submit_retraining(cfg: JobConfig, summary, progress) -> list[dict]:
     for target in cfg.targets:
         work = cfg.weak.work or join(cfg.outputs.uri, "weak", target.name)
         try:
+            training = planned_training(cfg.outputs.uri, target.name, work, config=cfg.weak.config or None,
+                                        overrides=cfg.weak.overrides, storage=storage)  # fmt: skip
+            progress(f"weakly supervised retraining of {target.name}: {training['decision']}")
+        except Exception as e:  # what it will do is information; the submission goes ahead
+            training = {"error": f"{type(e).__name__}: {e}"}
+        try:
             sid = submit_after_segment(cfg.outputs.uri, target.name, work, address=cfg.weak.address,
                                        config=cfg.weak.config or None, overrides=cfg.weak.overrides,
                                        refine=cfg.weak.refine)  # fmt: skip
-            jobs.append({"target": target.name, "work": work, "submission_id": sid})
+            jobs.append({"target": target.name, "work": work, "submission_id": sid, "training": training})
             progress(f"submitted weakly supervised retraining of {target.name} to {cfg.weak.address}: {sid}")
         except Exception as e:  # the segmentation is committed whatever happens here
-            jobs.append({"target": target.name, "work": work, "error": f"{type(e).__name__}: {e}"})
+            error = f"{type(e).__name__}: {e}"
+            jobs.append({"target": target.name, "work": work, "error": error, "training": training})
             progress(f"could not submit the retraining of {target.name} to {cfg.weak.address}: {e}")
     return jobs

@@ -72,7 +72,7 @@ def cmd_train_weak(args: argparse.Namespace) -> int:
         print(f"mcs-batch: error: {e}", file=sys.stderr)
         return EXIT_FAILED
     print(f"checkpoint ensemble of {len(ensemble['members'])} member checkpoint(s) in {cfg.work}/ensemble "
-          f"({ensemble['seconds']} s)")  # fmt: skip
+          f"({ensemble['seconds']} s; {ensemble['decision']['decision']})")  # fmt: skip
     if args.refine:
         return _run_refine(cfg, storage, case_ids=None)
     print(f"refine the masks with: mcs-batch refine --from {cfg.source} --target {cfg.target} --work {cfg.work}")

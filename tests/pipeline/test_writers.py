@@ -166,5 +166,10 @@ def test_the_retraining_trigger_is_recorded_and_never_fails_the_segmentation(tmp
     (entry,) = record["weak_jobs"]  # one target: one retraining job (nobody listens on port 9)
     assert entry["target"] == "lesion" and entry["work"] == str(tmp_path / "out" / "weak" / "lesion")
     assert "error" in entry and any("could not submit the retraining of lesion" in s for s in said)
+    training = entry["training"]  # what train-weak will decide: nothing trained under WORK yet
+    n = training["labels"]["total"]
+    assert training["reused"] is False and training["labels"]["new"] == n and len(training["identity"]) == 16
+    assert training["decision"] == f"new training: {n} labels ({n} new, 0 changed, 0 removed)"
+    assert f"weakly supervised retraining of lesion: {training['decision']}" in said
     with pytest.raises(ConfigError, match=r"weak\.address"):
         job([cohort], tmp_path / "out", tmp_path, "weak.enabled=true")

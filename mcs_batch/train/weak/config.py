@@ -20,6 +20,7 @@ from mcs_batch.errors import ConfigError
 from mcs_batch.faults import TestingConfig
 from mcs_batch.yaml_config import load, to_plain
 
+AUTO = "auto"  # resolved against the cluster when a run starts (resources.py)
 WEAK_SUFFIX = "@weak"  # refined masks are committed as target "<target>@weak" (never over the zero-shot ones)
 
 
@@ -115,8 +116,13 @@ class RunSettings:
     scratch_dir: str = ""  # node-local folder for nnU-Net's files (default: the system temp folder)
     checkpoint_every_epochs: int = 1  # resume points (and always after the last epoch)
     keep_checkpoints: int = 2  # resume points kept on storage (ensemble members are kept apart, all)
+    # nnUNet_n_proc_DA per worker: auto = run.cpus_per_worker - 1 (0 with one CPU: augmentation in the loop)
+    augmentation_processes: int | str = AUTO
+    plan_processes: int | str = AUTO  # nnU-Net's -np / -npfp: auto = the largest node's CPUs, at most 8
 
     def __post_init__(self):
+        _auto_or_count("run.augmentation_processes", self.augmentation_processes, 0)
+        _auto_or_count("run.plan_processes", self.plan_processes, 1)
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise ConfigError(f"run.name: {self.name!r} must be letters, digits, '-', '_' or '.'")
         if self.num_workers < 1 or self.max_failures < 0 or not self.cpus_per_worker > 0:
@@ -130,7 +136,8 @@ class RefineSettings:
     """The ensemble over a run's cases: mean foreground probability > threshold."""
 
     threshold: float = 0.2  # METHOD.md
-    actors: int = 1  # actor pool size
+    actors: int | str = AUTO  # actor pool size: auto = one per GPU with GPUs, else 1
+    gpus_per_actor: float | str = AUTO  # auto = 1 when the cluster has GPUs (or run.use_gpu), else 0 (CPU)
     cpus_per_actor: float = 0.5  # <= 0.5 on a 2-CPU machine (ENVIRONMENT.md: actor pools can starve reads)
     batch_cases: int = 4  # cases per actor call
     max_checkpoints: int = 0  # use only the newest this many members (0 = all)
@@ -138,8 +145,19 @@ class RefineSettings:
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
             raise ConfigError(f"refine.threshold: must be in (0, 1), got {self.threshold}")
-        if self.actors < 1 or self.batch_cases < 1 or self.max_checkpoints < 0 or not self.cpus_per_actor > 0:
-            raise ConfigError("refine: actors >= 1, batch_cases >= 1, max_checkpoints >= 0, cpus_per_actor > 0")
+        _auto_or_count("refine.actors", self.actors, 1)
+        if self.gpus_per_actor != AUTO and (
+            isinstance(self.gpus_per_actor, bool) or not isinstance(self.gpus_per_actor, int | float)
+            or self.gpus_per_actor < 0
+        ):  # fmt: skip
+            raise ConfigError(f"refine.gpus_per_actor: 'auto' or a number >= 0, got {self.gpus_per_actor!r}")
+        if self.batch_cases < 1 or self.max_checkpoints < 0 or not self.cpus_per_actor > 0:
+            raise ConfigError("refine: batch_cases >= 1, max_checkpoints >= 0, cpus_per_actor > 0")
+
+
+def _auto_or_count(key: str, value, minimum: int) -> None:
+    if value != AUTO and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ConfigError(f"{key}: 'auto' or an integer >= {minimum}, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ def preprocessed_folder(cfg: WeakConfig) -> str:
 
 
 def member_loop(config: dict) -> dict:
-    """Ray Train entry. config: {"cfg": WeakConfig, "storage": StorageOptions | None, "config_hash": str}."""
+    """Ray Train entry. config: {"cfg": WeakConfig, "storage": StorageOptions | None, "config_hash": str,
+    "augmentation_processes": nnUNet_n_proc_DA (resources.py)}."""
     import ray.train
 
     cfg: WeakConfig = config["cfg"]
@@ -60,7 +61,7 @@ def member_loop(config: dict) -> dict:
     rank = ray.train.get_context().get_world_rank()
     scratch = Path(tempfile.mkdtemp(prefix=f"mcs-weak-{rank}-", dir=cfg.run.scratch_dir or None))
     try:
-        env = nnunet_environment(scratch, stage=NnunetStage.TRAIN)
+        env = nnunet_environment(scratch, stage=NnunetStage.TRAIN, n_proc_da=config.get("augmentation_processes", 0))
         use_nnunet_environment(env)
         download_folder(preprocessed_folder(cfg), Path(env[PREPROCESSED]) / cfg.dataset_name, storage)
         return _train_member(cfg, storage, rank, scratch, config["config_hash"])

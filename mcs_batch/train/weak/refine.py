@@ -4,8 +4,9 @@
 
 A Ray Data actor pool (`RefineActor`, the ensemble loaded once per actor) reads each case's planes as the
 job did (stages.load.load_chunk, the job's window and slice axis), averages the members' foreground
-probabilities, thresholds them (refine.threshold, 0.2), places the slices in the job's display grid
-(io/display.py) and writes the refined mask back in the zero-shot mask's geometry (NIfTI with the
+probabilities (a running mean per slice, the members loaded one at a time: memory does not grow with
+their count, see ensemble.py), thresholds them (refine.threshold, 0.2), places the slices in the job's
+display grid (io/display.py) and writes the refined mask back in the zero-shot mask's geometry (NIfTI with the
 source affine, PNG too for 2D images) at OUT/masks/<case>/<target>@weak.
 The driver commits the rows through Catalog.commit: a cases row per case (the zero-shot row's
 identity and geometry, the refined mask's statistics) and a slices row per slice. Zero-shot rows and
@@ -45,7 +46,8 @@ from mcs_batch.stages.load import load_chunk
 from mcs_batch.train.weak.config import WeakConfig
 from mcs_batch.train.weak.ensemble import read_ensemble
 from mcs_batch.train.weak.files import write_bytes
-from mcs_batch.train.weak.uncertainty import case_uncertainty, score_slice
+from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
+from mcs_batch.train.weak.uncertainty import case_uncertainty, score_moments
 
 SLICES_PER_READ = 16
 REFINED_FIELDS = ("mask_uri", "mask_png_uri", "mask_voxels", "mask_volume_ml", "n_components", "n_slices",
@@ -67,8 +69,9 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
     n = slice_count(record, job.slice_axis)
     for k0 in range(0, n, SLICES_PER_READ):
         k1 = min(k0 + SLICES_PER_READ, n)
-        for k, image in zip(range(k0, k1), load_chunk(record, k0, k1, job, fs=fs, cache=cache), strict=True):
-            scored = score_slice(predictor.probabilities(image), cfg.refine.threshold)
+        images = list(load_chunk(record, k0, k1, job, fs=fs, cache=cache))
+        for k, moments in zip(range(k0, k1), predictor.moments(images), strict=True):
+            scored = score_moments(moments, cfg.refine.threshold)
             place(mask, k, axis, scored.mask.astype(np.uint8))
             scores.append(scored)
             slice_rows.append({"case_id": record.case_id, "target": cfg.refined_target, "slice_index": k,
@@ -99,12 +102,11 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
 class RefineActor:
     """Ray Data actor: loads the ensemble once; batches of case rows (JSON) -> refined rows (JSON)."""
 
-    def __init__(self, cfg: WeakConfig, storage: StorageOptions | None, run_id: str):
+    def __init__(self, cfg: WeakConfig, storage: StorageOptions | None, run_id: str, device: str = "cpu"):
         from mcs_batch.train.weak.ensemble import EnsemblePredictor
 
-        device = "cuda" if cfg.run.use_gpu else "cpu"
         self.predictor = EnsemblePredictor(cfg.work, storage=storage, max_members=cfg.refine.max_checkpoints,
-                                           device=device)  # fmt: skip
+                                           device=device, scratch_dir=cfg.run.scratch_dir)  # fmt: skip
         self.cfg, self.storage, self.run_id = cfg, storage, run_id
         self.catalog = Catalog(cfg.source, storage=storage)
 
@@ -175,8 +177,9 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
 
     rows = cases_to_refine(catalog, cfg, case_ids)
     started = time.time()
+    resources = resolve_weak_resources(cfg, weak_cluster_view())
     progress(f"refining {len(rows)} case(s) of {cfg.target} with {len(ensemble['members'])} checkpoint(s) "
-             f"-> target {cfg.refined_target}")  # fmt: skip
+             f"-> {cfg.refined_target} ({resources.refine_actors} actor(s), {resources.refine_device})")  # fmt: skip
     counts = {"ok": 0, "failed": 0}
     uncertainty_rows: list[dict] = []
     versions: dict[str, dict[str, int]] = {}  # table -> the first and last version this run committed
@@ -184,10 +187,10 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
         items = [{"case_json": json.dumps(r, default=str)} for r in rows]
         data = ray.data.from_items(items).map_batches(
             RefineActor,
-            fn_constructor_kwargs={"cfg": cfg, "storage": storage, "run_id": run_id},
-            compute=ray.data.ActorPoolStrategy(size=cfg.refine.actors),
+            fn_constructor_kwargs={"cfg": cfg, "storage": storage, "run_id": run_id, "device": resources.refine_device},
+            compute=ray.data.ActorPoolStrategy(size=resources.refine_actors),
             num_cpus=cfg.refine.cpus_per_actor,
-            num_gpus=1 if cfg.run.use_gpu else 0,
+            num_gpus=resources.refine_gpus_per_actor,
             batch_size=cfg.refine.batch_cases,
             batch_format="numpy",
         )
@@ -219,6 +222,7 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
                "refined_target": cfg.refined_target, "work": cfg.work, "threshold": cfg.refine.threshold,
                "members": [m["file"] for m in ensemble["members"]], "ensemble_config_hash": ensemble["config_hash"],
                "cases": counts, "uncertainty": uncertainty_rows, "started_at": started,
+               "resources": resources.to_dict(),
                "seconds": round(time.time() - started, 1)}  # fmt: skip
     catalog.write_run(run_id, summary)
     if uncertainty_rows:

@@ -64,10 +64,11 @@ def bbox(mask: np.ndarray) -> list[float] | None:
 
 
 def write_pseudo_run(root: Path, out: str, *, n: int = 12, size: int = 64, target: str = "lesion", seed: int = 0,
-                     noise: Noise = Noise(), folder: str = "cohort", edit_slice=None,
+                     noise: Noise = Noise(), folder: str = "cohort", edit_slice=None, run_id: str = "run-synthetic",
                      storage: StorageOptions | None = None) -> dict:  # fmt: skip
     """Images under root/<folder>/, truth masks under root/truth/, a committed OUT (`edit_slice(i, row)`
-    may change case i's slice row before the commit: scores, boxes). Returns
+    may change case i's slice row before the commit: scores, boxes), committed as run `run_id` (another
+    folder and run id: a later cohort added to the same OUT). Returns
     {case_id: {"key", "truth" (bool [H, W]), "pseudo" (bool [H, W])}}."""
     rng = np.random.default_rng(seed)
     catalog = Catalog(out, storage=storage)
@@ -93,14 +94,14 @@ def write_pseudo_run(root: Path, out: str, *, n: int = 12, size: int = 64, targe
             "mask_uri": catalog.fs.unstrip_protocol(nifti), "mask_png_uri": catalog.fs.unstrip_protocol(png),
             "mask_voxels": pixels, "mask_volume_ml": pixels / 1000.0, "n_components": 1 if pixels else 0,
             "n_slices": 1, "n_slices_with_mask": int(pixels > 0), "sam_score_mean": 0.9 if pixels else None,
-            "config_hash": "synthetic", "run_id": "run-synthetic", "tiny_models": False, "warnings": [],
+            "config_hash": "synthetic", "run_id": run_id, "tiny_models": False, "warnings": [],
         })  # fmt: skip
         slice_rows.append({
             "case_id": case_id, "target": target, "slice_index": 0, "boxes_xyxy": [bbox(truth)],
-            "points_xy": [], "sam_score": 0.9 if pixels else 0.0, "mask_pixels": pixels, "run_id": "run-synthetic",
+            "points_xy": [], "sam_score": 0.9 if pixels else 0.0, "mask_pixels": pixels, "run_id": run_id,
         })  # fmt: skip
         if edit_slice is not None:
             edit_slice(i, slice_rows[-1])
         cases[case_id] = {"key": key, "truth": truth, "pseudo": pseudo}
-    catalog.commit("run-synthetic", 0, rows, slice_rows)
+    catalog.commit(run_id, 0, rows, slice_rows)
     return cases

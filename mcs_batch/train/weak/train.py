@@ -2,15 +2,24 @@
 
     result = train_weak(load_weak_config(source="out/", target="lesion", work="s3://b/weak"), storage=s)
 
-    WORK/selection.json              the filters and what they kept / dropped (cases and slices)
+    WORK/selection.json              the filters and what they kept / dropped (cases and slices), the
+                                     training's identity and each label's key (identity.py)
+    WORK/training.json               the latest run's decision: a new training or the last one reused
     WORK/nnUNet_raw/<Dataset>/       the exported pseudo-labels (export.py), WORK/mapping/ back to slices
     WORK/nnUNet_preprocessed/<Dataset>/  nnU-Net's plans and preprocessed data (a Ray task made them)
     WORK/checkpoints/<run.name>/     Ray Train's resume points (checkpoint_<epoch>/member_<r>/...)
     WORK/ensemble/*.pt               the ensemble: every kept epoch of every member (state dicts)
     WORK/ensemble/ensemble.json      what refinement needs: plans, dataset.json, members with sha256
 
-Run it again with the same config after an interruption: selection, export and preprocessing are
-reused (their config hash matches), and training resumes from the newest checkpoint.
+The training's identity (identity.py) is the config hash and a digest of the selected pseudo-labels as
+the catalog holds them now: run it again with the same config and the same labels (after an
+interruption, or a nightly run that added nothing it selects) and the selection, export and
+preprocessing are reused and training resumes from the newest checkpoint (or is already done); new,
+changed or removed labels start a new training (a new export, the last training's checkpoints and
+ensemble replaced). WORK/training.json says which, with the counts:
+
+    "new training: 14 labels (10 new, 0 changed, 0 removed since 3f2a...)"
+    "reusing training 3f2a...: labels unchanged"
 """
 
 from __future__ import annotations
@@ -30,11 +39,13 @@ from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.train.weak.config import WeakConfig
 from mcs_batch.train.weak.export import export_dataset, raw_folder
 from mcs_batch.train.weak.files import download_folder, exists, read_bytes, sha256, upload_folder, write_bytes
+from mcs_batch.train.weak.identity import SELECTION_FILE, TrainingPlan, plan_training
 from mcs_batch.train.weak.loop import CONFIGURATION, STATE_FILE, ensemble_folder, member_loop, preprocessed_folder
 from mcs_batch.train.weak.nnunet_env import PREPROCESSED, RAW, NnunetStage, nnunet_environment
-from mcs_batch.train.weak.select import select_from_catalog
+from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
 
 PREPARED_FILE = "mcs_batch_prepared.json"
+DECISION_FILE = "training.json"  # the latest decision: a new training or a reused one
 
 
 class TrainWeakError(RuntimeError):
@@ -43,8 +54,9 @@ class TrainWeakError(RuntimeError):
 
 def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
                progress: Callable[[str], None] = print) -> dict:  # fmt: skip
-    """Select, export, prepare, train; returns the ensemble record (also WORK/ensemble/ensemble.json).
-    Ray must be reachable. ConfigError for bad inputs, TrainWeakError when training fails (resumable)."""
+    """Select, export, prepare, train; returns the ensemble record (also WORK/ensemble/ensemble.json)
+    with "decision" (identity.TrainingPlan.record: a new training, or the last one reused). Ray must be
+    reachable. ConfigError for bad inputs, TrainWeakError when training fails (resumable)."""
     cfg.check_required()
     start = time.perf_counter()
     config_hash = cfg.hash()
@@ -54,27 +66,37 @@ def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
             f"run.name {cfg.run.name!r} under {cfg.work} has checkpoints of another configuration (hash "
             f"{resume.get('config_hash')}, now {config_hash}): use another run.name or another --work"
         )
-    selection_uri = join(cfg.work, "selection.json")
-    record = _read_json(selection_uri, storage)
-    if record is None or record.get("config_hash") != config_hash:
-        if resume is not None:
-            raise ConfigError(f"{selection_uri} is missing or of another configuration, but checkpoints exist")
-        record = _select_and_export(cfg, storage, progress, config_hash)
+    plan = plan_training(cfg, storage=storage)
+    selection = plan.selection
+    progress(f"selected {len(selection.cases)} of {selection.considered} case(s) of target {cfg.target}: "
+             f"dropped {dict(selection.dropped) or 'none'}")  # fmt: skip
+    if not selection.considered:
+        raise ConfigError(f"{cfg.source}: no catalog rows of target {cfg.target!r}")
+    progress(plan.line)
+    identity = plan.identity
+    if plan.reuse:
+        progress(f"reusing the selection and export in {cfg.work} ({plan.previous['export']['images']} images)")
     else:
-        progress(f"reusing the selection and export in {cfg.work} ({record['export']['images']} images)")
+        if plan.previous is None and resume is not None:
+            raise ConfigError(f"{join(cfg.work, SELECTION_FILE)} is missing, but checkpoints exist")
+        _export(cfg, storage, progress, plan)
+        resume = None  # the checkpoints and ensemble of the last training were cleared
+    _write_decision(cfg, storage, plan)
     if resume is not None and resume.get("epoch") == cfg.train.total_epochs:
         done = _read_json(join(ensemble_folder(cfg), "ensemble.json"), storage)
-        if done is not None and done.get("config_hash") == config_hash:
+        if done is not None and done.get("identity") == identity:
             progress(f"run {cfg.run.name} under {cfg.work} is already trained ({len(done['members'])} checkpoints)")
-            return done
-    _prepare(cfg, storage, progress, config_hash)
+            return {**done, "decision": plan.record(), "seconds": round(time.perf_counter() - start, 1)}
+    resources = resolve_weak_resources(cfg, weak_cluster_view())
+    _prepare(cfg, storage, progress, identity, resources.plan_processes)
     if resume is None:
         _clear(ensemble_folder(cfg), storage)  # members of an older run under this WORK
     else:
         progress(f"resuming run {cfg.run.name} after epoch {resume.get('epoch')}")
-    summaries = _fit(cfg, storage, config_hash)
-    ensemble = _write_ensemble(cfg, storage, config_hash, summaries)
+    summaries = _fit(cfg, storage, config_hash, resources.augmentation_processes)
+    ensemble = _write_ensemble(cfg, storage, plan, summaries)
     ensemble["seconds"] = round(time.perf_counter() - start, 1)
+    ensemble["resources"] = resources.to_dict()
     progress(f"ensemble of {len(ensemble['members'])} checkpoint(s) written to {ensemble_folder(cfg)}")
     return ensemble
 
@@ -90,46 +112,54 @@ def check_source(cfg: WeakConfig, storage: StorageOptions | None) -> int:
     return n
 
 
-def _select_and_export(cfg: WeakConfig, storage, progress, config_hash: str) -> dict:
-    catalog = Catalog(cfg.source, storage=storage)
-    selection = select_from_catalog(catalog, cfg.target, cfg.select, storage=storage)
-    progress(f"selected {len(selection.cases)} of {selection.considered} case(s) of target {cfg.target}: "
-             f"dropped {dict(selection.dropped) or 'none'}")  # fmt: skip
-    if not selection.considered:
-        raise ConfigError(f"{cfg.source}: no catalog rows of target {cfg.target!r}")
-    export = export_dataset(cfg, selection, storage=storage, progress=progress)
+def _export(cfg: WeakConfig, storage, progress, plan: TrainingPlan) -> dict:
+    """Export the plan's selection; then clear the last training's checkpoints and ensemble, and write
+    WORK/selection.json (the new identity: from here on, training resumes under it)."""
+    export = export_dataset(cfg, plan.selection, storage=storage, progress=progress)
     if export["images"] < 2:
-        raise ConfigError(f"only {export['images']} pseudo-label(s) passed the filters ({selection.record()}, "
+        raise ConfigError(f"only {export['images']} pseudo-label(s) passed the filters ({plan.selection.record()}, "
                           f"slices dropped {export['slices_dropped']}); loosen select.* or check the run")  # fmt: skip
-    record = {"config_hash": config_hash, "source": cfg.source, "target": cfg.target,
-              "filters": cfg.to_dict()["select"], "cases": selection.record(), "export": export,
-              "case_ids": [c["case_id"] for c in selection.cases], "written_at": time.time()}  # fmt: skip
-    write_bytes(join(cfg.work, "selection.json"), json.dumps(record, indent=2).encode(), storage)
+    _clear(join(cfg.work, "checkpoints", cfg.run.name), storage)
+    _clear(ensemble_folder(cfg), storage)
+    record = {"config_hash": plan.config_hash, "identity": plan.identity, "source": cfg.source,
+              "target": cfg.target, "filters": cfg.to_dict()["select"], "cases": plan.selection.record(),
+              "export": export, "case_ids": list(plan.labels), "labels": plan.labels,
+              "changes": plan.changes.to_dict(), "written_at": time.time()}  # fmt: skip
+    write_bytes(join(cfg.work, SELECTION_FILE), json.dumps(record, indent=2).encode(), storage)
     return record
 
 
-def _prepare(cfg: WeakConfig, storage, progress, config_hash: str) -> None:
-    """nnU-Net fingerprint, plans and preprocessing (2d) in a Ray task; the result goes to WORK."""
+def _write_decision(cfg: WeakConfig, storage, plan: TrainingPlan) -> None:
+    """WORK/training.json: what the latest train-weak decided (a new training or a reused one), and when."""
+    document = {**plan.record(), "work": cfg.work, "run_name": cfg.run.name, "decided_at": time.time()}
+    write_bytes(join(cfg.work, DECISION_FILE), json.dumps(document, indent=2).encode(), storage)
+
+
+def _prepare(cfg: WeakConfig, storage, progress, identity: str, processes: int) -> None:
+    """nnU-Net fingerprint, plans and preprocessing (2d) in a Ray task, nnU-Net running `processes`
+    worker processes (-np / -npfp); the result goes to WORK."""
     import ray
 
     marker = _read_json(join(preprocessed_folder(cfg), PREPARED_FILE), storage)
-    if marker and marker.get("config_hash") == config_hash:
+    if marker and marker.get("identity") == identity:
         return
-    progress("nnU-Net planning and preprocessing (2d)")
+    progress(f"nnU-Net planning and preprocessing (2d, {processes} process(es))")
     _clear(preprocessed_folder(cfg), storage)
+    # One CPU reserved, the planner's processes beside it: a task asking for a node's every CPU would
+    # wait for good behind any actor holding one (planning runs before training, alone).
     task = ray.remote(num_cpus=1)(plan_and_preprocess)
-    ray.get(task.remote(cfg, storage, config_hash))
+    ray.get(task.remote(cfg, storage, identity, processes))
 
 
-def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, config_hash: str) -> None:
+def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identity: str, processes: int = 1) -> None:
     """Ray task body: raw dataset from WORK -> scratch, nnU-Net's planner in a subprocess (its own
     environment, from nnunet_env), plans adjusted (train.base_features), preprocessed data -> WORK."""
     with tempfile.TemporaryDirectory(prefix="mcs-weak-plan-", dir=cfg.run.scratch_dir or None) as scratch:
-        env = nnunet_environment(scratch, stage=NnunetStage.PLAN)
+        env = nnunet_environment(scratch, stage=NnunetStage.PLAN, n_proc=processes)
         download_folder(raw_folder(cfg), Path(env[RAW]) / cfg.dataset_name, storage)
         code = ("from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
                 "plan_and_preprocess_entry()\n")  # fmt: skip
-        args = ["-d", str(cfg.export.dataset_id), "-c", CONFIGURATION, "-np", "1", "-npfp", "1",
+        args = ["-d", str(cfg.export.dataset_id), "-c", CONFIGURATION, "-np", str(processes), "-npfp", str(processes),
                 "--verify_dataset_integrity"]  # fmt: skip
         done = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True,
                               text=True, check=False)  # fmt: skip
@@ -139,7 +169,7 @@ def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, config_
         local = Path(env[PREPROCESSED]) / cfg.dataset_name
         if cfg.train.base_features:
             _shrink_network(local / f"{cfg.train.plans}.json", cfg.train.base_features)
-        (local / PREPARED_FILE).write_text(json.dumps({"config_hash": config_hash}))
+        (local / PREPARED_FILE).write_text(json.dumps({"identity": identity}))
         upload_folder(local, preprocessed_folder(cfg), storage)
 
 
@@ -150,14 +180,19 @@ def _shrink_network(plans_path: Path, base: int) -> None:
     plans_path.write_text(json.dumps(plans, indent=2))
 
 
-def _fit(cfg: WeakConfig, storage, config_hash: str) -> list[dict]:
+def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int) -> list[dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
     storage_path, storage_filesystem = ray_train_storage(join(cfg.work, "checkpoints"), storage)
     trainer = TorchTrainer(
         member_loop,
-        train_loop_config={"cfg": cfg, "storage": storage, "config_hash": config_hash},
+        train_loop_config={
+            "cfg": cfg,
+            "storage": storage,
+            "config_hash": config_hash,
+            "augmentation_processes": augmentation_processes,  # nnUNet_n_proc_DA (resources.py)
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.run.num_workers,
             use_gpu=cfg.run.use_gpu,
@@ -183,7 +218,7 @@ def _fit(cfg: WeakConfig, storage, config_hash: str) -> list[dict]:
     return value if isinstance(value, list) else [value] if value else []
 
 
-def _write_ensemble(cfg: WeakConfig, storage, config_hash: str, summaries: list[dict]) -> dict:
+def _write_ensemble(cfg: WeakConfig, storage, plan: TrainingPlan, summaries: list[dict]) -> dict:
     fs, root = filesystem_for(ensemble_folder(cfg), storage)
     fs.invalidate_cache(root)
     members = []
@@ -195,7 +230,9 @@ def _write_ensemble(cfg: WeakConfig, storage, config_hash: str, summaries: list[
     summary = summaries[0] if summaries else {}
     document = {
         "format": 1,
-        "config_hash": config_hash,
+        "config_hash": plan.config_hash,
+        "identity": plan.identity,  # the configuration and the labels (identity.py)
+        "decision": plan.record(),
         "source": cfg.source,
         "target": cfg.target,
         "dataset": cfg.dataset_name,

@@ -1,6 +1,10 @@
 """From the ensemble's probability maps to a mask and uncertainty scores (pure numpy).
 
 probs: float32 [M, H, W] in [0, 1], the foreground probability of each of M checkpoints, image frame.
+
+The ensemble predictor never holds the M maps of a slice (nor the M members) at once: it adds each
+member's map to a `SliceMoments` (a running mean and sum of squared deviations, Welford, float64) and
+`score_moments` gives the same scores as `score_slice` on the stacked maps (within float32 rounding).
 """
 
 from __future__ import annotations
@@ -36,13 +40,60 @@ def boundary_length(mask: np.ndarray) -> int:
     return int(np.count_nonzero(mask & ~ndimage.binary_erosion(mask, border_value=0)))
 
 
+class SliceMoments:
+    """Mean and standard deviation across members of one slice's probability maps, one map at a time.
+
+    add(p): p float32 [H, W] in [0, 1]; memory is two float64 [H, W] arrays whatever the member count.
+    """
+
+    def __init__(self):
+        self.count = 0
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None  # sum of squared deviations from the running mean
+
+    def add(self, probability: np.ndarray) -> None:
+        p = np.asarray(probability, np.float64)
+        if p.ndim != 2 or (self._mean is not None and p.shape != self._mean.shape):
+            raise ValueError(f"a member's map must be [H, W] like the others, got {p.shape}")
+        self.count += 1
+        if self._mean is None:
+            self._mean, self._m2 = p.copy(), np.zeros_like(p)
+            return
+        delta = p - self._mean
+        self._mean += delta / self.count
+        self._m2 += delta * (p - self._mean)
+
+    @property
+    def mean(self) -> np.ndarray:
+        """float32 [H, W]: the mean probability over the members added."""
+        self._check()
+        return self._mean.astype(np.float32)
+
+    @property
+    def std(self) -> np.ndarray:
+        """float32 [H, W]: the population standard deviation (ddof 0, as np.std) over the members."""
+        self._check()
+        return np.sqrt(np.maximum(self._m2, 0.0) / self.count).astype(np.float32)
+
+    def _check(self) -> None:
+        if not self.count:
+            raise ValueError("no member's map was added")
+
+
+def score_moments(moments: SliceMoments, threshold: float) -> SliceScores:
+    """The scores of `score_slice` from the members' running moments."""
+    return _scores(moments.mean, moments.std, threshold)
+
+
 def score_slice(probs: np.ndarray, threshold: float) -> SliceScores:
     probs = np.asarray(probs, np.float32)
     if probs.ndim != 3:
         raise ValueError(f"probs must be [M, H, W], got {probs.shape}")
-    mean = probs.mean(axis=0)
+    return _scores(probs.mean(axis=0), probs.std(axis=0), threshold)
+
+
+def _scores(mean: np.ndarray, std: np.ndarray, threshold: float) -> SliceScores:
     mask = mean > threshold
-    std = probs.std(axis=0)
     region = mask if mask.any() else np.ones_like(mask)
     return SliceScores(
         mask=mask,

@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mcs_batch.train.weak.uncertainty import binary_entropy, boundary_length, case_uncertainty, score_slice
+from mcs_batch.train.weak.uncertainty import (
+    SliceMoments,
+    binary_entropy,
+    boundary_length,
+    case_uncertainty,
+    score_moments,
+    score_slice,
+)
 
 
 def square(p_in: float, p_out: float, size: int = 16) -> np.ndarray:
@@ -48,3 +55,25 @@ def test_empty_prediction_and_no_slices():
     assert case_uncertainty([]) == {"uncertainty": None, "uncertainty_spread": None}
     with pytest.raises(ValueError, match=r"\[M, H, W\]"):
         score_slice(np.zeros((8, 8)), 0.2)
+
+
+def test_running_moments_score_as_the_stacked_maps():
+    rng = np.random.default_rng(0)
+    probs = rng.random((30, 24, 20), dtype=np.float32) ** 3  # skewed, as foreground probabilities are
+    moments = SliceMoments()
+    for p in probs:
+        moments.add(p)
+    assert moments.count == 30
+    assert np.allclose(moments.mean, probs.mean(axis=0), atol=1e-6)
+    assert np.allclose(moments.std, probs.std(axis=0), atol=1e-6)
+    a, b = score_moments(moments, 0.2), score_slice(probs, 0.2)
+    assert np.array_equal(a.mask, b.mask) and a.boundary_pixels == b.boundary_pixels
+    assert a.entropy_sum == pytest.approx(b.entropy_sum, rel=1e-6) and a.spread == pytest.approx(b.spread, rel=1e-6)
+    on_the_threshold = SliceMoments()
+    for p in (square(0.3, 0.0), square(0.1, 0.0)):  # mean 0.2 inside, as in the first test: not > 0.2
+        on_the_threshold.add(p)
+    assert not score_moments(on_the_threshold, 0.2).mask.any()
+    with pytest.raises(ValueError, match="no member's map"):
+        _ = SliceMoments().mean
+    with pytest.raises(ValueError, match=r"\[H, W\] like the others"):
+        moments.add(np.zeros((24, 21), np.float32))
