@@ -69,18 +69,7 @@ def child(work: str, members: int, n_images: int, size: int, held: bool) -> dict
 
 def _one(predictor, image):
     """One image through the network as loaded (no member switching): float32 [H, W]."""
-    import numpy as np
-    import torch
-    from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
-    tensor, properties = predictor._preprocess(image)
-    with torch.no_grad():
-        logits = predictor.predictor.predict_sliding_window_return_logits(tensor).float().cpu()
-    _, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
-        logits, predictor.plans_manager, predictor.configuration, predictor.label_manager, properties,
-        return_probabilities=True, num_threads_torch=1,
-    )  # fmt: skip
-    return np.asarray(probs[1, 0], np.float32)
+    return predictor.foreground(*predictor._preprocess(image))
 
 
 def main() -> None:

@@ -103,22 +103,26 @@ class EnsemblePredictor:
 
     def _member_maps(self, images_rgb: Sequence[np.ndarray]) -> Iterator[tuple[int, int, np.ndarray]]:
         """(member index, image index, float32 [H, W] probability), members in the outer loop."""
-        import torch
-        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
-
         cases = [self._preprocess(image) for image in images_rgb]
         for m, member in enumerate(self.members):
             weights = member.load()
             self.network.load_state_dict(weights)
             del weights  # the network holds its own copy; the mapping goes
             for i, (tensor, properties) in enumerate(cases):
-                with torch.no_grad():
-                    logits = self.predictor.predict_sliding_window_return_logits(tensor).float().cpu()
-                _, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
-                    logits, self.plans_manager, self.configuration, self.label_manager, properties,
-                    return_probabilities=True, num_threads_torch=1,
-                )  # fmt: skip
-                yield m, i, np.asarray(probs[1, 0], np.float32)
+                yield m, i, self.foreground(tensor, properties)
+
+    def foreground(self, tensor, properties) -> np.ndarray:
+        """The loaded network's foreground probability of one preprocessed image: float32 [H, W]."""
+        import torch
+        from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
+
+        with torch.no_grad():
+            logits = self.predictor.predict_sliding_window_return_logits(tensor).float().cpu()
+        _, probs = convert_predicted_logits_to_segmentation_with_correct_shape(
+            logits, self.plans_manager, self.configuration, self.label_manager, properties,
+            return_probabilities=True, num_threads_torch=1,
+        )  # fmt: skip
+        return np.asarray(probs[1, 0], np.float32)
 
     def _preprocess(self, image_rgb: np.ndarray):
         import torch
