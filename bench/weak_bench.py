@@ -87,9 +87,9 @@ def main() -> None:
     parser.add_argument("--test", type=int, default=40, help="held-out images")
     parser.add_argument("--size", type=int, default=96, help="image side, pixels")
     parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--epochs-per-cycle", type=int, default=10)
+    parser.add_argument("--epochs-per-cycle", type=int, default=15)
     parser.add_argument("--keep", type=int, default=3, help="checkpoints kept per cycle")
-    parser.add_argument("--iterations", type=int, default=20, help="training iterations per epoch")
+    parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
     parser.add_argument("--base-features", type=int, default=16)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.2, help="refine.threshold")
@@ -134,7 +134,8 @@ def main() -> None:
     trained = time.perf_counter()
     summary = refine(cfg, progress=lambda m: print(f"  {m}", flush=True))
     refined_at = time.perf_counter()
-    selection = json.loads((work / "selection.json").read_text())
+    selection = json.loads((work / "selection.json").read_text())["cases"]
+    history = json.loads((work / "ensemble" / "ensemble.json").read_text())["training"]["history"]
 
     rows = {r["case_id"]: r for r in Catalog(str(out)).cases().to_pylist() if r["target"] == cfg.refined_target}
     scores: dict[str, dict[str, list[float]]] = {}
@@ -148,31 +149,36 @@ def main() -> None:
             s["refined"].append(dice(np.asarray(mask.dataobj)[:, :, 0].T > 0, case.truth))
             s["error"].append(case.error)
 
-    def by_kind(values: list[float], kinds: list[str]) -> str:
-        return " / ".join(f"{np.mean([v for v, k in zip(values, kinds, strict=True) if k == kind]):.3f}"
-                          if kind in kinds else "-" for kind in ("empty", "leak", "bias"))  # fmt: skip
+    kinds_all = ("empty", "leak", "bias")
+
+    def mean_of(values: list[float], kinds: list[str], kind: str) -> str:
+        picked = [v for v, k in zip(values, kinds, strict=True) if k == kind]
+        return f"{np.mean(picked):.3f}" if picked else "-"
 
     test, train = scores["test"], scores["train"]
-    diff = np.array(test["refined"]) - np.array(test["pseudo"])
     kinds = test["error"]
     print(f"\n{args.train} training + {args.test} held-out images {args.size}x{args.size}, seed {args.seed}; "
           f"selection kept {selection.get('selected')} (dropped {selection.get('dropped')}); ensemble of "
           f"{len(ensemble['members'])} checkpoint(s), {args.cycles}x{args.epochs_per_cycle} epochs of "
           f"{args.iterations} iterations, base features {args.base_features}; outputs in {root}")  # fmt: skip
     print(f"pseudo-label errors: {errors}")
-    n_kind = {k: kinds.count(k) for k in ("empty", "leak", "bias")}
-    print(
-        f"\nDSC vs truth, mean        held-out ({args.test})   by pseudo-label error on held-out: "
-        f"empty {n_kind['empty']} / leak {n_kind['leak']} / bias {n_kind['bias']}   training ({args.train})"
-    )
+    first, last = history[0], history[-1]
+    print(f"loss of the member in ensemble.json (nnU-Net's Dice + CE on pseudo-labels), first -> last epoch: train "
+          f"{first['train_loss']:.3f} -> {last['train_loss']:.3f}, validation {first['val_loss']:.3f} -> "
+          f"{last['val_loss']:.3f}")  # fmt: skip
+    header = " ".join(f"{f'{k} ({kinds.count(k)})':>10}" for k in kinds_all)
+    print(f"\nDSC vs truth, mean{'':<25} held-out ({args.test})  {header}  training ({args.train})")
+    print(f"{'':<43} {'':<14} held-out, by pseudo-label error")
     for name, label in (("threshold", f"threshold image > {t} (best on training)"), ("pseudo", "pseudo-labels"),
                         ("refined", f"refined (2D ensemble > {args.threshold})")):  # fmt: skip
-        print(f"  {label:<40} {np.mean(test[name]):.3f}     {by_kind(test[name], kinds):<28} "
-              f"{np.mean(train[name]):.3f}")  # fmt: skip
-    print(f"  refined vs pseudo-labels, held-out: mean {diff.mean():+.3f}; better on {(diff > 0).sum()}, "
-          f"worse on {(diff < 0).sum()}, equal on {(diff == 0).sum()} of {args.test}; "
-          f"non-empty pseudo-labels only: better {(diff[np.array(kinds) != 'empty'] > 0).sum()}"
-          f"/{sum(k != 'empty' for k in kinds)}, mean {diff[np.array(kinds) != 'empty'].mean():+.3f}")  # fmt: skip
+        by_kind = " ".join(f"{mean_of(test[name], kinds, k):>10}" for k in kinds_all)
+        print(f"  {label:<41} {np.mean(test[name]):<14.3f} {by_kind}  {np.mean(train[name]):.3f}")
+    diff = np.array(test["refined"]) - np.array(test["pseudo"])
+    for kind in (None, *kinds_all):
+        d = diff if kind is None else diff[np.array(kinds) == kind]
+        if d.size:
+            print(f"  refined - pseudo-labels on held-out {kind or 'all':>5}: mean {d.mean():+.3f}, better on "
+                  f"{(d > 0).sum()}, worse on {(d < 0).sum()}, equal on {(d == 0).sum()} of {d.size}")  # fmt: skip
     print(f"time: data {prepared - started:.0f} s, train_weak {trained - prepared:.0f} s (selection, export, "
           f"planning, training), refine {refined_at - trained:.0f} s ({summary['cases']}), total "
           f"{refined_at - started:.0f} s")  # fmt: skip
