@@ -122,18 +122,20 @@ def sam_like(case: Case, rng: np.random.Generator, errors: PseudoErrors, *, empt
     """(bool [S, S] pseudo-label, error kind) with the systematic errors of the module docstring."""
     if empty:
         return np.zeros_like(case.truth), "empty"
-    mask = case.truth & ~case.tail if errors.miss_tail else case.truth.copy()
+    mask, kind = case.truth.copy(), "bias"
+    if case.seam_contrast < errors.leak_below:  # across the seam into the neighbour, nowhere else
+        reach = int(rng.integers(errors.leak_px[0], errors.leak_px[1] + 1))
+        seam = ndimage.binary_dilation(case.truth, iterations=3) & ~case.truth
+        toward = seam & ndimage.binary_dilation(case.neighbour, iterations=3)
+        mask |= ndimage.binary_dilation(case.truth, iterations=reach) & (case.neighbour | toward)
+        mask = ndimage.binary_fill_holes(mask)
+        kind = "leak"
+    if errors.miss_tail:
+        mask &= ~case.tail
     lateral = int(rng.integers(errors.lateral_px[0], errors.lateral_px[1] + 1))
     pulled = np.zeros_like(mask)
     pulled[:, lateral:] = mask[:, :-lateral]  # pixel kept only if the one `lateral` px to its left is in too
     mask &= pulled
-    kind = "bias"
-    if case.seam_contrast < errors.leak_below:
-        reach = int(rng.integers(errors.leak_px[0], errors.leak_px[1] + 1))
-        grown = ndimage.binary_dilation(case.truth, iterations=reach)
-        mask |= grown & (case.neighbour | ndimage.binary_dilation(case.truth, iterations=2)) & ~case.tail
-        mask = ndimage.binary_fill_holes(mask)
-        kind = "leak"
     return mask, kind
 
 
