@@ -13,7 +13,7 @@ Printed, against truth, per split: the best single global threshold (chosen on t
 the pseudo-labels and the refined masks; on the held-out split, per-case wins and losses of refined vs
 pseudo-labels and the means by kind of pseudo-label error.
 
-    .venv/bin/python bench/weak_bench.py                          # ~20 min on 2 CPU cores
+    PYTHONPATH=. .venv/bin/python bench/weak_bench.py             # ~17 min on 2 busy CPU cores
     .venv/bin/python bench/weak_bench.py --train 8 --test 4 --cycles 1 --epochs-per-cycle 2 --keep 1  # smoke
 """
 
