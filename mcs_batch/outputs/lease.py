@@ -107,7 +107,9 @@ def heartbeats(catalog) -> dict[str, dict]:
     except FileNotFoundError:
         return {}
     out = {}
-    for path, data in catalog.fs.cat(paths).items() if paths else ():
+    # A run that ends between the listing and the read removes its file: "omit" skips it (ended
+    # runs are not alive, and what they leave is swept by their own stop).
+    for path, data in catalog.fs.cat(paths, on_error="omit").items() if paths else ():
         try:
             record = json.loads(data)
         except ValueError:
