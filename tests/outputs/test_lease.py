@@ -53,3 +53,24 @@ def test_the_sweep_removes_what_dead_runs_left_and_never_touches_a_live_one(tmp_
         assert sorted(heartbeats(catalog)) == ["run-live"]  # the dead runs' heartbeat files are gone
     finally:
         live.stop()
+
+
+def test_a_run_that_ends_between_the_listing_and_the_read_is_skipped_not_an_error(tmp_path: Path, monkeypatch):
+    # CI found this interleaving with two jobs on one OUT: job A listed OUT/locks, job B stopped and
+    # removed its file, then A read the listed files and failed with FileNotFoundError.
+    catalog = Catalog(str(tmp_path))
+    ending, staying = RunHeartbeat(catalog, "run-ending"), RunHeartbeat(catalog, "run-staying")
+    ending.start()
+    staying.start()
+    read = catalog.fs.cat
+
+    def cat_after_the_other_run_ended(paths, **kwargs):
+        ending.stop()  # the file is listed but gone when read
+        return read(paths, **kwargs)
+
+    monkeypatch.setattr(catalog.fs, "cat", cat_after_the_other_run_ended)
+    try:
+        assert sorted(heartbeats(catalog)) == ["run-staying"]
+        assert sweep(catalog, live="run-mine", ttl_s=120) == []
+    finally:
+        staying.stop()
