@@ -50,10 +50,8 @@ def best_threshold(cases: list[Case]) -> int:
 def commit_zero_shot(root: Path, out: str, cases: dict[str, tuple[str, Case]]) -> None:
     """{case_id: (source key, case)} -> images under root/<key> and an OUT as a segmentation job would
     leave it: the pseudo-labels as masks, committed catalog rows (cases and slices)."""
-    from mcs_batch.io.images import IMAGE_AFFINE
     from mcs_batch.outputs.catalog import Catalog
-    from mcs_batch.outputs.masks import nifti_bytes, png_bytes
-    from mcs_batch.train.weak.synthetic import bbox
+    from mcs_batch.train.weak.synthetic import bbox, pseudo_label_rows
 
     catalog = Catalog(out)
     rows, slice_rows = [], []
@@ -61,23 +59,11 @@ def commit_zero_shot(root: Path, out: str, cases: dict[str, tuple[str, Case]]) -
         path = root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(case.image).save(path)
-        nifti, png = catalog.mask_paths(case_id, TARGET)
-        catalog.write_bytes(nifti, nifti_bytes(case.pseudo.T[:, :, None].astype(np.uint8), IMAGE_AFFINE))
-        catalog.write_bytes(png, png_bytes(case.pseudo))
-        pixels, size = int(case.pseudo.sum()), case.image.shape[0]
-        rows.append({
-            "case_id": case_id, "target": TARGET, "prompts": ["the left kidney"], "status": "ok", "kind": "image",
-            "source_uris": [path.as_uri()], "source_keys": [key], "shape": [size, size, 1],
-            "spacing_mm": [1.0, 1.0, 1.0], "affine": IMAGE_AFFINE.reshape(-1).tolist(),
-            "mask_uri": catalog.fs.unstrip_protocol(nifti), "mask_png_uri": catalog.fs.unstrip_protocol(png),
-            "mask_voxels": pixels, "mask_volume_ml": pixels / 1000.0, "n_components": 1 if pixels else 0,
-            "n_slices": 1, "n_slices_with_mask": int(pixels > 0), "sam_score_mean": 0.9 if pixels else None,
-            "config_hash": "synthetic", "run_id": "run-synthetic", "tiny_models": False, "warnings": [],
-        })  # fmt: skip
-        slice_rows.append({
-            "case_id": case_id, "target": TARGET, "slice_index": 0, "boxes_xyxy": [bbox(case.pseudo)],
-            "points_xy": [], "sam_score": 0.9 if pixels else 0.0, "mask_pixels": pixels, "run_id": "run-synthetic",
-        })  # fmt: skip
+        row, slice_row = pseudo_label_rows(catalog, case_id, path, key, case.pseudo, target=TARGET,
+                                           prompt="the left kidney", run_id="run-synthetic",
+                                           box=bbox(case.pseudo))  # fmt: skip
+        rows.append(row)
+        slice_rows.append(slice_row)
     catalog.commit("run-synthetic", 0, rows, slice_rows)
 
 

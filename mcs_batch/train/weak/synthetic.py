@@ -63,6 +63,30 @@ def bbox(mask: np.ndarray) -> list[float] | None:
     return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
 
 
+def pseudo_label_rows(catalog: Catalog, case_id: str, path: Path, key: str, pseudo: np.ndarray, *, target: str,
+                      prompt: str, run_id: str, box: list[float] | None) -> tuple[dict, dict]:  # fmt: skip
+    """The mask files of one 2D image's pseudo-label (bool [H, W]) written into the catalog's OUT, and
+    the case row and slice row a segment run would commit for it (SAM's box: `box`)."""
+    nifti, png = catalog.mask_paths(case_id, target)
+    catalog.write_bytes(nifti, nifti_bytes(pseudo.T[:, :, None].astype(np.uint8), IMAGE_AFFINE))
+    catalog.write_bytes(png, png_bytes(pseudo))
+    pixels, (height, width) = int(pseudo.sum()), pseudo.shape
+    row = {
+        "case_id": case_id, "target": target, "prompts": [prompt], "status": "ok", "kind": "image",
+        "source_uris": [path.as_uri()], "source_keys": [key], "shape": [width, height, 1],
+        "spacing_mm": [1.0, 1.0, 1.0], "affine": IMAGE_AFFINE.reshape(-1).tolist(),
+        "mask_uri": catalog.fs.unstrip_protocol(nifti), "mask_png_uri": catalog.fs.unstrip_protocol(png),
+        "mask_voxels": pixels, "mask_volume_ml": pixels / 1000.0, "n_components": 1 if pixels else 0,
+        "n_slices": 1, "n_slices_with_mask": int(pixels > 0), "sam_score_mean": 0.9 if pixels else None,
+        "config_hash": "synthetic", "run_id": run_id, "tiny_models": False, "warnings": [],
+    }  # fmt: skip
+    slice_row = {
+        "case_id": case_id, "target": target, "slice_index": 0, "boxes_xyxy": [box], "points_xy": [],
+        "sam_score": 0.9 if pixels else 0.0, "mask_pixels": pixels, "run_id": run_id,
+    }  # fmt: skip
+    return row, slice_row
+
+
 def write_pseudo_run(root: Path, out: str, *, n: int = 12, size: int = 64, target: str = "lesion", seed: int = 0,
                      noise: Noise = Noise(), folder: str = "cohort", edit_slice=None, run_id: str = "run-synthetic",
                      storage: StorageOptions | None = None) -> dict:  # fmt: skip
@@ -83,23 +107,10 @@ def write_pseudo_run(root: Path, out: str, *, n: int = 12, size: int = 64, targe
         (root / "truth").mkdir(parents=True, exist_ok=True)
         Image.fromarray(truth.astype(np.uint8) * 255).save(root / "truth" / f"img{i:03d}.png")
         case_id = make_case_id(f"file:{key}")
-        nifti, png = catalog.mask_paths(case_id, target)
-        catalog.write_bytes(nifti, nifti_bytes(pseudo.T[:, :, None].astype(np.uint8), IMAGE_AFFINE))
-        catalog.write_bytes(png, png_bytes(pseudo))
-        pixels = int(pseudo.sum())
-        rows.append({
-            "case_id": case_id, "target": target, "prompts": ["a bright blob"], "status": "ok", "kind": "image",
-            "source_uris": [path.as_uri()], "source_keys": [key], "shape": [size, size, 1],
-            "spacing_mm": [1.0, 1.0, 1.0], "affine": IMAGE_AFFINE.reshape(-1).tolist(),
-            "mask_uri": catalog.fs.unstrip_protocol(nifti), "mask_png_uri": catalog.fs.unstrip_protocol(png),
-            "mask_voxels": pixels, "mask_volume_ml": pixels / 1000.0, "n_components": 1 if pixels else 0,
-            "n_slices": 1, "n_slices_with_mask": int(pixels > 0), "sam_score_mean": 0.9 if pixels else None,
-            "config_hash": "synthetic", "run_id": run_id, "tiny_models": False, "warnings": [],
-        })  # fmt: skip
-        slice_rows.append({
-            "case_id": case_id, "target": target, "slice_index": 0, "boxes_xyxy": [bbox(truth)],
-            "points_xy": [], "sam_score": 0.9 if pixels else 0.0, "mask_pixels": pixels, "run_id": run_id,
-        })  # fmt: skip
+        row, slice_row = pseudo_label_rows(catalog, case_id, path, key, pseudo, target=target, prompt="a bright blob",
+                                           run_id=run_id, box=bbox(truth))  # fmt: skip
+        rows.append(row)
+        slice_rows.append(slice_row)
         if edit_slice is not None:
             edit_slice(i, slice_rows[-1])
         cases[case_id] = {"key": key, "truth": truth, "pseudo": pseudo}
