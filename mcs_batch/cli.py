@@ -189,6 +189,8 @@ def _require_inputs_and_out(cfg):
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
+    if args.shard:  # one shard of N as its own job (pipeline/shards.py): resources.shard
+        args.set = [*(args.set or []), f"resources.shard={args.shard}"]
     cfg = _require_inputs_and_out(_job_config(args))
     storage = storage_options(args)
     start_ray(args)
@@ -364,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default=None, help="target name for --prompt (default: target)")
     p.add_argument("--out", default=None, help="output folder or URI (default: outputs.uri of --config)")
     p.add_argument("--retry-failed", action="store_true", help="redo the (case, target) pairs that failed before")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="segment shard I of N of the archive (1-based), e.g. 2/4: for N separate jobs on one OUT; "
+                        "one job can also run N shard drivers itself (resources.drivers)")  # fmt: skip
     _add_model_args(p)
     add_common_args(p)
     p.set_defaults(func=cmd_segment)

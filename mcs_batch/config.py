@@ -160,6 +160,14 @@ class ResourcesConfig:
     # cases decoded whole (NIfTI, multi-frame, slice_axis other than 2, reoriented) larger than this fail
     max_volume_voxels: int = SizeLimits.max_volume_voxels
     gpu_wait_seconds: float = 600.0  # gpus asked for, none in the cluster: wait this long for the autoscaler
+    # drivers coordinating the job (pipeline/shards.py): N shard drivers, each a Ray actor streaming its
+    # share of the archive (contiguous in key order, cut between waves) into the same catalog; auto = as
+    # many as the cluster's GPUs need (pipeline/resources.drivers_for; 1 without GPUs)
+    drivers: int | str = AUTO
+    driver_cpus: float = 0.0  # CPUs reserved per shard driver actor (0: none, like Ray's own driver)
+    # "i/N" (1 <= i <= N): this job is shard i of N of the archive, for sites that submit N separate jobs
+    # (the CLI's --shard); "" = the whole archive
+    shard: str = ""
 
     def __post_init__(self):
         _auto_or(self.gpus, float, 0, "gpus")
@@ -174,6 +182,24 @@ class ResourcesConfig:
             )
         if self.slice_chunk < 1 or self.max_image_pixels < 1 or self.max_volume_voxels < 1:
             raise ConfigError("resources: slice_chunk, max_image_pixels and max_volume_voxels must be >= 1")
+        _auto_or(self.drivers, int, 1, "drivers")
+        if isinstance(self.driver_cpus, bool) or not isinstance(self.driver_cpus, int | float) or self.driver_cpus < 0:
+            raise ConfigError(f"resources.driver_cpus: expected a number >= 0, got {self.driver_cpus!r}")
+        self.shard_spec()  # a malformed shard: said at load time
+
+    def shard_spec(self) -> tuple[int, int] | None:
+        """(i, N) with 0 <= i < N (0-based) for `shard: "i/N"` (1-based, as written), None for the whole
+        archive."""
+        if not self.shard:
+            return None
+        text = str(self.shard).strip()
+        try:
+            i, n = (int(part) for part in text.split("/"))
+        except ValueError:
+            i = n = 0
+        if not (n >= 1 and 1 <= i <= n):
+            raise ConfigError(f"resources.shard: expected 'i/N' with 1 <= i <= N (e.g. 2/4), got {self.shard!r}")
+        return i - 1, n
 
     def size_limits(self) -> SizeLimits:
         return SizeLimits(max_image_pixels=self.max_image_pixels, max_volume_voxels=self.max_volume_voxels)

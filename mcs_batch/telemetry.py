@@ -31,10 +31,15 @@ start. After the job the server keeps serving the final values for outputs.metri
 that a scrape every 15 s still sees how the job ended (`wait_for_lingering` holds a command-line
 process that long). The Grafana dashboard in infra/grafana and the alert rules in
 infra/prometheus/alerts.yml read these names.
+
+A job with shard drivers (pipeline/shards.py) serves one set of these from its parent process: every
+few seconds the parent takes each shard run's counts (`snapshot`) and sums them (`absorb`), so the
+names mean the same for the whole job, whatever the number of drivers.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -43,6 +48,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 from mcs_batch.errors import ConfigError
 
 STAGES = ("load", "saliency", "sam")
+_NOTHING = {"planned": 0, "committed": 0, "failed": 0, "dropped": 0, "last_commit": 0.0, "cases": {}, "slices": {},
+            "stage_seconds": {}}  # a shard run not heard from yet  # fmt: skip
 
 
 class JobMetrics:
@@ -75,6 +82,8 @@ class JobMetrics:
             registry=self.registry,
         )  # fmt: skip
         self._planned = self._committed = self._failed = self._dropped = 0  # cases, this run
+        self._last_commit = 0.0
+        self._shards: dict[str, dict] = {}  # shard run -> its last snapshot (a sharded job's parent)
         self.started.set(time.time())
         self.running.set(1)
         self.server = None
@@ -104,7 +113,8 @@ class JobMetrics:
         """A commit landed with the rows of `cases` cases, `failed` of them with a failed row."""
         self._committed += int(cases)
         self._failed += int(failed)
-        self.last_commit.set(time.time())
+        self._last_commit = time.time()
+        self.last_commit.set(self._last_commit)
         self._queue()
 
     def attempt_stopped(self) -> None:
@@ -119,6 +129,41 @@ class JobMetrics:
         self.cases_failed.set(self._failed)
         # max: the board's count may trail a commit of cases it handed straight to the driver
         self.in_flight.set(max(0, self._planned - self._committed - self._dropped))
+
+    # -- sharded drivers (pipeline/shards.py): each shard's metrics, summed into the parent's ----------
+    def snapshot(self) -> dict:
+        """This job's counts, for a parent summing its shards' (absorb): plain numbers, no registry."""
+
+        def samples(counter) -> dict[str, float]:
+            return {json.dumps(s.labels, sort_keys=True): s.value for m in counter.collect() for s in m.samples
+                    if s.name.endswith("_total")}  # fmt: skip
+
+        return {"planned": self._planned, "committed": self._committed, "failed": self._failed,
+                "dropped": self._dropped, "last_commit": self._last_commit,
+                "cases": samples(self.cases), "slices": samples(self.slices),
+                "stage_seconds": samples(self.stage_seconds)}  # fmt: skip
+
+    def absorb(self, key: str, snapshot: dict | None, *, ended: bool = False) -> None:
+        """A shard run's snapshot (its latest; None: the last one absorbed): counters grow by what it
+        added since its last one, the queue is the sum over shard runs. ended: the run stopped for good
+        (its driver died): what it had in flight is dropped (its restart plans it again), as after a
+        stopped attempt."""
+        before = self._shards.get(key) or _NOTHING
+        snapshot = dict(snapshot or before)
+        if ended:
+            snapshot["dropped"] = snapshot["planned"] - snapshot["committed"]
+        self._shards[key] = snapshot
+        for name, counter in (("cases", self.cases), ("slices", self.slices), ("stage_seconds", self.stage_seconds)):
+            for labels, value in snapshot[name].items():
+                grown = value - before[name].get(labels, 0.0)
+                if grown > 0:
+                    counter.labels(**json.loads(labels)).inc(grown)
+        runs = self._shards.values()
+        self._planned, self._committed = sum(r["planned"] for r in runs), sum(r["committed"] for r in runs)
+        self._failed, self._dropped = sum(r["failed"] for r in runs), sum(r["dropped"] for r in runs)
+        self._last_commit = max(r["last_commit"] for r in runs)
+        self.last_commit.set(self._last_commit)
+        self._queue()
 
     def close(self, failed: bool = False) -> None:
         """The job ended: final values set; the server stops now, or after the linger (in a thread)."""

@@ -68,3 +68,13 @@ def test_ray_datas_own_progress_logs_only_with_verbose():
     finally:
         ctx.enable_progress_bars, ctx.enable_operator_progress_bars, ctx.print_on_execution_start = before[:3]
         logger.setLevel(before[3])
+
+
+def test_a_malformed_shard_prints_one_line_and_exits_2(tmp_path: Path):
+    (tmp_path / "in").mkdir()
+    out = run("segment", str(tmp_path / "in"), "--out", str(tmp_path / "o"), "--models", "tiny", "--prompt", "x",
+              "--shard", "3/2")  # fmt: skip
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("mcs-batch: error:")]
+    assert errors == ["mcs-batch: error: resources.shard: expected 'i/N' with 1 <= i <= N (e.g. 2/4), got '3/2'"]
+    assert not (tmp_path / "o").exists()

@@ -103,8 +103,15 @@ class CaseGrouper:
         slice_axis: int = 2,
         max_attempts: int = 3,
         retry_failed: bool = False,
+        own: tuple[int, int] | None = None,
+        unread_after: bool = False,
     ):
         self.expected = list(wave_sizes)
+        # a shard driver's grouper (archive/listing.ShardWaves): the waves [lo, hi) are its own; a series
+        # is its own when its first file is in them, an object of its own when it is in them
+        self.own, self.unread_after = own or (0, len(self.expected)), unread_after
+        self.first_wave: dict[str, int] = {}
+        self.foreign: set[str] = set()  # series released as another shard's
         self.limits, self.slice_axis = limits or SizeLimits(), slice_axis
         self.unreadable: dict[str, list[str]] = defaultdict(list)  # folder -> keys of objects storage failed
         self.divert = divert_unsegmented and bool(board)
@@ -174,6 +181,9 @@ class CaseGrouper:
         if row["probed"]:
             index_row = {k: row[k] for k in ("uri", "rel", "size", "version", "payload")}
         item = json.loads(row["payload"])
+        mine = self.own[0] <= row["wave"] < self.own[1]
+        if not mine and ("record" in item or not item["header"].get("series_uid")):
+            return  # an object of a neighbouring shard's waves: that shard's (and its index rows)
         if "record" in item:
             record = CaseRecord.from_row(item["record"])
             if record.error_code == ErrorCode.UNREADABLE:
@@ -189,6 +199,8 @@ class CaseGrouper:
             records = cases_of_series([header])
             self._index(row["prefix_id"], index_row, records[0].case_id if records else None)
             out.extend(records)
+        elif uid in self.foreign:
+            return
         elif uid in self.released:
             out.append(self._late(header))
             self._index(row["prefix_id"], index_row, out[-1].case_id)
@@ -196,6 +208,7 @@ class CaseGrouper:
             self.open[uid].append(header)
             self.open_index[uid].append((row["prefix_id"], index_row))
             self.last_wave[uid] = max(self.last_wave.get(uid, -1), row["wave"])
+            self.first_wave[uid] = min(self.first_wave.get(uid, row["wave"]), row["wave"])
 
     def _advance(self) -> bool:
         before = self.frontier
@@ -209,7 +222,12 @@ class CaseGrouper:
         ready = [uid for uid, last in self.last_wave.items() if everything or last + 1 < self.frontier]
         out = []
         for uid in ready:
+            if not self.own[0] <= self.first_wave.pop(uid) < self.own[1]:  # it began in another shard's waves
+                self.open.pop(uid), self.open_index.pop(uid), self.last_wave.pop(uid)
+                self.foreign.add(uid)
+                continue
             records = [self._unless_incomplete(r) for r in cases_of_series(self.open.pop(uid))]
+            records = [self._unless_cut(r, self.last_wave[uid]) for r in records]
             case_of = {uri: r.case_id for r in records for uri in r.source_uris}
             for prefix_id, index_row in self.open_index.pop(uid):
                 if index_row is not None:
@@ -233,6 +251,19 @@ class CaseGrouper:
             f"series {record.series_uid}: {len(failed)} object(s) beside its files could not be read "
             f"({', '.join(failed[:3])}{' ...' if len(failed) > 3 else ''}): it may be incomplete; the next run "
             "reads them again"
+        )
+        return record
+
+    def _unless_cut(self, record: CaseRecord, last_wave: int) -> CaseRecord:
+        """A series of this shard with files in the last wave it reads, when the archive goes on after
+        that wave, may go on too: it fails (naming the cut) rather than be assembled with slices missing.
+        Only a series longer than the wave after the cut can (listing.LOOKAHEAD_WAVES)."""
+        if not self.unread_after or last_wave != len(self.expected) - 1 or record.status != Status.OK:
+            return record
+        record.status, record.error_code = Status.FAILED, ErrorCode.INCONSISTENT_SERIES
+        record.error_message = (
+            f"series {record.series_uid}: its files go on past the waves read after this shard's cut: run "
+            "with fewer shards (resources.drivers) or larger waves (inputs.wave_objects)"
         )
         return record
 

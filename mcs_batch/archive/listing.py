@@ -12,6 +12,7 @@ descriptor per wave: its memory grows with the number of waves, not of objects.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import posixpath
 import time
@@ -247,3 +248,41 @@ def read_wave(batch: dict, *, storage: StorageOptions | None, rows_per_block: in
         table = table.append_column("wave", pa.array([int(wave)] * table.num_rows, pa.int64()))
         for offset in range(0, table.num_rows, rows_per_block):
             yield table.slice(offset, rows_per_block)
+
+
+LOOKAHEAD_WAVES = 2  # waves a shard reads after its own (a series crossing the cut ends in the first)
+
+
+@dataclass(frozen=True)
+class ShardWaves:
+    """Shard i of N of the listed archive: `waves` (renumbered from 0) are what its scan reads, `own`
+    the range of them [lo, hi) whose objects it owns. Around its own waves it reads the wave before
+    (a series that began there belongs to the shard before) and two waves after (a series of its own
+    that goes on past the cut is completed from them): archive/grouping.CaseGrouper decides by the
+    wave of a series' first file, so a series crossing a cut is one case, of one shard. `unread_after`:
+    the archive goes on after the last wave read (a series of this shard with files in that wave may
+    go on too, and fails rather than be assembled with slices missing)."""
+
+    waves: list[Wave]
+    own: tuple[int, int]
+    objects: int  # objects owned
+    unread_after: bool = False
+
+
+def shard_waves(waves: Sequence[Wave], shard: int, shards: int) -> ShardWaves:
+    """Shard `shard` (0-based) of `shards`: contiguous runs of waves in key order with about the same
+    number of objects, cut only between waves (which are cut between folders where they can).
+    Deterministic: every driver that lists the same archive cuts it the same way."""
+    ends = list(itertools.accumulate(w.objects for w in waves))  # objects up to the end of each wave
+    total = ends[-1] if ends else 0
+    cuts = [0]
+    for k in range(1, shards):  # the wave boundary nearest to k / N of the objects (never behind the last cut)
+        best = min(range(cuts[-1], len(waves) + 1), key=lambda n: abs((ends[n - 1] if n else 0) - total * k / shards))
+        cuts.append(best)
+    cuts.append(len(waves))
+    lo, hi = cuts[shard], cuts[shard + 1]
+    if lo == hi:  # more shards than waves: nothing here
+        return ShardWaves([], (0, 0), 0)
+    first, last = max(0, lo - 1), min(len(waves), hi + LOOKAHEAD_WAVES)
+    read = [Wave(n, w.path, w.objects, w.cached) for n, w in enumerate(waves[first:last])]
+    return ShardWaves(read, (lo - first, hi - first), sum(w.objects for w in waves[lo:hi]), last < len(waves))

@@ -44,12 +44,15 @@ def cases_stream(
     slice_axis: int = 2,
     max_attempts: int = 3,
     retry_failed: bool = False,
+    own: tuple[int, int] | None = None,
+    unread_after: bool = False,
 ):
     """A lazy Dataset of case rows (manifest schema + done_targets, redo) for the listed waves.
     divert_unsegmented (a job, with a board): cases with nothing to segment go to the board, not the
     stream (archive/board.py). limits, slice_axis: the job's size limits (io/limits.py; default ones for
     `scan`), applied to every case as the grouper lets it go. max_attempts, retry_failed: which
-    committed failures the job redoes (outputs/catalog.CommittedPairs).
+    committed failures the job redoes (outputs/catalog.CommittedPairs). own: a shard driver's own waves
+    among `waves` and whether the archive goes on after them (archive/listing.ShardWaves; None: all).
 
     scan_tasks caps the waves scanned at once (None: as many as the CPUs allow), so that on a small
     cluster the scan does not take the CPUs the first cases need to be segmented."""
@@ -81,6 +84,8 @@ def cases_stream(
             "slice_axis": slice_axis,
             "max_attempts": max_attempts,
             "retry_failed": retry_failed,
+            "own": own,
+            "unread_after": unread_after,
         },
         batch_size=None,
         batch_format="pyarrow",

@@ -142,3 +142,13 @@ def sweep(catalog, *, live: str, ttl_s: float) -> list[str]:
                 catalog.fs.rm(record["_path"])
     done += [f"removed staging/tmp/{n}" for n in catalog.remove_stale_temporaries()]
     return done
+
+
+def end_dead_run(catalog, run_id: str, *, reason: str) -> None:
+    """What a run known to be dead left (its process is gone: a shard driver whose actor died),
+    cleaned at once instead of after its heartbeat's ttl: its record closed, its staging and heartbeat
+    file removed."""
+    catalog.close_run(run_id, reason=reason)
+    catalog.remove_staging(run_id)
+    with contextlib.suppress(FileNotFoundError):
+        catalog.fs.rm(catalog.path(LOCKS_DIR, f"run-{run_id}.json"))

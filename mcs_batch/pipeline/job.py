@@ -19,13 +19,11 @@ import queue
 import re
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from importlib import metadata
 
 from mcs_batch.archive.board import start_board
-from mcs_batch.archive.listing import list_archive, top_prefixes
+from mcs_batch.archive.listing import list_archive, shard_waves, top_prefixes
 from mcs_batch.archive.source import cases_stream
 from mcs_batch.cluster import forget_stop, stoppable
 from mcs_batch.config import JobConfig
@@ -33,33 +31,20 @@ from mcs_batch.errors import ConfigError
 from mcs_batch.faults import crash_hook
 from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
-from mcs_batch.outputs.lease import RunHeartbeat, sweep
+from mcs_batch.outputs.lease import RunHeartbeat
 from mcs_batch.outputs.maintenance import maintain
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
-from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, resolve
+from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
+from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, drivers_for, resolve
+from mcs_batch.pipeline.shards import run_sharded
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
 from mcs_batch.telemetry import JobMetrics
 
-PACKAGES = ("mcs-batch", "ray", "torch", "open_clip_torch", "segment-anything", "pydicom", "nibabel", "pyarrow")
 PROGRESS_SECONDS = 10.0
 POLL_SECONDS = 0.25  # how often the driver looks at finished assemblies while no rows arrive
 NODE_CHECK_SECONDS = 2.0  # how often the driver checks that no node of the cluster has died
 MAX_ATTEMPTS = 4  # a run plans again after losing nodes, this many times at most
 SCAN_CPU_SHARE = 4  # waves scanned at once: one per this many CPUs of the cluster (each with I/O threads)
-
-
-def new_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
-
-
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in PACKAGES:
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 _END = object()
@@ -138,17 +123,29 @@ def run_job(
     progress: Callable[[str], None] = print,
     stages: ModelStages | None = None,
     stop: threading.Event | None = None,
+    run_id: str | None = None,
+    metrics: JobMetrics | None = None,
+    parent: str | None = None,
 ) -> JobSummary:
     """Run the job on the current Ray cluster (ray.init() must have been called). Other jobs may write
     the same OUT at once: each pair is committed once (outputs/catalog.py). stop: set by the caller (a
     long-lived process, a test), the job stops within POLL_SECONDS as an attempt that lost nodes does
-    (its actors killed, what is assembled committed) and ends `aborted`."""
+    (its actors killed, what is assembled committed) and ends `aborted`.
+
+    With more than one driver (resources.drivers, auto from the cluster's GPUs) the job runs as shard
+    drivers (pipeline/shards.py), each calling this for its shard (resources.shard) with its run id,
+    its metrics (summed by the parent) and the parent's run id."""
     start = time.perf_counter()
     if not cfg.inputs.uris:
         raise ConfigError("inputs.uris: no inputs given")
-    run_id = new_run_id()
     top_prefixes(cfg.inputs.uris, storage=storage)  # missing, unreachable or overlapping inputs: before OUT is
     # touched (a job that cannot read its inputs leaves no trace there)
+    if cfg.resources.shard_spec() is None:
+        drivers = drivers_for(cfg.resources, cluster_view())
+        if drivers > 1:
+            return run_sharded(cfg, drivers, job=run_job, storage=storage, retry_failed=retry_failed,
+                               progress=progress, stages=stages, stop=stop)  # fmt: skip
+    run_id = run_id or new_run_id()
     catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)
     catalog.check_writable()  # an unmigrated, newer or unwritable catalog: one line, nothing written
     heartbeat = RunHeartbeat(catalog, run_id)
@@ -159,31 +156,24 @@ def run_job(
     catalog.crash_hook = crash_hook(cfg.testing, lambda: catalog.commits)
     try:
         return _run(cfg, catalog, run_id, start, storage=storage, retry_failed=retry_failed, progress=progress,
-                    stages=stages, stop=stop)  # fmt: skip
+                    stages=stages, stop=stop, metrics=metrics, parent=parent)  # fmt: skip
     finally:
         heartbeat.stop()
 
 
-def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages, stop) -> JobSummary:
+def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages, stop, metrics=None,
+         parent=None) -> JobSummary:  # fmt: skip
     """The job, once its heartbeat beats."""
     import ray
 
-    cleaned = sweep(catalog, live=run_id, ttl_s=cfg.outputs.heartbeat_ttl_seconds)
-    if cleaned:
-        progress(f"cleaned up after {len(cleaned)} thing(s) dead runs left: {'; '.join(cleaned[:3])}")
-    config_hash = cfg.hash()
-    other = catalog.config_hashes() - {config_hash}
-    if other:
-        raise ConfigError(
-            f"{cfg.outputs.uri} holds results of another configuration ({', '.join(sorted(other))}; this one is "
-            f"{config_hash}): write to a new output folder"
-        )
-
+    clean_up_dead_runs(catalog, cfg, run_id, progress)
+    config_hash = check_configuration(catalog, cfg)
+    shard = cfg.resources.shard_spec()
     summary = JobSummary(run_id=run_id, out=cfg.outputs.uri, config_hash=config_hash, tiny_models=cfg.models.tiny)
-    resources = resolve(cfg.resources, cluster_view())
+    resources = resolve(cfg.resources, cluster_view(), shard)
     if resources.gpus > 0 and not resources.cluster["gpus"]:
         await_gpus(resources.gpus, cfg.resources.gpu_wait_seconds, progress)
-        resources = resolve(cfg.resources, cluster_view())
+        resources = resolve(cfg.resources, cluster_view(), shard)
     document = {
         "run_id": run_id,
         "status": "running",
@@ -195,8 +185,10 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
         "resources": resources.to_dict(),
         "attempts": [],
     }
-    metrics = JobMetrics(cfg.outputs.metrics_port, cfg.outputs.metrics_linger_seconds)  # a port in use stops
-    # the job before its run record
+    if shard is not None:
+        document["shard"] = {"shard": f"{shard[0] + 1}/{shard[1]}", "parent": parent}
+    if metrics is None:  # a port in use stops the job before its run record
+        metrics = JobMetrics(cfg.outputs.metrics_port, cfg.outputs.metrics_linger_seconds)
     summary.run_uri = catalog.write_run(run_id, document)
     index_uri = cfg.inputs.index or join(cfg.outputs.uri, "index")
     staging = catalog.uri("staging", run_id)
@@ -206,7 +198,7 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             if attempt > 1:  # the cluster changed under the previous attempt: plan again on what is there
-                resources = resolve(cfg.resources, cluster_view())
+                resources = resolve(cfg.resources, cluster_view(), shard)
                 writer.resources_changed(resources)
             record = {"attempt": attempt, "started_at": datetime.now(UTC).isoformat(), "resources": resources.to_dict()}
             document["attempts"].append(record)
@@ -337,9 +329,17 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
     objects, cached = sum(w.objects for w in waves), sum(w.cached for w in waves)
     record["listing"] = {"objects": objects, "waves": len(waves), "indexed": cached,
                          "listed_at": datetime.now(UTC).isoformat()}  # fmt: skip
+    own, unread_after = None, False
+    shard = cfg.resources.shard_spec()
+    if shard is not None:  # this driver's share: contiguous waves, and the waves either side of them
+        part = shard_waves(waves, *shard)
+        waves, own, objects, unread_after = part.waves, part.own, part.objects, part.unread_after
+        record["listing"]["shard"] = {"shard": f"{shard[0] + 1}/{shard[1]}", "objects": objects,
+                                      "waves": own[1] - own[0], "read_waves": len(waves)}  # fmt: skip
     document.setdefault("listing", record["listing"])
-    progress(f"run {writer.run_id}: {objects} objects in {len(waves)} wave(s), {cached} already indexed; "
-             f"model pools: {_pools(resources)}, "
+    share = f" (shard {shard[0] + 1}/{shard[1]}: {objects} of them)" if shard is not None else ""
+    progress(f"run {writer.run_id}: {record['listing']['objects']} objects in {record['listing']['waves']} "
+             f"wave(s){share}, {cached} already indexed; model pools: {_pools(resources)}, "
              f"{resources.gpus:g} GPU(s)")  # fmt: skip
     if not waves:
         return "done"
@@ -352,6 +352,7 @@ def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, s
         scan_tasks=max(1, int(resources.cluster.get("cpus", 1) // SCAN_CPU_SHARE)),
         limits=cfg.resources.size_limits(), slice_axis=cfg.slice_axis,
         max_attempts=cfg.failure_budget.transient_attempts, retry_failed=retry_failed and attempt_is_first(record),
+        own=own, unread_after=unread_after,
     )  # fmt: skip
     rows = build_pipeline(cases, cfg, resources, storage=storage, staging_uri=join(staging, "parts"),
                           run_id=writer.run_id, board=board_name, stages=stages)  # fmt: skip

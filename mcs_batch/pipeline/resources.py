@@ -29,6 +29,7 @@ record, with the cluster they were resolved against.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 from mcs_batch.config import AUTO, ResourcesConfig
@@ -90,14 +91,54 @@ def cluster_view() -> dict:
     }
 
 
+# What `resources.drivers: auto` sizes the shards by: slices per second one GPU takes (an H200 running
+# SAM vit_b and BiomedCLIP's M2IB, the issue's estimate; bench/gpu_bench.py measures it where a GPU is
+# lent) and slices per second one driver coordinates with a core to spare (bench/driver_bench.py's
+# capacity for volumes at GPU blocks, halved: a driver at full load would be the bottleneck).
+GPU_SLICES_PER_S = 175.0
+DRIVER_SLICES_PER_S = 400.0
+
+
+def drivers_for(res: ResourcesConfig, cluster: dict) -> int:
+    """Shard drivers for this cluster: resources.drivers, or auto: enough that no driver coordinates
+    more than DRIVER_SLICES_PER_S at GPU_SLICES_PER_S per GPU (1 without GPUs), at most one per GPU."""
+    if res.drivers != AUTO:
+        return int(res.drivers)
+    gpus = float(_pick(res.gpus, cluster.get("gpus", 0.0)))
+    if gpus <= 0:
+        return 1
+    return max(1, min(int(gpus), math.ceil(gpus * GPU_SLICES_PER_S / DRIVER_SLICES_PER_S)))
+
+
+def _share(total: float, i: int, n: int) -> float:
+    """Shard i's share of `total` split N ways: whole units where the total is whole (8 GPUs in 3 shards:
+    3, 3, 2, not 2.67 each, which would leave 2 GPUs idle)."""
+    if float(total).is_integer():
+        return float(math.floor(total * (i + 1) / n) - math.floor(total * i / n))
+    return total / n
+
+
+def shard_view(cluster: dict, shard: tuple[int, int] | None) -> dict:
+    """Shard (i, N)'s share of the cluster (its pools are sized by it): CPUs, GPUs and memory split N ways."""
+    if shard is None or shard[1] <= 1:
+        return dict(cluster)
+    i, n = shard
+    share = {k: _share(float(cluster.get(k, 0.0)), i, n) for k in ("cpus", "gpus", "memory")}
+    return {**cluster, **share, "shard": f"{i + 1}/{n}"}
+
+
 def _pick(value, default):
     return default if value == AUTO else value
 
 
-def resolve(res: ResourcesConfig, cluster: dict) -> Resolved:
-    """Concrete pool sizes and per-actor resources for this cluster."""
+def resolve(res: ResourcesConfig, cluster: dict, shard: tuple[int, int] | None = None) -> Resolved:
+    """Concrete pool sizes and per-actor resources for this cluster; a shard driver's (shard = (i, N))
+    for its share of it: the cluster, and an explicit resources.gpus, split N ways."""
+    cluster = shard_view(cluster, shard)
     present = float(cluster["gpus"])
     gpus = float(_pick(res.gpus, present))
+    if shard is not None and shard[1] > 1 and res.gpus != AUTO:
+        gpus = _share(gpus, *shard)
     together = gpus == 0 if res.models_together == AUTO else bool(res.models_together)
     if gpus > 0:
         most = max(1, int(gpus))
