@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import sys
@@ -121,6 +122,8 @@ def main() -> None:
             cluster.add_node(num_cpus=2, num_gpus=1, **common)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # the 1-driver run's executor is this process
+        ray.data.DataContext.get_current().enable_progress_bars = False
         print(f"{args.images} PNG images {args.size}x{args.size}; {args.gpu_nodes} fake GPUs; {cores} real cores",
               flush=True)  # fmt: skip
         try:
