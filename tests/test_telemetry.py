@@ -73,3 +73,34 @@ def scrape_text(port: int) -> str:
 def sample(text: str, name: str) -> float:
     (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
     return float(line.split()[1])
+
+
+def test_a_sharded_jobs_endpoint_serves_the_sum_of_its_shards_and_drops_a_dead_ones_queue():
+    port = free_port()
+    parent, shard_a, shard_b = JobMetrics(port), JobMetrics(), JobMetrics()
+    try:
+        shard_a.planned(5)
+        shard_a.case("lungs", "ok", None)
+        shard_a.slices_done(3, {"load": 1.5})
+        shard_a.committed(1, 0)
+        shard_b.planned(4)
+        for _ in range(2):  # polled twice: nothing counted twice
+            parent.absorb("run-a", shard_a.snapshot())
+            parent.absorb("run-b", shard_b.snapshot())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'mcs_batch_cases_total{error_code="",status="ok",target="lungs"} 1.0' in text
+        assert 'mcs_batch_slices_total{stage="load"} 3.0' in text
+        assert "mcs_batch_cases_planned 9.0" in text and "mcs_batch_cases_in_flight 8.0" in text
+        parent.absorb("run-b", None, ended=True)  # shard b's driver died: its restart plans its cases again
+        shard_b2 = JobMetrics()
+        shard_b2.planned(4)
+        shard_b2.case("lungs", "ok", None)
+        shard_b2.committed(1, 0)
+        parent.absorb("run-b-r1", shard_b2.snapshot())
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        assert 'mcs_batch_cases_total{error_code="",status="ok",target="lungs"} 2.0' in text
+        assert "mcs_batch_cases_committed 2.0" in text and "mcs_batch_cases_in_flight 7.0" in text  # 4 + 3
+        last = next(line for line in text.splitlines() if line.startswith("mcs_batch_last_commit_timestamp_seconds "))
+        assert float(last.split()[1]) > 0
+    finally:
+        parent.close()

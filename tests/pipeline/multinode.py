@@ -5,7 +5,8 @@ own, since one process connects to one Ray cluster).
 
 ray.cluster_utils.Cluster starts a head (2 CPUs, no GPU) and two worker nodes declaring 2 CPUs and 2
 GPUs each (fake: these machines have no GPU; Ray assigns the ids, CUDA stays unavailable). The job
-runs with `resources: auto` (small blocks, so that work is spread). With --remove-node, one worker node
+runs with `resources: auto` (small blocks, so that work is spread) and one driver (tests/pipeline/
+test_shards.py runs shard drivers). With --remove-node, one worker node
 is removed once the job's 8 model actors have registered with its board. The cluster is this
 process's own (its own temp dir, ports picked free) and is shut down through its own API, never
 `ray stop`. The last line printed is a JSON result.
@@ -54,7 +55,8 @@ def main(argv: list[str]) -> None:
         ray.init(address=cluster.address, logging_level="ERROR", log_to_driver=False)
         cfg = load_config(preset="tiny", prompts=["a bright lesion"], target="lesion", inputs=[inputs], out=out,
                           overrides=[f"models.cache_dir={cache}", "outputs.catalog_flush_cases=1",
-                                     "resources.block_rows=4"])  # fmt: skip
+                                     "resources.block_rows=4",
+                                     "resources.drivers=1"])  # fmt: skip
         if remove:
 
             def remover() -> None:  # once every model actor is up (work is flowing), a worker node goes away
