@@ -36,6 +36,7 @@ from mcs_batch.outputs.maintenance import maintain
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
 from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
 from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, drivers_for, resolve
+from mcs_batch.pipeline.retraining import submit_retraining
 from mcs_batch.pipeline.shards import run_sharded
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
 from mcs_batch.telemetry import JobMetrics
@@ -218,8 +219,8 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
         if writer.pending:  # an invariant: every planned slice must come back
             raise RuntimeError(f"{len(writer.pending)} case(s) did not complete: {sorted(writer.pending)[:3]}")
         document["status"] = "succeeded"
-        if cfg.weak.enabled:
-            document["weak_jobs"] = _submit_retraining(cfg, summary, progress, storage)
+        if cfg.weak.enabled and parent is None:  # a shard driver's parent submits once, for the whole job
+            document["weak_jobs"] = submit_retraining(cfg, summary, progress, storage)
     except JobAborted as e:
         summary.aborted = str(e)
         document["status"] = "aborted"
@@ -463,35 +464,3 @@ def _progress_line(progress, writer: CaseWriter, board, start: float, objects: i
 def _duration(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
-
-
-def _submit_retraining(cfg: JobConfig, summary, progress, storage: StorageOptions | None) -> list[dict]:
-    """The weak-supervision trigger: one `train-weak --refine` Ray job per target, when this run
-    committed new ok cases, each recorded with what it will decide ("training": a new training and its
-    label counts, or the last one reused). A failed submission is recorded and said, never a failed
-    segmentation."""
-    from mcs_batch.train.weak.trigger import planned_training, submit_after_segment
-
-    if not summary.by_status.get("ok"):
-        progress("weak.enabled: no new ok case in this run, so no retraining was submitted")
-        return []
-    jobs = []
-    for target in cfg.targets:
-        work = cfg.weak.work or join(cfg.outputs.uri, "weak", target.name)
-        try:
-            training = planned_training(cfg.outputs.uri, target.name, work, config=cfg.weak.config or None,
-                                        overrides=cfg.weak.overrides, storage=storage)  # fmt: skip
-            progress(f"weakly supervised retraining of {target.name}: {training['decision']}")
-        except Exception as e:  # what it will do is information; the submission goes ahead
-            training = {"error": f"{type(e).__name__}: {e}"}
-        try:
-            sid = submit_after_segment(cfg.outputs.uri, target.name, work, address=cfg.weak.address,
-                                       config=cfg.weak.config or None, overrides=cfg.weak.overrides,
-                                       refine=cfg.weak.refine)  # fmt: skip
-            jobs.append({"target": target.name, "work": work, "submission_id": sid, "training": training})
-            progress(f"submitted weakly supervised retraining of {target.name} to {cfg.weak.address}: {sid}")
-        except Exception as e:  # the segmentation is committed whatever happens here
-            error = f"{type(e).__name__}: {e}"
-            jobs.append({"target": target.name, "work": work, "error": error, "training": training})
-            progress(f"could not submit the retraining of {target.name} to {cfg.weak.address}: {e}")
-    return jobs

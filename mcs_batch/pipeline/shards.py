@@ -36,6 +36,7 @@ from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import RunHeartbeat, end_dead_run
 from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
 from mcs_batch.pipeline.resources import cluster_view
+from mcs_batch.pipeline.retraining import submit_retraining
 from mcs_batch.pipeline.writer import JobSummary
 from mcs_batch.telemetry import JobMetrics
 
@@ -105,6 +106,8 @@ def run_sharded(cfg: JobConfig, shards: int, *, job, storage: StorageOptions | N
                              retry_failed=retry_failed, stages=stages, stop=stop, progress=progress)  # fmt: skip
             summary = _summed(results, run_id, cfg, config_hash)
             document["status"] = "aborted" if summary.aborted else "succeeded"
+            if cfg.weak.enabled and not summary.aborted:
+                document["weak_jobs"] = submit_retraining(cfg, summary, progress, storage)
         finally:
             metrics.close(failed=document["status"] != "succeeded")
             if document["status"] == "running":
