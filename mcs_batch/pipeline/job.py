@@ -32,11 +32,10 @@ from mcs_batch.faults import crash_hook
 from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import RunHeartbeat
-from mcs_batch.outputs.maintenance import maintain
+from mcs_batch.pipeline.finish import maintain_tables, submit_retraining
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
 from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
 from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, drivers_for, resolve
-from mcs_batch.pipeline.retraining import submit_retraining
 from mcs_batch.pipeline.shards import run_sharded
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary
 from mcs_batch.telemetry import JobMetrics
@@ -268,8 +267,8 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
         )
         if document["status"] == "running":
             document["status"] = "failed"
-        if document["status"] != "failed":
-            document["maintenance"] = _maintain(catalog, cfg, index_uri, progress)
+        if document["status"] != "failed" and parent is None:  # a shard driver's parent does it, at the end
+            document["maintenance"] = maintain_tables(catalog, cfg, index_uri, progress)
         catalog.write_run(run_id, document)
         catalog.remove_staging(run_id)
     return summary
@@ -407,23 +406,6 @@ def attempt_is_first(record: dict) -> bool:
     """--retry-failed applies to the run's first attempt; later attempts (after lost nodes) redo what the
     first left, and the failures it committed stand."""
     return record.get("attempt") == 1
-
-
-def _maintain(catalog, cfg: JobConfig, index_uri: str, progress) -> dict:
-    """At the end of a job: compact the tables that gathered many small files and vacuum every table
-    (outputs/maintenance.py). Never fails the job: what it could not do, the next job or `mcs-batch
-    catalog compact|vacuum` does."""
-    try:
-        done = maintain(catalog, min_files=cfg.outputs.compact_min_files, index=index_uri)
-    except Exception as e:
-        progress(f"table upkeep skipped ({type(e).__name__}: {e})")
-        return {"error": f"{type(e).__name__}: {e}"}
-    for name, result in done.items():
-        if "files_before" in result:
-            progress(f"compacted the {name} table: {result['files_before']} -> {result['files_after']} file(s)")
-        if result.get("vacuumed"):
-            progress(f"vacuumed the {name} table: {result['vacuumed']} file(s) removed a week ago deleted")
-    return done
 
 
 def _stop_attempt(board, since: float) -> None:

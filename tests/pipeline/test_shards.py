@@ -137,6 +137,8 @@ def test_sharded_drivers_give_the_rows_of_one_driver_and_a_killed_one_resumes(tm
     for entry in run["shards"]:
         shard = json.loads((work / "two" / "runs" / f"{entry['runs'][0]}.json").read_text())
         assert shard["status"] == "succeeded" and shard["shard"] == {"shard": entry["shard"], "parent": run["run_id"]}
+        assert "maintenance" not in shard and "weak_jobs" not in shard  # once per job: by the parent
+    assert "maintenance" in run and run["tables"]["cases"]["last"] >= run["tables"]["cases"]["first"]
     owner = [json.loads((work / "two" / "runs" / f"{e['runs'][0]}.json").read_text()) for e in run["shards"]]
     assert [o["attempts"][0]["listing"]["shard"]["objects"] for o in owner] == [7, 7]  # cut between c_ct and d_ct
     assert sorted(r["cases"] for r in result["separate"]) == [4, 5]  # two --shard jobs: each its share, once

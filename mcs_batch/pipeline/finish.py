@@ -1,10 +1,28 @@
-"""The weak-supervision trigger at the end of a segmentation job (one driver, or the parent of shard
-drivers: once for the whole job)."""
+"""What a segmentation job does at its end, once for the whole job (its one driver, or the parent of
+its shard drivers): the tables' upkeep and the weak-supervision trigger."""
 
 from __future__ import annotations
 
 from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions, join
+from mcs_batch.outputs.maintenance import maintain
+
+
+def maintain_tables(catalog, cfg: JobConfig, index_uri: str, progress) -> dict:
+    """At the end of a job: compact the tables that gathered many small files and vacuum every table
+    (outputs/maintenance.py). Never fails the job: what it could not do, the next job or `mcs-batch
+    catalog compact|vacuum` does."""
+    try:
+        done = maintain(catalog, min_files=cfg.outputs.compact_min_files, index=index_uri)
+    except Exception as e:
+        progress(f"table upkeep skipped ({type(e).__name__}: {e})")
+        return {"error": f"{type(e).__name__}: {e}"}
+    for name, result in done.items():
+        if "files_before" in result:
+            progress(f"compacted the {name} table: {result['files_before']} -> {result['files_after']} file(s)")
+        if result.get("vacuumed"):
+            progress(f"vacuumed the {name} table: {result['vacuumed']} file(s) removed a week ago deleted")
+    return done
 
 
 def submit_retraining(cfg: JobConfig, summary, progress, storage: StorageOptions | None) -> list[dict]:
