@@ -123,12 +123,19 @@ class JobMetrics:
         self._dropped = self._planned - self._committed
         self._queue()
 
+    def queue(self) -> dict[str, int]:
+        """The queue in cases: planned, committed, failed, in flight (as the gauges serve them)."""
+        in_flight = max(0, self._planned - self._committed - self._dropped)
+        return {"planned": self._planned, "committed": self._committed, "failed": self._failed,
+                "in_flight": in_flight}  # fmt: skip
+
     def _queue(self) -> None:
-        self.cases_planned.set(self._planned)
-        self.cases_committed.set(self._committed)
-        self.cases_failed.set(self._failed)
+        queue = self.queue()
+        self.cases_planned.set(queue["planned"])
+        self.cases_committed.set(queue["committed"])
+        self.cases_failed.set(queue["failed"])
         # max: the board's count may trail a commit of cases it handed straight to the driver
-        self.in_flight.set(max(0, self._planned - self._committed - self._dropped))
+        self.in_flight.set(queue["in_flight"])
 
     # -- sharded drivers (pipeline/shards.py): each shard's metrics, summed into the parent's ----------
     def snapshot(self) -> dict:

@@ -40,6 +40,7 @@ from mcs_batch.pipeline.resources import cluster_view
 from mcs_batch.pipeline.writer import JobSummary
 from mcs_batch.telemetry import JobMetrics
 
+PROGRESS_SECONDS = 10.0  # the parent's line summing the shards (each shard also says its own)
 POLL_SECONDS = 2.0  # how often the parent takes the shards' metrics and looks for dead drivers
 SHARD_RESTARTS = 3  # a shard whose driver died is run again this many times at most
 SHARD_ACTOR_PREFIX = "mcs-batch-shard-"  # + the shard run's id: the driver actor's name (ops can find it)
@@ -181,6 +182,7 @@ def _drive(cfg, shards, run_id, metrics, document, *, job, storage, retry_failed
         document["shards"].append({"shard": f"{shard + 1}/{shards}", "runs": [], "restarts": 0, "status": "running"})
         launch(shard)
     stopping = False
+    said = time.monotonic()
     try:
         while running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=POLL_SECONDS)
@@ -192,6 +194,13 @@ def _drive(cfg, shards, run_id, metrics, document, *, job, storage, retry_failed
                 for (_, shard_run, _), snapshot in zip(live, snapshots, strict=True):
                     if snapshot is not None:
                         metrics.absorb(shard_run, snapshot)
+            if time.monotonic() - said >= PROGRESS_SECONDS:
+                said = time.monotonic()
+                q = metrics.queue()
+                restarts = sum(s["restarts"] for s in document["shards"])
+                progress(f"{len(running)} of {shards} shard driver(s) running: {q['committed']} case(s) committed "
+                         f"({q['failed']} failed), {q['in_flight']} in flight, {q['planned']} planned; "
+                         f"{restarts} restart(s)")  # fmt: skip
             if stop is not None and stop.is_set() and not stopping:
                 stopping = True
                 for _, _, handle in live:
