@@ -182,12 +182,12 @@ class CaseGrouper:
             index_row = {k: row[k] for k in ("uri", "rel", "size", "version", "payload")}
         item = json.loads(row["payload"])
         mine = self.own[0] <= row["wave"] < self.own[1]
-        if not mine and ("record" in item or not item["header"].get("series_uid")):
-            return  # an object of a neighbouring shard's waves: that shard's (and its index rows)
         if "record" in item:
             record = CaseRecord.from_row(item["record"])
-            if record.error_code == ErrorCode.UNREADABLE:
+            if record.error_code == ErrorCode.UNREADABLE:  # beside a series of this shard's too
                 self.unreadable[posixpath.dirname(row["rel"])].append(row["rel"])
+            if not mine:
+                return  # an object of a neighbouring shard's waves: that shard's (and its index rows)
             if record.error_code in _NOT_INDEXED:
                 index_row = None  # read again next run
             self._index(row["prefix_id"], index_row, record.case_id)
@@ -195,6 +195,8 @@ class CaseGrouper:
             return
         header = DicomHeader.from_dict(item["header"])
         uid = header.series_uid
+        if not mine and not uid:
+            return
         if not uid:  # a DICOM object without a series: a case of its own
             records = cases_of_series([header])
             self._index(row["prefix_id"], index_row, records[0].case_id if records else None)

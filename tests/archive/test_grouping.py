@@ -183,3 +183,39 @@ def test_one_bad_row_fails_its_object_and_the_block_goes_on(tmp_path: Path):
         ("failed", "internal_error", 1),
         ("ok", None, 2),
     ]
+
+
+def test_two_shards_own_every_object_once_and_a_series_across_the_cut_is_one_case(tmp_path: Path):
+    """Shard groupers (listing.ShardWaves): the cut between waves 1 and 2 falls inside series A (a1 | a2).
+    Shard 1 owns waves 0-1 and reads 2-3 after them; shard 2 owns waves 2-3 and reads wave 1 before
+    them. A is shard 1's (its first file is in wave 1), assembled whole from the wave after the cut;
+    shard 2 leaves it, and nothing is indexed twice."""
+    root = tmp_path / "in"
+    f = archive(root)
+    d = write_series(root / "d", n_slices=2, series_seed="D")
+    waves = [f["b"] + f["c"], f["a1"], f["a2"] + f["png"], d]
+    sizes = [len(w) for w in waves]
+    first = CaseGrouper(sizes, index_uri=str(tmp_path / "index1"), run_id="s1", own=(0, 2))
+    second = CaseGrouper(sizes[1:], index_uri=str(tmp_path / "index2"), run_id="s2", own=(1, 3))
+    out1 = [r for n, w in enumerate(waves) for r in first(probe_rows(root, w, n)).to_pylist()]
+    out2 = [r for n, w in enumerate(waves[1:]) for r in second(probe_rows(root, w, n)).to_pylist()]
+    objects = sorted(u for r in out1 + out2 for u in r["source_uris"])
+    assert objects == sorted(f"file://{p}" for w in waves for p in w)  # every object in exactly one row
+    series_a = [r for r in out1 + out2 if any("/a1/" in u for u in r["source_uris"])]
+    assert len(series_a) == 1 and series_a[0] in out1 and len(series_a[0]["source_uris"]) == 3
+    assert series_a[0]["status"] == "ok"
+    assert {u.split("/")[-2] for r in out2 for u in r["source_uris"]} == {"png", "d"}  # shard 2: its own only
+    assert sorted(len(r["source_uris"]) for r in out1) == [3, 3, 4]  # shard 1: series A (whole), B and C
+    indexed = [*ArchiveIndex(str(tmp_path / "index1")).read_prefix("p0"),
+               *ArchiveIndex(str(tmp_path / "index2")).read_prefix("p0")]  # fmt: skip
+    assert sorted(indexed) == objects  # each object indexed once, by its owner
+
+
+def test_a_shards_series_that_may_go_on_past_what_it_reads_fails_naming_the_cut(tmp_path: Path):
+    root = tmp_path / "in"
+    files = write_series(root / "s", n_slices=4, series_seed="LONG")
+    waves = [files[:1], files[1:2], files[2:3]]  # shard 1 owns wave 0, reads 1-2; the archive goes on after
+    grouper = CaseGrouper([1, 1, 1], index_uri=str(tmp_path / "index"), run_id="s1", own=(0, 1), unread_after=True)
+    out = [r for n, w in enumerate(waves) for r in grouper(probe_rows(root, w, n)).to_pylist()]
+    assert [(r["status"], r["error_code"]) for r in out] == [("failed", "inconsistent_series")]
+    assert "past the waves read after this shard's cut" in out[0]["error_message"]
