@@ -221,15 +221,16 @@ def _measure_pair(tree: Path, sizes: list[tuple[Path, int]], tmp: Path, name: st
     more = large["slices"] - small["slices"]
     return {
         "rate": large["slices"] / large["wall"],
-        "steady": more / max(1e-9, large["wall"] - small["wall"]),
+        "steady": more / (large["wall"] - small["wall"]) if large["wall"] > small["wall"] else float("nan"),
         "total": large["driver_cpu"] / large["slices"],
         "marginal": (large["driver_cpu"] - small["driver_cpu"]) / more,
     }
 
 
 def _capacity(cpu_per_slice: float) -> str:
-    """Slices/s at which the driver would use one whole core."""
-    return f"{1 / cpu_per_slice:7.0f}" if cpu_per_slice > 0 else "    inf"
+    """Slices/s at which the driver would use one whole core ("n/a": the large run cost the driver no
+    more CPU than the small one, a machine too busy to tell)."""
+    return f"{1 / cpu_per_slice:7.0f}" if cpu_per_slice > 0 else "    n/a"
 
 
 def _table(results: dict, trees: dict, blocks: list[int]) -> None:
