@@ -6,16 +6,22 @@ scan, grouping, decoding, windowing, prompts, staging, mask assembly and writing
 The stand-ins exist only in this file; the job never uses them.
 
 Two inputs: 1,000 PNG images (256 x 256) and one NIfTI volume of 600 slices (512 x 512, int16), each
-also at a tenth of the size (100 images, 60 slices). For each input and each source tree (this one,
-and --baseline-commit from a temporary git worktree), a fresh process starts a local Ray with 2 CPUs
-and runs the job; printed for the large input: slices/s of the job, slices/s per CPU core, and the
-driver process's CPU seconds (user + system, all its threads, Ray Data's executor included) per slice;
-and, from the small run, what grows with the archive, without the job's fixed start-up and finish
-(large minus small, over the slices between): slices/s per core more (the steady rate of a long run)
-and the driver CPU per slice more.
+also at a tenth of the size (100 images, 60 slices); --images and --volume-slices make them smaller.
+For each input, each block size (resources.block_rows, --block-rows: 32, 128 and 256 by default) and
+each source tree (this one, and --baseline-commit from a temporary git worktree, same block size), a
+fresh process starts a local Ray with 2 CPUs and runs the job, and the driver process's CPU seconds
+(user + system, all its threads: Ray Data's executor, the rows' iterator, the commits' native threads)
+are measured around `run_job`. Printed per input and block size, each tree on a line:
+- slices/s of the job and per CPU core (the large run), and per core more (the steady rate: large
+  minus small run);
+- the driver's CPU per slice: of the large run (`total`, the job's fixed start-up and finish
+  included) and what grows with the archive (`more`: large minus small run, over the slices between);
+- the driver's capacity: slices/s at which it would use one whole core (1 / `more`; from `total`
+  in brackets).
+Then a table of capacities, baseline beside this tree.
 
-    .venv/bin/python bench/driver_bench.py --baseline-commit 983e104
-"""
+    .venv/bin/python bench/driver_bench.py --baseline-commit 505ea85
+    .venv/bin/python bench/driver_bench.py --baseline-commit 505ea85 --images 400 --volume-slices 300"""
 
 from __future__ import annotations
 
@@ -103,26 +109,27 @@ class NoopSam:
         return batch
 
 
-def make_inputs(root: Path) -> dict[str, list[tuple[Path, int]]]:
-    """Per input kind, a small and a large archive of it: the difference between the two runs is what
-    grows with the archive (the large run's total also holds the job's fixed start-up and finish)."""
+def make_inputs(root: Path, *, images: int = 1000, volume_slices: int = 600) -> dict[str, list[tuple[Path, int]]]:
+    """Per input kind, a small (a tenth) and a large archive of it: the difference between the two runs
+    is what grows with the archive (the large run's total also holds the job's fixed start-up and finish)."""
     import nibabel as nib
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    inputs: dict[str, list[tuple[Path, int]]] = {"1000 images 256x256": [], "600-slice volume 512x512": []}
-    for n in (100, 1000):
-        images = root / f"images-{n}"
-        images.mkdir(parents=True)
+    image_label, volume_label = f"{images} images 256x256", f"{volume_slices}-slice volume 512x512"
+    inputs: dict[str, list[tuple[Path, int]]] = {image_label: [], volume_label: []}
+    for n in (max(1, images // 10), images):
+        folder = root / f"images-{n}"
+        folder.mkdir(parents=True)
         for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8)).save(images / f"img{i:04d}.png")
-        inputs["1000 images 256x256"].append((images, n))
-    for k in (60, 600):
+            Image.fromarray(rng.integers(0, 255, (256, 256), dtype=np.uint8)).save(folder / f"img{i:04d}.png")
+        inputs[image_label].append((folder, n))
+    for k in (max(1, volume_slices // 10), volume_slices):
         volume = root / f"volume-{k}"
         volume.mkdir()
         data = rng.integers(-1000, 1000, (512, 512, k), dtype=np.int16)
         nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 1.0, 1.0])), volume / "ct.nii.gz")
-        inputs["600-slice volume 512x512"].append((volume, k))
+        inputs[volume_label].append((volume, k))
     return inputs
 
 
@@ -167,12 +174,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline-commit", default=None)
     ap.add_argument("--only", choices=["images", "volume"], default=None)
-    ap.add_argument("--set", action="append", default=[], help="config override for this tree's runs, e.g. "
-                    "resources.block_rows=32 (the GPU default; auto is 8 on CPU)")  # fmt: skip
+    ap.add_argument("--images", type=int, default=1000, help="2D images of the large run (a tenth in the small)")
+    ap.add_argument("--volume-slices", type=int, default=600, help="slices of the large run's volume (a tenth ...)")
+    ap.add_argument("--block-rows", default="32,128,256", help="resources.block_rows values, comma-separated")
+    ap.add_argument("--set", action="append", default=[], help="more config overrides for this tree's runs")
     args = ap.parse_args()
+    blocks = [int(b) for b in args.block_rows.split(",")]
     with tempfile.TemporaryDirectory(prefix="driver-bench-") as tmp:
         tmp = Path(tmp)
-        inputs = make_inputs(tmp / "in")
+        inputs = make_inputs(tmp / "in", images=args.images, volume_slices=args.volume_slices)
         trees = {"this tree": REPO}
         if args.baseline_commit:
             trees = {"baseline": tmp / "baseline", **trees}
@@ -183,33 +193,59 @@ def main() -> None:
             for label, sizes in inputs.items():
                 if args.only and args.only not in label:
                     continue
-                for name, tree in trees.items():
-                    extra = tuple(args.set) if name == "this tree" else ()
-                    runs = []
-                    for path, slices in sizes:
-                        r = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{path.name}", extra)
-                        assert r["slices"] == slices, r
-                        runs.append(r)
-                    small, r = runs
-                    marginal = (r["driver_cpu"] - small["driver_cpu"]) / (r["slices"] - small["slices"])
-                    results[(label, name)] = {**r, "marginal": marginal}
-                    steady = (r["slices"] - small["slices"]) / (r["wall"] - small["wall"])
-                    results[(label, name)]["steady"] = steady
-                    print(f"{label:26s} {name:9s} {r['slices'] / r['wall']:7.1f} slices/s "
-                          f"({r['slices'] / r['wall'] / CPUS:6.1f} per core; {steady / CPUS:6.1f} per core more: "
-                          f"{small['wall']:.1f} s for {small['slices']})  driver CPU "
-                          f"{1000 * r['driver_cpu'] / r['slices']:7.2f} ms/slice ({r['driver_cpu']:.1f} s; "
-                          f"{small['driver_cpu']:.1f} s for {small['slices']}: {1000 * marginal:.2f} ms per "
-                          f"slice more)", flush=True)  # fmt: skip
-                if ("baseline" in trees) and (label, "baseline") in results:
-                    b, t = results[(label, "baseline")], results[(label, "this tree")]
-                    print(f"{'':26s} driver CPU per slice {b['driver_cpu'] / t['driver_cpu']:.1f}x lower "
-                          f"(per slice more: {b['marginal'] / t['marginal']:.1f}x), slices/s "
-                          f"{(t['slices'] / t['wall']) / (b['slices'] / b['wall']):.2f}x")  # fmt: skip
+                for block in blocks:
+                    for name, tree in trees.items():
+                        extra = (f"resources.block_rows={block}", *(args.set if name == "this tree" else ()))
+                        results[(label, block, name)] = r = _measure_pair(tree, sizes, tmp, name, extra)
+                        print(f"{label:26s} blocks {block:3d} {name:9s} {r['rate']:7.1f} slices/s "
+                              f"({r['rate'] / CPUS:6.1f} per core; {r['steady'] / CPUS:6.1f} per core more)  driver "
+                              f"CPU per slice {1000 * r['total']:6.3f} ms total, {1000 * r['marginal']:6.3f} ms more: "
+                              f"capacity {_capacity(r['marginal'])} slices/s ({_capacity(r['total'])})",
+                              flush=True)  # fmt: skip
+            _table(results, trees, blocks)
         finally:
             if args.baseline_commit:
                 subprocess.run(["git", "worktree", "remove", "--force", str(trees["baseline"])], cwd=REPO,
                                capture_output=True)  # fmt: skip
+
+
+def _measure_pair(tree: Path, sizes: list[tuple[Path, int]], tmp: Path, name: str, extra: tuple[str, ...]) -> dict:
+    """The small and the large run of one input in one tree: the large run's figures, and what grows."""
+    runs = []
+    for path, slices in sizes:
+        out = tmp / f"out-{name.replace(' ', '-')}-{path.name}-{len(list(tmp.glob('out-*')))}"
+        r = measure(tree, path, out, extra)
+        assert r["slices"] == slices, r
+        runs.append(r)
+    small, large = runs
+    more = large["slices"] - small["slices"]
+    return {
+        "rate": large["slices"] / large["wall"],
+        "steady": more / (large["wall"] - small["wall"]) if large["wall"] > small["wall"] else float("nan"),
+        "total": large["driver_cpu"] / large["slices"],
+        "marginal": (large["driver_cpu"] - small["driver_cpu"]) / more,
+    }
+
+
+def _capacity(cpu_per_slice: float) -> str:
+    """Slices/s at which the driver would use one whole core ("n/a": the large run cost the driver no
+    more CPU than the small one, a machine too busy to tell)."""
+    return f"{1 / cpu_per_slice:7.0f}" if cpu_per_slice > 0 else "    n/a"
+
+
+def _table(results: dict, trees: dict, blocks: list[int]) -> None:
+    print("\ndriver capacity, slices/s per core of driver CPU (1 / CPU per slice that grows with the archive; "
+          "in brackets: 1 / CPU per slice of the large run, start-up included)")  # fmt: skip
+    labels = list(dict.fromkeys(label for label, _, _ in results))
+    print(f"{'input':26s} {'block':>5s} " + " ".join(f"{name:>27s}" for name in trees))
+    for label in labels:
+        for block in blocks:
+            cells = []
+            for name in trees:
+                r = results.get((label, block, name))
+                cells.append(f"{_capacity(r['marginal'])} ({_capacity(r['total'])}) {1000 * r['marginal']:5.2f}ms"
+                             if r else f"{'-':>27s}")  # fmt: skip
+            print(f"{label:26s} {block:5d} " + " ".join(f"{c:>27s}" for c in cells))
 
 
 if __name__ == "__main__":

@@ -95,8 +95,9 @@ class JobMetrics:
                     f"outputs.metrics_port: cannot serve metrics on port {port} ({e.strerror or e})"
                 ) from e
 
-    def case(self, target: str, status: str, error_code: str | None) -> None:
-        self.cases.labels(target=target, status=status, error_code=error_code or "").inc()
+    def case(self, target: str, status: str, error_code: str | None, n: int = 1) -> None:
+        """n committed (case, target) rows of this target, status and error code."""
+        self.cases.labels(target=target, status=status, error_code=error_code or "").inc(n)
 
     def slices_done(self, n: int, seconds_by_stage: dict[str, float]) -> None:
         """n slices of a case went through every stage, spending these seconds in each (summed)."""

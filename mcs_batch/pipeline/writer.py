@@ -153,20 +153,26 @@ class CaseWriter:
 
     # -- rows from the graph --------------------------------------------------------------------------
     def add_rows(self, batch: dict) -> None:
-        for i, case_id in enumerate(batch["case_id"]):
-            kind = batch["row_kind"][i]
-            if kind != "case":
-                for name in STAGE_TIMES:
-                    first, last = float(batch[f"first_{name}"][i]), float(batch[f"last_{name}"][i])
-                    if first > 0:
-                        window = self.stage_windows[name]
-                        window[0], window[1] = min(window[0], first), max(window[1], last)
+        """A batch of the graph's out rows (numpy columns): the stage windows taken column-wise, then
+        per row only what is per case: `done` rows (one per block) taken in, case and part rows counted."""
+        kinds = batch.get("row_kind", ())
+        if len(kinds):
+            timed = kinds != "case"
+            for name in STAGE_TIMES:
+                first, last = batch[f"first_{name}"][timed], batch[f"last_{name}"][timed]
+                seen = first > 0
+                if seen.any():
+                    window = self.stage_windows[name]
+                    window[0] = min(window[0], float(first[seen].min()))
+                    window[1] = max(window[1], float(last[seen].max()))
+        case_ids, n_slices = batch.get("case_id", ()), batch.get("n_slices", ())
+        for i, kind in enumerate(kinds):
             if kind == "done":  # cases assembled in the parts task (stages/assemble.write_parts)
                 self._take(pickle.loads(batch["result"][i]), "in_blocks")
                 continue
-            case_id = str(case_id)
+            case_id = str(case_ids[i])
             pending = self.pending.setdefault(case_id, _Pending())
-            n = int(batch["n_slices"][i])
+            n = int(n_slices[i])
             if kind == "case":
                 pending.case_json, pending.expected = str(batch["case_json"][i]), n
             else:
@@ -220,13 +226,22 @@ class CaseWriter:
             self._take(ray.get(ref), "by_tasks")
 
     def _take(self, result: dict, where: str) -> None:
-        """What stages/assemble.assemble_cases returned, in an assembly task or a parts task."""
+        """What stages/assemble.assemble_cases returned, in an assembly task or a parts task: its
+        slices and stage seconds counted in the metrics once for all its cases."""
         self.assembly_seconds += result["finished_at"] - result["started_at"]
         self.assembled[where] += len(result["cases"])
         if result["slices"].num_rows:
             self.slice_tables.append(result["slices"])
-        for case in result["cases"]:
-            self._add_case(case)
+        ok_slices, seconds = 0, Counter()
+        try:
+            for case in result["cases"]:
+                self._add_case(case, count_slices=False)
+                ok_slices += case["ok_slices"]
+                for stage, s in case["stage_seconds"].items():
+                    seconds[stage] += max(float(s), 0.0)
+        finally:
+            if result["cases"]:
+                self.metrics.slices_done(ok_slices, seconds)
 
     def drain(self) -> None:
         """Everything ready dispatched, every assembly taken in and committed."""
@@ -237,7 +252,9 @@ class CaseWriter:
         self.flush(force=True)
 
     # -- results --------------------------------------------------------------------------------------
-    def _add_case(self, case: dict) -> None:
+    def _add_case(self, case: dict, count_slices: bool = True) -> None:
+        """One finished case's rows into the next commit; count_slices: its slices into the metrics
+        (False: the caller counts them with others)."""
         s = self.summary
         for row in case["case_rows"]:
             self.case_rows.append(row)
@@ -249,7 +266,8 @@ class CaseWriter:
         s.slices += case["slices"]
         s.cases += 1
         self.objects_done += len(case["case_rows"][0]["source_uris"] or ()) if case["case_rows"] else 0
-        self.metrics.slices_done(case["ok_slices"], case["stage_seconds"])
+        if count_slices:
+            self.metrics.slices_done(case["ok_slices"], case["stage_seconds"])
         self.buffered_cases += 1
         self.finished += 1
         self.failed += bool(case["failed"])
@@ -287,8 +305,10 @@ class CaseWriter:
             self.summary.replaced += result.replaced
             for table, version in (result.versions or {}).items():
                 self.versions.setdefault(table, {"first": version})["last"] = version
-            for row in rows:
-                self.metrics.case(row["target"], row["status"], row.get("error_code"))
+            for (target, status, code), n in Counter(
+                (r["target"], r["status"], r.get("error_code")) for r in rows
+            ).items():
+                self.metrics.case(target, status, code, n)
             failed = {r["case_id"] for r in rows if r["status"] == Status.FAILED}
             self.metrics.committed(len(part), len(failed))
             if self.first_commit_at is None:
