@@ -60,8 +60,8 @@ class ShardDriver:
         self._metrics = JobMetrics()  # served by the parent, summed with the other shards'
         cpu = time.process_time()  # this process, every thread: the driver's cost (Ray Data's executor included)
         summary = job(cfg, storage=storage, retry_failed=retry_failed, stages=stages, stop=self._stop,
-                          progress=lambda line: print(f"{label}: {line}", flush=True), run_id=run_id,
-                          metrics=self._metrics, parent=parent)  # fmt: skip
+                      progress=lambda line: print(f"{label}: {line}", flush=True), run_id=run_id,
+                      metrics=self._metrics, parent=parent)  # fmt: skip
         return {"summary": asdict(summary), "driver_cpu_s": time.process_time() - cpu}
 
     def metrics(self) -> dict | None:
@@ -82,7 +82,6 @@ def run_sharded(cfg: JobConfig, shards: int, *, job, storage: StorageOptions | N
                 stages=None, stop: threading.Event | None = None) -> JobSummary:  # fmt: skip
     """The job as `shards` shard drivers (see the module's docstring), each running `job` (pipeline/
     job.run_job) for its shard; the summary sums theirs."""
-
     start = time.perf_counter()
     run_id = new_run_id()
     catalog = Catalog(cfg.outputs.uri, storage=storage, owner=run_id)
@@ -111,20 +110,19 @@ def run_sharded(cfg: JobConfig, shards: int, *, job, storage: StorageOptions | N
                 document["weak_jobs"] = submit_retraining(cfg, summary, progress, storage)
             document["maintenance"] = maintain_tables(catalog, cfg, cfg.inputs.index or join(cfg.outputs.uri, "index"),
                                                       progress)  # fmt: skip
+            summary.seconds = time.perf_counter() - start
+            summary.run_uri = catalog.uri("runs", f"{run_id}.json")
+            counts = ("cases", "slices", "by_status", "by_error", "skipped_committed", "grown_series")
+            document.update(wall_seconds=round(summary.seconds, 3), counts={k: getattr(summary, k) for k in counts})
+            if summary.aborted:
+                document["reason"] = summary.aborted
         finally:
             metrics.close(failed=document["status"] != "succeeded")
-            if document["status"] == "running":
+            if document["status"] == "running":  # _drive raised: a shard failed for good
                 document["status"] = "failed"
             document["finished_at"] = datetime.now(UTC).isoformat()
             document["tables"] = _tables(catalog, [r for s in document["shards"] for r in s["runs"]])
             catalog.write_run(run_id, document)
-        summary.seconds = time.perf_counter() - start
-        summary.run_uri = catalog.uri("runs", f"{run_id}.json")
-        counts = ("cases", "slices", "by_status", "by_error", "skipped_committed", "grown_series")
-        document.update(wall_seconds=round(summary.seconds, 3), counts={k: getattr(summary, k) for k in counts})
-        if summary.aborted:
-            document["reason"] = summary.aborted
-        catalog.write_run(run_id, document)
         return summary
     finally:
         heartbeat.stop()
