@@ -3,8 +3,8 @@
     parent (run_job when resources.drivers resolves to N > 1: the process `segment` runs in)
       N ShardDriver actors, each running run_job for shard i/N (resources.shard):
         lists the archive and takes its share (archive/listing.shard_waves: contiguous waves with about
-        the same number of objects, and one wave either side so that a series crossing a cut is one
-        case, of the shard where its first file is), streams it through its own model pools, sized
+        the same number of objects, and the wave before and the two after them, so that a series
+        crossing a cut is one case, of the shard where its first file is), streams it through its own model pools, sized
         for 1/N of the cluster (pipeline/resources.shard_view), and commits to the same catalog as
         the others (Delta: concurrent writers, each (case, target) pair once)
       every POLL_SECONDS: each shard run's metrics summed into the parent's (telemetry.JobMetrics.absorb),
