@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,24 @@ def one_night(catalog: Catalog, index: ArchiveIndex, night: int, args) -> float:
                      "size": 500_000, "version": "v1", "payload": PAYLOAD, "case_id": c} for c in ids]  # fmt: skip
     index.append(f"night{night:04d}", objects, run_id=run)
     return time.perf_counter() - start
+
+
+def window_probe(catalog: Catalog, night: int, cases: int = 2048) -> str:
+    """One commit of `cases` new pairs merged against the whole table (as refinement commits) and one
+    merged against its window (as a job's writer commits: rows committed since the job started, here
+    since the probe did; a job's real window also holds the hour before it): CPU and wall of each."""
+    figures = []
+    for k, windowed in enumerate((False, True)):
+        run = f"probe-{night}-{k}"
+        ids = [hashlib.sha256(f"probe/{night}/{k}/{i}".encode()).hexdigest()[:24] for i in range(cases)]
+        rows = [{"case_id": c, "target": "lungs", "status": "ok", "run_id": run, "kind": "dicom_series",
+                 "shape": [512, 512, 120], "config_hash": "bench", "warnings": []} for c in ids]  # fmt: skip
+        since = datetime.now(UTC).isoformat() if windowed else None
+        cpu, wall = time.process_time(), time.perf_counter()
+        catalog.commit(run, 0, rows, [], since=since)
+        figures.append(f"{'window' if windowed else 'whole table'} {time.process_time() - cpu:.3f} s CPU "
+                       f"({time.perf_counter() - wall:.3f} s)")
+    return f"a commit of {cases} cases: " + " vs ".join(figures)
 
 
 def count_files(uri: str, storage: StorageOptions | None) -> str:
@@ -186,6 +205,7 @@ def main() -> None:
             upkeep = time.perf_counter()
             if night in measured:
                 measure(night, out, storage, storage_json, index_uri, catalog)
+                print(f"  night {night}: {window_probe(catalog, night)}", flush=True)
             else:
                 maintain(catalog, min_files=64, index=index_uri)
             if night in measured or night % 50 == 0:

@@ -31,6 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
@@ -67,6 +68,7 @@ REPLACES = "_replaces"  # in a commit's case rows only: the run of the row this 
 ABSORBS = "_absorbs"
 _ABSORBED = "_absorbed"  # merge source only: the run of a failure row the commit deletes
 PAIR = "t.case_id = s.case_id AND t.target = s.target"
+COMMIT_WINDOW_MARGIN_S = 3600.0  # a commit's window starts this long before its job did (module docstring)
 COMMITTED_COLUMNS = ["case_id", "target", "status", "error_code", "error_message", "run_id", "attempts", "history",
                      "retryable", "instances"]  # fmt: skip
 
@@ -256,12 +258,13 @@ class Catalog:
                 check_writable(dt, spec, self.out)
 
     # -- committing --------------------------------------------------------------------------------
-    def commit(self, run_id: str, seq: int, case_rows: Iterable[dict], slice_rows: Iterable[dict] | pa.Table
-               ) -> CommitResult:  # fmt: skip
+    def commit(self, run_id: str, seq: int, case_rows: Iterable[dict], slice_rows: Iterable[dict] | pa.Table,
+               *, since: str | None = None) -> CommitResult:  # fmt: skip
         """Commit finished cases: their slice rows appended, then their case rows merged (module
         docstring). Each row may carry `_replaces`: the run id of the committed row it replaces.
         Idempotent per (run_id, seq): a retried commit appends its slices once (Delta app
-        transactions) and merges nothing twice."""
+        transactions) and merges nothing twice. since (ISO time): the merge reads only rows committed
+        since then and the rows the commit names (module docstring, "What a merge reads"); None: all."""
         from deltalake import CommitProperties, Transaction, write_deltalake
 
         case_rows = list(case_rows)
@@ -288,14 +291,14 @@ class Catalog:
 
             versions["slices"] = with_retries(append_slices, what=f"commit {seq} of run {run_id}: slices")
         self._crash("slices_committed")
-        result = with_retries(lambda: self._merge_cases(case_rows, metadata),
+        result = with_retries(lambda: self._merge_cases(case_rows, metadata, since),
                               what=f"commit {seq} of run {run_id}: cases")  # fmt: skip
         result.versions = {**versions, **(result.versions or {})}
         self._crash("cases_committed")
         self.commits += 1
         return result
 
-    def _merge_cases(self, rows: list[dict], metadata: dict) -> CommitResult:
+    def _merge_cases(self, rows: list[dict], metadata: dict, since: str | None = None) -> CommitResult:
         from deltalake import CommitProperties, write_deltalake
 
         extra = [REPLACES, _ABSORBED]
@@ -303,7 +306,8 @@ class Catalog:
         absorbed = [{"case_id": case_id, "target": row["target"], "kind": "", "status": "", _ABSORBED: run}
                     for row in rows if row.get(ABSORBS)
                     for case_id, run in json.loads(row[ABSORBS]).items()]  # fmt: skip
-        source = table_from_rows(rows + absorbed, schema)
+        now = datetime.now(UTC).isoformat()  # this attempt's time: what the window of later merges relies on
+        source = table_from_rows([{**row, "committed_at": now} for row in rows] + absorbed, schema)
         dt = self.table(CASES)
         if dt is None:  # the first commit creates the table (a concurrent first commit: retried as a merge)
             try:
@@ -316,7 +320,8 @@ class Catalog:
                     raise
                 return self._merge_cases(rows, metadata)  # another writer created it first
             return CommitResult(inserted=first.num_rows, versions={"cases": self.table(CASES).version()})
-        merger = dt.merge(source, PAIR, source_alias="s", target_alias="t", streamed_exec=False, merge_schema=True,
+        predicate = PAIR + _window(since, rows, absorbed)
+        merger = dt.merge(source, predicate, source_alias="s", target_alias="t", streamed_exec=False, merge_schema=True,
                           commit_properties=CommitProperties(custom_metadata=metadata))  # fmt: skip
         # a failure row the commit absorbs, if it is still the one its new case was judged against
         merger = merger.when_matched_delete(
@@ -403,6 +408,22 @@ def as_views(schema: pa.Schema) -> pa.Schema:
     other writes: as string), so that a dataset over files of both kinds takes DuckDB's filters (string
     view literals) on every file. Readers of tables (Catalog.read) get plain strings back."""
     return pa.schema([pa.field(f.name, _view(f.type), f.nullable, f.metadata) for f in schema])
+
+def commit_window_start(job_started: float) -> str:
+    """`since` for the commits of a job that started at `job_started` (epoch seconds) and judged the
+    committed pairs after that (module docstring, "What a merge reads")."""
+    return datetime.fromtimestamp(job_started - COMMIT_WINDOW_MARGIN_S, UTC).isoformat()
+
+
+def _window(since: str | None, rows: list[dict], absorbed: list[dict]) -> str:
+    """The merge predicate's part that limits what it reads: rows committed since `since`, and the
+    rows the commit names (their runs); "" to read the whole table."""
+    if since is None:
+        return ""
+    runs = sorted({str(r[REPLACES]) for r in rows if r.get(REPLACES)} | {str(r[_ABSORBED]) for r in absorbed})
+    named = f" OR t.run_id IN ({', '.join(quote(r) for r in runs)})" if runs else ""
+    return f" AND (t.committed_at >= {quote(since)}{named})"
+
 
 def _new_table(spec: TableSpec, dt) -> dict:
     """write_deltalake arguments that create the table when it does not exist yet."""
