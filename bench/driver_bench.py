@@ -11,13 +11,20 @@ For each input, each block size (resources.block_rows, --block-rows: 32, 128 and
 each source tree (this one, and --baseline-commit from a temporary git worktree, same block size), a
 fresh process starts a local Ray with 2 CPUs and runs the job, and the driver process's CPU seconds
 (user + system, all its threads: Ray Data's executor, the rows' iterator, the commits' native threads)
-are measured around `run_job`. Printed per input and block size, each tree on a line:
-- slices/s of the job and per CPU core (the large run), and per core more (the steady rate: large
-  minus small run);
-- the driver's CPU per slice: of the large run (`total`, the job's fixed start-up and finish
-  included) and what grows with the archive (`more`: large minus small run, over the slices between);
-- the driver's capacity: slices/s at which it would use one whole core (1 / `more`; from `total`
-  in brackets).
+are measured around `run_job`. Three runs each: the small and the large archive, and the large one again
+with the stand-ins sleeping per slice (the same work in about twice the time). The driver's CPU is
+
+    fixed (start-up, finish) + per_second x wall (Ray Data's scheduling loop, polls) + per_slice x slices
+
+per_second from the two large runs, per_slice from the small and the large once the per-second part of
+their difference in wall is taken off. On a 2-core machine a job runs at tens to hundreds of slices/s, so
+the per-second part, which does not grow with the rate, is most of "CPU per slice" here; on a cluster
+at thousands of slices/s it is a small share. Printed per input and block size, each tree on a line:
+- slices/s of the job and per CPU core (the large run), and per core more (large minus small run);
+- the driver's CPU per slice of the large run, and per slice more (large minus small run);
+- the split: share of a core per second of the job, CPU per slice;
+- the driver's capacity: slices/s at which it would use one whole core, (1 - per_second) / per_slice
+  (and 1 / CPU per slice more, the older figure that counts the per-second part as per slice).
 Then a table of capacities, baseline beside this tree.
 
     .venv/bin/python bench/driver_bench.py --baseline-commit 505ea85
@@ -109,6 +116,33 @@ class NoopSam:
         return batch
 
 
+class SleepSaliency(NoopSaliency):
+    """Bench-only: NoopSaliency after sleeping `gpu_s` per slice (sleeping costs no CPU, as waiting on a
+    GPU does not). Subclassed with the time set (`sleeping`)."""
+
+    gpu_s = 0.0
+
+    def __call__(self, batch: dict) -> dict:
+        time.sleep(self.gpu_s * len(batch["case_id"]))
+        return super().__call__(batch)
+
+
+class SleepSam(NoopSam):
+    """Bench-only: NoopSam after sleeping `gpu_s` per slice."""
+
+    gpu_s = 0.0
+
+    def __call__(self, batch: dict) -> dict:
+        time.sleep(self.gpu_s * len(batch["case_id"]))
+        return super().__call__(batch)
+
+
+def sleeping(gpu_ms: float) -> tuple[type, type]:
+    """The stand-ins, sleeping `gpu_ms` per slice in each model stage."""
+    return (type("SleepSaliency", (SleepSaliency,), {"gpu_s": gpu_ms / 1000}),
+            type("SleepSam", (SleepSam,), {"gpu_s": gpu_ms / 1000}))  # fmt: skip
+
+
 def make_inputs(root: Path, *, images: int = 1000, volume_slices: int = 600) -> dict[str, list[tuple[Path, int]]]:
     """Per input kind, a small (a tenth) and a large archive of it: the difference between the two runs
     is what grows with the archive (the large run's total also holds the job's fixed start-up and finish)."""
@@ -133,9 +167,9 @@ def make_inputs(root: Path, *, images: int = 1000, volume_slices: int = 600) -> 
     return inputs
 
 
-def runner(inputs: str, out: str, extra: tuple[str, ...] = ()) -> None:
+def runner(inputs: str, out: str, extra: tuple[str, ...] = (), gpu_ms: float = 0.0) -> None:
     """Inside the measured process (PYTHONPATH = the tree under test): run the job, print figures.
-    extra: --set overrides (this tree only)."""
+    extra: --set overrides (this tree only); gpu_ms: the stand-ins sleep this long per slice."""
     from mcs_batch.cluster import start_ray
     from mcs_batch.config import load_config
     from mcs_batch.pipeline import graph, run_job
@@ -145,10 +179,11 @@ def runner(inputs: str, out: str, extra: tuple[str, ...] = ()) -> None:
     cfg = load_config(preset="tiny", prompts=["a bright lesion"], target="lesion",
                       overrides=[*where, f"models.cache_dir={out}-cache", *extra])  # fmt: skip
     kwargs = {}
+    saliency, masking = sleeping(gpu_ms) if gpu_ms else (NoopSaliency, NoopSam)
     if hasattr(graph, "ModelStages"):  # this tree: the stand-ins are passed in
-        kwargs["stages"] = graph.ModelStages(saliency=NoopSaliency, masking=NoopSam)
+        kwargs["stages"] = graph.ModelStages(saliency=saliency, masking=masking)
     else:  # trees before it: the graph module's names are replaced (the actors pickle these classes by value)
-        graph.SaliencyStage, graph.SamStage = NoopSaliency, NoopSam
+        graph.SaliencyStage, graph.SamStage = saliency, masking
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     summary = run_job(cfg, progress=lambda m: None, **kwargs)
@@ -159,10 +194,10 @@ def runner(inputs: str, out: str, extra: tuple[str, ...] = ()) -> None:
                       "by_status": summary.by_status}))  # fmt: skip
 
 
-def measure(tree: Path, inputs: Path, out: Path, extra: tuple[str, ...] = ()) -> dict:
+def measure(tree: Path, inputs: Path, out: Path, extra: tuple[str, ...] = (), gpu_ms: float = 0.0) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{tree}:{Path(__file__).parent}", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    call = f"import driver_bench as b; b.runner({str(inputs)!r}, {str(out)!r}, {tuple(extra)!r})"
+    call = f"import driver_bench as b; b.runner({str(inputs)!r}, {str(out)!r}, {tuple(extra)!r}, {gpu_ms!r})"
     proc = subprocess.run([sys.executable, "-c", call], cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{tree}: failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -199,9 +234,11 @@ def main() -> None:
                         results[(label, block, name)] = r = _measure_pair(tree, sizes, tmp, name, extra)
                         print(f"{label:26s} blocks {block:3d} {name:9s} {r['rate']:7.1f} slices/s "
                               f"({r['rate'] / CPUS:6.1f} per core; {r['steady'] / CPUS:6.1f} per core more)  driver "
-                              f"CPU per slice {1000 * r['total']:6.3f} ms total, {1000 * r['marginal']:6.3f} ms more: "
-                              f"capacity {_capacity(r['marginal'])} slices/s ({_capacity(r['total'])})",
-                              flush=True)  # fmt: skip
+                              f"CPU {1000 * r['total']:6.3f} ms per slice of the large run, {1000 * r['marginal']:6.3f}"
+                              f" ms per slice more; split: {100 * r['per_second']:4.1f}% of a core per second of the "
+                              f"job + {1000 * r['per_slice']:6.3f} ms per slice (slow run {r['slow_wall']:.0f} s): "
+                              f"capacity {r['capacity']:7.0f} slices/s (from the slices more alone: "
+                              f"{_capacity(r['marginal'])})", flush=True)  # fmt: skip
             _table(results, trees, blocks)
         finally:
             if args.baseline_commit:
@@ -210,7 +247,14 @@ def main() -> None:
 
 
 def _measure_pair(tree: Path, sizes: list[tuple[Path, int]], tmp: Path, name: str, extra: tuple[str, ...]) -> dict:
-    """The small and the large run of one input in one tree: the large run's figures, and what grows."""
+    """The small and the large run of one input in one tree, and the large run again with the stand-ins
+    sleeping (the same work in more time): the driver's CPU split into what it spends per second of the
+    job whatever flows (Ray Data's scheduling loop, the polls) and what it spends per slice.
+
+        driver CPU = fixed + per_second * wall + per_slice * slices
+
+    per_second from the two large runs (same slices, different walls); per_slice from the small and the
+    large run once per_second * the difference in wall is taken off."""
     runs = []
     for path, slices in sizes:
         out = tmp / f"out-{name.replace(' ', '-')}-{path.name}-{len(list(tmp.glob('out-*')))}"
@@ -218,12 +262,23 @@ def _measure_pair(tree: Path, sizes: list[tuple[Path, int]], tmp: Path, name: st
         assert r["slices"] == slices, r
         runs.append(r)
     small, large = runs
+    path, slices = sizes[-1]
+    gpu_ms = 500 * large["wall"] / slices  # the slow run takes about one more large run's time
+    slow = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{path.name}-slow-{len(list(tmp.glob('out-*')))}",
+                   extra, gpu_ms)  # fmt: skip
+    assert slow["slices"] == slices, slow
     more = large["slices"] - small["slices"]
+    per_second = max(0.0, (slow["driver_cpu"] - large["driver_cpu"]) / (slow["wall"] - large["wall"]))
+    per_slice = (large["driver_cpu"] - small["driver_cpu"] - per_second * (large["wall"] - small["wall"])) / more
     return {
         "rate": large["slices"] / large["wall"],
         "steady": more / (large["wall"] - small["wall"]) if large["wall"] > small["wall"] else float("nan"),
         "total": large["driver_cpu"] / large["slices"],
         "marginal": (large["driver_cpu"] - small["driver_cpu"]) / more,
+        "per_second": per_second,
+        "per_slice": per_slice,
+        "capacity": (1 - per_second) / per_slice if per_slice > 0 else float("nan"),
+        "slow_wall": slow["wall"],
     }
 
 
@@ -234,18 +289,19 @@ def _capacity(cpu_per_slice: float) -> str:
 
 
 def _table(results: dict, trees: dict, blocks: list[int]) -> None:
-    print("\ndriver capacity, slices/s per core of driver CPU (1 / CPU per slice that grows with the archive; "
-          "in brackets: 1 / CPU per slice of the large run, start-up included)")  # fmt: skip
+    print("\ndriver capacity: slices/s at which the driver would use one whole core, (1 - per second) / per slice; "
+          "then the driver's CPU per slice and its share of a core per second of the job; in brackets the older "
+          "figure, 1 / CPU per slice more (the time-driven part counted as per slice)")  # fmt: skip
     labels = list(dict.fromkeys(label for label, _, _ in results))
-    print(f"{'input':26s} {'block':>5s} " + " ".join(f"{name:>27s}" for name in trees))
+    print(f"{'input':26s} {'block':>5s} " + " ".join(f"{name:>36s}" for name in trees))
     for label in labels:
         for block in blocks:
             cells = []
             for name in trees:
                 r = results.get((label, block, name))
-                cells.append(f"{_capacity(r['marginal'])} ({_capacity(r['total'])}) {1000 * r['marginal']:5.2f}ms"
-                             if r else f"{'-':>27s}")  # fmt: skip
-            print(f"{label:26s} {block:5d} " + " ".join(f"{c:>27s}" for c in cells))
+                cells.append(f"{r['capacity']:7.0f} {1000 * r['per_slice']:6.3f}ms {100 * r['per_second']:4.1f}% "
+                             f"({_capacity(r['marginal'])})" if r else "-")  # fmt: skip
+            print(f"{label:26s} {block:5d} " + " ".join(f"{c:>36s}" for c in cells))
 
 
 if __name__ == "__main__":

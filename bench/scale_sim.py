@@ -35,27 +35,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from driver_bench import NoopSaliency, NoopSam
-
-
-class SleepSaliency(NoopSaliency):
-    """Bench-only: NoopSaliency after sleeping the configured GPU time per slice."""
-
-    gpu_s = 0.0
-
-    def __call__(self, batch: dict) -> dict:
-        time.sleep(self.gpu_s * len(batch["case_id"]))
-        return super().__call__(batch)
-
-
-class SleepSam(NoopSam):
-    """Bench-only: NoopSam after sleeping the configured GPU time per slice."""
-
-    gpu_s = 0.0
-
-    def __call__(self, batch: dict) -> dict:
-        time.sleep(self.gpu_s * len(batch["case_id"]))
-        return super().__call__(batch)
+from driver_bench import sleeping
 
 
 def machine_cpu_s() -> float:
@@ -80,8 +60,7 @@ def run(inputs: Path, out: Path, cache: Path, drivers: int, gpu_ms: float) -> di
     from mcs_batch.pipeline import run_job
     from mcs_batch.pipeline.graph import ModelStages
 
-    saliency = type("SleepSaliency", (SleepSaliency,), {"gpu_s": gpu_ms / 1000})
-    sam = type("SleepSam", (SleepSam,), {"gpu_s": gpu_ms / 1000})
+    saliency, sam = sleeping(gpu_ms)
     cfg = load_config(preset="tiny", prompts=["a bright lesion"], target="lesion", inputs=[str(inputs)], out=str(out),
                       overrides=[f"models.cache_dir={cache}", f"resources.drivers={drivers}",
                                  "inputs.wave_objects=50"])  # fmt: skip

@@ -6,9 +6,10 @@ staging part (case id, slices in it, its URI), and one per block whose parts tas
 wholly inside it (their rows, as an assembly task returns them: committed like those). When a case's
 slices are all in, it waits in `ready` until a few cases can go to one assembly task
 (stages/assemble.assemble_cases); results are buffered and committed every
-`outputs.catalog_flush_cases` cases or `catalog_flush_seconds`, each flush one commit of the Delta
-tables (mcs_batch.outputs.catalog). The driver holds only cases in flight: no mask, no image, no slice row
-as Python objects (slice rows come back as Arrow tables and go to Parquet as they are).
+`outputs.catalog_flush_cases` cases, `catalog_flush_slices` slice rows or `catalog_flush_seconds`,
+each flush one commit of the Delta tables (mcs_batch.outputs.catalog). The driver holds only cases in
+flight: no mask, no image, no slice row as Python objects (slice rows come back as Arrow tables and go
+to Parquet as they are).
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class CaseWriter:
         self.case_rows: list[dict] = []
         self.slice_tables: list[pa.Table] = []
         self.buffered_cases = 0
+        self.buffered_slices = 0  # slice rows waiting for the next commit
         self.seq = 0
         self.last_flush = time.monotonic()
         self.finished = self.failed = 0
@@ -234,6 +236,7 @@ class CaseWriter:
         self.assembled[where] += len(result["cases"])
         if result["slices"].num_rows:
             self.slice_tables.append(result["slices"])
+            self.buffered_slices += result["slices"].num_rows
         ok_slices, seconds = 0, Counter()
         try:
             for case in result["cases"]:
@@ -287,6 +290,7 @@ class CaseWriter:
         due = (
             self.first_commit_at is None  # the run's first finished case is visible at once
             or self.buffered_cases >= self.cfg.outputs.catalog_flush_cases
+            or self.buffered_slices >= self.cfg.outputs.catalog_flush_slices
             or time.monotonic() - self.last_flush >= self.cfg.outputs.catalog_flush_seconds
         )
         if not self.case_rows or not (force or due):
@@ -316,7 +320,7 @@ class CaseWriter:
             self.seq += 1
             if self.seq == self.cfg.testing.exit_driver_after_commits:  # test-only: a crash right here
                 os._exit(137)
-        self.case_rows, self.slice_tables, self.buffered_cases = [], [], 0
+        self.case_rows, self.slice_tables, self.buffered_cases, self.buffered_slices = [], [], 0, 0
         self.last_flush = time.monotonic()
 
     def table_versions(self) -> dict[str, dict[str, int]]:
