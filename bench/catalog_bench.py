@@ -30,14 +30,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join  # noqa: E402
-from mcs_batch.outputs.catalog import TABLES, Catalog  # noqa: E402
+from mcs_batch.outputs.catalog import TABLES, Catalog, CommitWindow  # noqa: E402
 from mcs_batch.outputs.index import ArchiveIndex  # noqa: E402
 from mcs_batch.outputs.maintenance import compact, file_counts, maintain, vacuum  # noqa: E402
 
@@ -67,8 +66,14 @@ def case_id(night: int, commit: int, i: int) -> str:
     return hashlib.sha256(f"{night}/{commit}/{i}".encode()).hexdigest()[:24]
 
 
+def night_start(night: int) -> str:
+    """A night's start as run ids begin (run ids begin with their start time; the bench's nights get
+    dates in the past of the bench's clock)."""
+    return f"2026{1 + night // 28 % 12:02d}{1 + night % 28:02d}T{night // 336:02d}0000Z"
+
+
 def one_night(catalog: Catalog, index: ArchiveIndex, night: int, args) -> float:
-    run = f"2026{1 + night // 28 % 12:02d}{1 + night % 28:02d}T{night // 336:02d}0000Z-{night:06x}"
+    run = f"{night_start(night)}-{night:06x}"
     start = time.perf_counter()
     objects = []
     for seq in range(args.commits):
@@ -91,17 +96,18 @@ def one_night(catalog: Catalog, index: ArchiveIndex, night: int, args) -> float:
 
 def window_probe(catalog: Catalog, night: int, cases: int = 2048) -> str:
     """One commit of `cases` new pairs merged against the whole table (as refinement commits) and one
-    merged against its window (as a job's writer commits: rows committed since the job started, here
-    since the probe did; a job's real window also holds the hour before it): CPU and wall of each."""
+    merged against its window (as a job's writer commits: the rows of runs started since the job, here
+    the night's last run, started; the probes' run ids begin with the night's date, so later nights
+    treat them as history): CPU and wall of each."""
     figures = []
     for k, windowed in enumerate((False, True)):
-        run = f"probe-{night}-{k}"
+        run = f"{night_start(night)}-probe-{k}"
         ids = [hashlib.sha256(f"probe/{night}/{k}/{i}".encode()).hexdigest()[:24] for i in range(cases)]
         rows = [{"case_id": c, "target": "lungs", "status": "ok", "run_id": run, "kind": "dicom_series",
                  "shape": [512, 512, 120], "config_hash": "bench", "warnings": []} for c in ids]  # fmt: skip
-        since = datetime.now(UTC).isoformat() if windowed else None
+        window = CommitWindow(since=night_start(night)) if windowed else None
         cpu, wall = time.process_time(), time.perf_counter()
-        catalog.commit(run, 0, rows, [], since=since)
+        catalog.commit(run, 0, rows, [], window=window)
         figures.append(f"{'window' if windowed else 'whole table'} {time.process_time() - cpu:.3f} s CPU "
                        f"({time.perf_counter() - wall:.3f} s)")
     return f"a commit of {cases} cases: " + " vs ".join(figures)
@@ -203,9 +209,9 @@ def main() -> None:
                 week = 7 * seconds  # a week of nights on the bench's clock
                 set_retention(catalog, index, week)
             upkeep = time.perf_counter()
-            if night in measured:
-                measure(night, out, storage, storage_json, index_uri, catalog)
+            if night in measured:  # the probe first: a job's commits meet the tables as the night left them
                 print(f"  night {night}: {window_probe(catalog, night)}", flush=True)
+                measure(night, out, storage, storage_json, index_uri, catalog)
             else:
                 maintain(catalog, min_files=64, index=index_uri)
             if night in measured or night % 50 == 0:

@@ -21,13 +21,15 @@ import pickle
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions
-from mcs_batch.outputs.catalog import Catalog, commit_window_start
+from mcs_batch.outputs.catalog import Catalog, CommitWindow
+from mcs_batch.outputs.lease import heartbeats
 from mcs_batch.outputs.schema import SLICES_SCHEMA
 from mcs_batch.pipeline.resources import Resolved
 from mcs_batch.records import Status
@@ -123,9 +125,9 @@ class CaseWriter:
         self.max_inflight = max(2, int(2 * resources.cluster.get("cpus", 2)))
         self._task = ray.remote(assemble_cases).options(num_cpus=resources.assemble_cpus, max_retries=3)
         self._cfg_ref = ray.put(cfg)
-        # made before any grouper reads the committed pairs: the commits' merges read only what was
-        # committed since (and the rows they name), not the whole catalog (outputs/catalog.py)
-        self.since = commit_window_start(time.time())
+        # made before any grouper reads the committed pairs: the commits' merges read only the rows of
+        # runs started since or running now (and the rows they name), not the whole catalog
+        self.window = CommitWindow.from_start(time.time(), heartbeats(catalog))
         self.case_rows: list[dict] = []
         self.slice_tables: list[pa.Table] = []
         self.buffered_cases = 0
@@ -302,9 +304,12 @@ class CaseWriter:
             part = set(order[first : first + size])
             rows = [r for r in self.case_rows if r["case_id"] in part]
             mask = pc.is_in(slices.column("case_id"), value_set=pa.array(sorted(part)))
+            now = datetime.now(UTC).isoformat()
+            for row in rows:
+                row["committed_at"] = now
             result = self.catalog.commit(self.run_id, self.seq, rows,
                                          slices.filter(mask) if len(order) > size else slices,
-                                         since=self.since)  # fmt: skip
+                                         window=self.window)  # fmt: skip
             self.summary.dropped += result.dropped
             self.summary.replaced += result.replaced
             for table, version in (result.versions or {}).items():

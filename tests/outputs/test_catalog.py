@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,8 +12,9 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from mcs_batch.errors import ConfigError
-from mcs_batch.outputs.catalog import CASES, SLICES, Catalog, CommittedPairs, commit_window_start
+from mcs_batch.outputs.catalog import CASES, SLICES, Catalog, CommittedPairs, CommitWindow
 from mcs_batch.outputs.delta import CommitConflict, with_retries
+from mcs_batch.pipeline.preflight import new_run_id
 from mcs_batch.query import query
 from mcs_batch.records import make_case_id
 
@@ -112,39 +112,38 @@ def test_a_series_absorbs_the_failure_rows_its_objects_had_as_cases_of_their_own
     assert rows == {"series": ("run2", "ok"), other: ("run1", "failed")}
 
 
-def test_a_commit_with_a_window_reads_what_was_committed_since_and_the_rows_it_names(tmp_path: Path):
-    """The job's writer passes `since` (its start): the merge reads rows committed since then and the
-    rows its commit names (`_replaces`, `_absorbs`), not the whole table."""
+OLD, LIVE = "20250101T000000Z-aaaaaa", "20250102T000000Z-bbbbbb"  # run ids begin with their start time
+
+
+def test_a_commit_with_a_window_reads_the_runs_since_its_start_and_the_rows_it_names(tmp_path: Path):
+    """The job's writer passes a CommitWindow (its start less the margin, and the runs alive then): the
+    merge reads the rows of those runs and of the runs its commit names, not the whole table."""
     catalog = Catalog(str(tmp_path))
     member = make_case_id("file:ct/s06.dcm")
-    catalog.commit("run1", 0, [row("a", "failed", error_code="unreadable"), row("b"),
-                               row(member, "failed", error_code="unreadable", source_keys=["ct/s06.dcm"])],
+    catalog.commit(OLD, 0, [row("a", "failed", run=OLD, error_code="unreadable"), row("b", run=OLD),
+                            row(member, "failed", run=OLD, error_code="unreadable", source_keys=["ct/s06.dcm"])],
                    [])  # fmt: skip
-    time.sleep(0.01)
-    since = datetime.now(UTC).isoformat()  # run2 started (and judged the committed pairs) after run1's commit
-    result = catalog.commit("run2", 0, [row("a", run="run2", _replaces="run1"),
-                                        row("series", run="run2", _absorbs=json.dumps({member: "run1"})),
-                                        row("c", run="run2")], slices("c", "run2"), since=since)  # fmt: skip
-    assert (result.inserted, result.replaced, result.dropped) == (2, 1, 0)  # named rows found though older
-    # run3 started with run2 and committed c too: run2's row is in the window (committed since), so dropped
-    late = catalog.commit("run3", 0, [row("c", run="run3")], slices("c", "run3"), since=since)
+    catalog.commit(LIVE, 0, [row("d", run=LIVE)], [])  # a long job, still running when run2 started
+    window = CommitWindow.from_start(time.time(), running=[LIVE])
+    run2, run3 = new_run_id(), new_run_id()
+    result = catalog.commit(run2, 0, [row("a", run=run2, _replaces=OLD),
+                                      row("series", run=run2, _absorbs=json.dumps({member: OLD})),
+                                      row("c", run=run2), row("d", run=run2)],
+                            slices("c", run2), window=window)  # fmt: skip
+    assert (result.inserted, result.replaced, result.dropped) == (2, 1, 1)  # named rows found; LIVE's d kept
+    late = catalog.commit(run3, 0, [row("c", run=run3)], slices("c", run3), window=window)  # a run since: seen
     assert (late.inserted, late.dropped) == (0, 1)
     rows = {r["case_id"]: r["run_id"] for r in catalog.cases(["case_id", "run_id"]).to_pylist()}
-    assert rows == {"a": "run2", "b": "run1", "series": "run2", "c": "run2"}
-    # What the window leaves unread: run1's row of b, which a caller that judged the committed pairs
-    # never commits again unnamed. (This is why only the job's writer, whose grouper judged them at its
-    # start, passes `since`.)
-    blind = catalog.commit("run4", 0, [row("b", run="run4")], [], since=since)
-    assert blind.inserted == 1
+    assert rows == {"a": run2, "b": OLD, "series": run2, "c": run2, "d": LIVE}
+    # What the window leaves unread: OLD's row of b, which a writer that judged the committed pairs at
+    # its start never commits again unnamed (why only the job's writer passes a window).
+    assert catalog.commit(new_run_id(), 0, [row("b", run="x")], [], window=window).inserted == 1
 
 
-def test_a_commit_is_stamped_when_it_is_attempted(tmp_path: Path):
-    catalog = Catalog(str(tmp_path))
-    before = datetime.now(UTC).isoformat()
-    catalog.commit("run1", 0, [row("a", committed_at="2001-01-01T00:00:00+00:00")], [])
-    (stamp,) = catalog.cases(["committed_at"]).column("committed_at").to_pylist()
-    assert before <= stamp <= datetime.now(UTC).isoformat()
-    assert commit_window_start(1_000_000_000.0) == "2001-09-09T00:46:40+00:00"  # 01:46:40, less an hour
+def test_a_window_begins_an_hour_before_its_job(tmp_path: Path):
+    window = CommitWindow.from_start(1_000_000_000.0, running=["r2", "r1"])  # 2001-09-09T01:46:40Z
+    assert window == CommitWindow("20010909T004640Z", ("r1", "r2"))
+    assert new_run_id() > CommitWindow.from_start(time.time(), []).since  # a run started now is in it
 
 
 def test_time_travel_reads_the_tables_as_a_run_left_them(tmp_path: Path):

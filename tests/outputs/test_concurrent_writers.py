@@ -10,18 +10,18 @@ from __future__ import annotations
 import multiprocessing
 import random
 import time
-from datetime import UTC, datetime
 
 import pytest
 
 from mcs_batch.io.storage import StorageOptions
-from mcs_batch.outputs.catalog import SLICES, Catalog
+from mcs_batch.outputs.catalog import SLICES, Catalog, CommitWindow
 
 PAIRS = [f"case{i:03d}" for i in range(60)]
 PER_COMMIT = 6
+OLD = "20250101T000000Z-aaaaaa"  # a run long before the writers (run ids begin with their start time)
 
 
-def writer(out: str, storage: dict | None, name: str, seed: int, since: str | None = None) -> dict:
+def writer(out: str, storage: dict | None, name: str, seed: int, window: CommitWindow | None = None) -> dict:
     catalog = Catalog(out, storage=StorageOptions(**storage) if storage else None, owner=name)
     order = list(PAIRS)
     random.Random(seed).shuffle(order)
@@ -30,25 +30,26 @@ def writer(out: str, storage: dict | None, name: str, seed: int, since: str | No
         cases = order[first : first + PER_COMMIT]
         rows = [{"case_id": c, "target": "t", "status": "ok", "run_id": name} for c in cases]
         slices = [{"case_id": c, "target": "t", "slice_index": k, "run_id": name} for c in cases for k in range(3)]
-        result = catalog.commit(name, seq, rows, slices, since=since)
+        result = catalog.commit(name, seq, rows, slices, window=window)
         inserted, dropped = inserted + result.inserted, dropped + result.dropped
     return {"name": name, "inserted": inserted, "dropped": dropped, "commits": len(order) // PER_COMMIT}
 
 
-def run_writers(out: str, storage: dict | None, n: int, since: str | None = None) -> tuple[list[dict], float]:
+def run_writers(out: str, storage: dict | None, n: int, window: CommitWindow | None = None
+                ) -> tuple[list[dict], float]:  # fmt: skip
     context = multiprocessing.get_context("spawn")  # delta-rs' runtime refuses forked processes
     start = time.perf_counter()
     with context.Pool(n) as pool:
-        results = pool.starmap(writer, [(out, storage, f"w{i}", i, since) for i in range(n)])
+        results = pool.starmap(writer, [(out, storage, f"w{i}", i, window) for i in range(n)])
     return results, time.perf_counter() - start
 
 
 def check_exactly_once(out: str, storage: StorageOptions | None, results: list[dict], older: int = 0) -> None:
-    """older: rows of run "old" committed before the writers (other pairs), left as they were."""
+    """older: rows of run OLD committed before the writers (other pairs), left as they were."""
     catalog = Catalog(out, storage=storage)
     rows = catalog.cases(["case_id", "run_id"]).to_pylist()
-    assert sum(r["run_id"] == "old" for r in rows) == older
-    rows = [r for r in rows if r["run_id"] != "old"]
+    assert sum(r["run_id"] == OLD for r in rows) == older
+    rows = [r for r in rows if r["run_id"] != OLD]
     assert sorted(r["case_id"] for r in rows) == PAIRS  # each pair once, none lost
     assert sum(r["inserted"] for r in results) == len(PAIRS)  # each inserted by exactly one writer
     assert sum(r["inserted"] + r["dropped"] for r in results) == len(PAIRS) * len(results)
@@ -69,13 +70,12 @@ def test_writers_on_local_disk_commit_each_pair_once(tmp_path, n):
 
 
 def test_writers_whose_merges_read_a_window_commit_each_pair_once(tmp_path):
-    """As jobs' writers commit (outputs/catalog.py, "What a merge reads"): each merge reads only rows
-    committed since the jobs started, over a table that already holds older rows of other pairs."""
+    """As jobs' writers commit (outputs/catalog.py, "What a merge reads"): each merge reads only the rows
+    of runs started since the jobs did, over a table that already holds older rows of other pairs."""
     out = str(tmp_path / "out")
-    Catalog(out).commit("old", 0, [{"case_id": f"old{i:03d}", "target": "t", "status": "ok", "run_id": "old"}
-                                   for i in range(100)], [])  # fmt: skip
-    time.sleep(0.01)
-    results, _ = run_writers(out, None, 3, since=datetime.now(UTC).isoformat())
+    Catalog(out).commit(OLD, 0, [{"case_id": f"old{i:03d}", "target": "t", "status": "ok", "run_id": OLD}
+                                 for i in range(100)], [])  # fmt: skip
+    results, _ = run_writers(out, None, 3, window=CommitWindow.from_start(time.time(), []))
     check_exactly_once(out, None, results, older=100)
 
 
