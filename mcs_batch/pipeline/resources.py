@@ -96,6 +96,10 @@ def cluster_view() -> dict:
 # lent) and slices per second one driver coordinates with a core to spare (bench/driver_bench.py's
 # capacity for volumes at GPU blocks, halved: a driver at full load would be the bottleneck).
 GPU_SLICES_PER_S = 175.0
+# Slice rows per block on GPUs: Ray Data's driver-side work is per block and per operator, so a GPU
+# cluster's thousands of slices/s move in large blocks (bench/driver_bench.py: 2D capacity 249 -> 527
+# images/s from 32 to 256 rows, volumes 251 -> 645); ~1.5 s of one GPU's work per block.
+GPU_BLOCK_ROWS = 256
 DRIVER_SLICES_PER_S = 400.0
 
 
@@ -177,7 +181,7 @@ def resolve(res: ResourcesConfig, cluster: dict, shard: tuple[int, int] | None =
         saliency=pools["saliency"],
         sam=pools["sam"],
         together=together,
-        block_rows=int(_pick(res.block_rows, 32 if gpus > 0 else 8)),
+        block_rows=int(_pick(res.block_rows, GPU_BLOCK_ROWS if gpus > 0 else 8)),
         slice_chunk=res.slice_chunk,
         load_cpus=res.load_cpus,
         parts_cpus=res.parts_cpus,

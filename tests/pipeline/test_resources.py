@@ -14,7 +14,7 @@ def test_gpu_clusters_get_one_m2ib_and_one_sam_actor_per_gpu():
     assert r.gpus == 8
     for pool in (r.saliency, r.sam):
         assert pool.min_actors == pool.max_actors == 8 and pool.gpus == GPU_SHARE == 0.5
-    assert (r.saliency.batch, r.sam.batch, r.sam.torch_threads, r.block_rows) == (32, 8, 4, 32)
+    assert (r.saliency.batch, r.sam.batch, r.sam.torch_threads, r.block_rows) == (32, 8, 4, 256)
 
 
 def test_gpus_still_to_come_make_the_pools_grow():
