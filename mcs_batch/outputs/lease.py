@@ -9,6 +9,12 @@ closed as failed (`sweep`, at every job's start), and vacuum keeps the masks a l
 commit. A run beats every `heartbeat_s` and removes its file when it ends; it is dead once its file is
 gone or marked released, once its process is
 gone (same host: the pid is checked), or once its heartbeat is older than `ttl_s` (another host).
+
+A run declared dead may not be: a driver paused longer than the ttl (a suspended VM, a partitioned
+node) comes back after another job swept it. Other jobs' commit windows (outputs/catalog.CommitWindow)
+leave out runs that were neither alive at their start nor started since, so such a run must not commit
+again: before each commit the job asks `RunHeartbeat.fenced`, which, once the run's beats have had a
+gap of half the ttl, reads the run's record and says why it must stop if a sweep closed it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import os
 import posixpath
 import socket
 import threading
+import time
 from datetime import UTC, datetime
 
 LOCKS_DIR = "locks"
@@ -65,6 +72,8 @@ class RunHeartbeat:
                           "started_at": _now(), "heartbeat_at": _now(), "released": False}  # fmt: skip
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.last_beat = time.time()  # wall clock: a monotonic clock stands still while a VM is suspended
+        self.gap = 0.0  # the longest time between two beats since `fenced` last looked
 
     def start(self) -> None:
         """The first beat (raises when OUT cannot be written), then one every heartbeat_s."""
@@ -74,6 +83,22 @@ class RunHeartbeat:
 
     def _write(self) -> None:
         self.catalog.write_bytes(self.path, json.dumps(self._document).encode(), shared_tmp=True)
+        now = time.time()
+        self.gap, self.last_beat = max(self.gap, now - self.last_beat), now
+
+    def fenced(self, ttl_s: float) -> str | None:
+        """Why this run must not commit any more (another job found its heartbeat stale and closed its
+        record), or None. Reads the record only after a gap in the beats of half the ttl."""
+        from mcs_batch.outputs.runs import read_run
+
+        if max(self.gap, time.time() - self.last_beat) <= ttl_s / 2:
+            return None
+        record = read_run(self.catalog, self.run_id)
+        if record is not None and record.status != "running":
+            return (f"run {self.run_id} was declared dead while its driver was paused (its record says "
+                    f"{record.status}: {record.document.get('reason', '')}); it stops without committing more")
+        self.gap = 0.0
+        return None
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):

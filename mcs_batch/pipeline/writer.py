@@ -20,6 +20,7 @@ import os
 import pickle
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -112,11 +113,12 @@ class CaseWriter:
         *,
         storage: StorageOptions | None,
         resources: Resolved,
+        fenced: Callable[[], str | None] = lambda: None,
     ):
         import ray
 
         self.catalog, self.cfg, self.run_id, self.summary, self.metrics = catalog, cfg, run_id, summary, metrics
-        self.storage = storage
+        self.storage, self.fenced = storage, fenced  # fenced: why this run must not commit (outputs/lease.py)
         self.pending: dict[str, _Pending] = {}
         self.ready: list[dict] = []
         self.ready_slices = 0
@@ -300,6 +302,9 @@ class CaseWriter:
         slices = pa.concat_tables(self.slice_tables) if self.slice_tables else SLICES_SCHEMA.empty_table()
         order: list[str] = list(dict.fromkeys(r["case_id"] for r in self.case_rows))  # cases, in arrival order
         size = max(1, self.cfg.outputs.catalog_flush_cases)
+        reason = self.fenced()
+        if reason:
+            raise JobAborted(reason)
         for first in range(0, len(order), size):
             part = set(order[first : first + size])
             rows = [r for r in self.case_rows if r["case_id"] in part]

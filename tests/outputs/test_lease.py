@@ -74,3 +74,27 @@ def test_a_run_that_ends_between_the_listing_and_the_read_is_skipped_not_an_erro
         assert sweep(catalog, live="run-mine", ttl_s=120) == []
     finally:
         staying.stop()
+
+
+def test_a_run_declared_dead_while_it_was_paused_commits_no_more(tmp_path: Path):
+    """A driver paused past the ttl (a suspended VM) is swept by another job; when it comes back, its
+    next commit is refused: other jobs' commit windows no longer include it (outputs/catalog.py)."""
+    import time
+
+    catalog = Catalog(str(tmp_path))
+    catalog.write_run("run-paused", {"run_id": "run-paused", "status": "running"})
+    beat = RunHeartbeat(catalog, "run-paused", heartbeat_s=3600)  # no beat in this test but the first
+    beat._document["host"] = "another-host"  # judged by the age of its beats, as from another node
+    beat.start()
+    assert beat.fenced(ttl_s=120) is None  # beating: nothing read
+    beat.last_beat -= 100  # paused 100 s: its record is read, still "running", so it goes on
+    assert beat.fenced(ttl_s=120) is None and beat.gap == 0.0
+    beat._document["heartbeat_at"] = "2026-01-01T00:00:00+00:00"
+    beat._write()  # the file as a stale beat leaves it ...
+    beat.last_beat = time.time() - 300  # ... after a pause of 300 s
+    assert "closed the record of run run-paused" in " ".join(sweep(catalog, live="run-b", ttl_s=120))
+    beat._document["heartbeat_at"] = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    beat._write()  # back: its beat thread writes first (a fresh beat; the gap is remembered) ...
+    reason = beat.fenced(ttl_s=120)  # ... and its writer asks before the next commit
+    assert reason is not None and "declared dead" in reason and "run-b" in reason
+    beat.stop()
