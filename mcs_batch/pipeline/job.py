@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 
 from mcs_batch.archive.board import start_board
-from mcs_batch.archive.listing import list_archive, shard_waves, top_prefixes
+from mcs_batch.archive.listing import Wave, list_archive, shard_waves, top_prefixes
 from mcs_batch.archive.source import cases_stream
 from mcs_batch.cluster import forget_stop, stoppable
 from mcs_batch.config import JobConfig
@@ -126,6 +126,7 @@ def run_job(
     run_id: str | None = None,
     metrics: JobMetrics | None = None,
     parent: str | None = None,
+    listed: list[Wave] | None = None,
 ) -> JobSummary:
     """Run the job on the current Ray cluster (ray.init() must have been called). Other jobs may write
     the same OUT at once: each pair is committed once (outputs/catalog.py). stop: set by the caller (a
@@ -134,7 +135,8 @@ def run_job(
 
     With more than one driver (resources.drivers, auto from the cluster's GPUs) the job runs as shard
     drivers (pipeline/shards.py), each calling this for its shard (resources.shard) with its run id,
-    its metrics (summed by the parent) and the parent's run id."""
+    its metrics (summed by the parent), the parent's run id and the parent's listing (`listed`: every
+    shard cuts the same listing, whatever arrives in the archive meanwhile)."""
     start = time.perf_counter()
     if not cfg.inputs.uris:
         raise ConfigError("inputs.uris: no inputs given")
@@ -156,13 +158,14 @@ def run_job(
     catalog.crash_hook = crash_hook(cfg.testing, lambda: catalog.commits)
     try:
         return _run(cfg, catalog, run_id, start, storage=storage, retry_failed=retry_failed, progress=progress,
-                    stages=stages, stop=stop, metrics=metrics, parent=parent)  # fmt: skip
+                    stages=stages, stop=stop, metrics=metrics, parent=parent, listed=listed,
+                    fenced=lambda: heartbeat.fenced(cfg.outputs.heartbeat_ttl_seconds))  # fmt: skip
     finally:
         heartbeat.stop()
 
 
 def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages, stop, metrics=None,
-         parent=None) -> JobSummary:  # fmt: skip
+         parent=None, listed=None, fenced=lambda: None) -> JobSummary:  # fmt: skip
     """The job, once its heartbeat beats."""
     import ray
 
@@ -194,7 +197,7 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
     staging = catalog.uri("staging", run_id)
     board_name = f"mcs-batch-board-{run_id}"
     board = start_board(board_name)
-    writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources)
+    writer = CaseWriter(catalog, cfg, run_id, summary, metrics, storage=storage, resources=resources, fenced=fenced)
     try:
         for attempt in range(1, MAX_ATTEMPTS + 1):
             if attempt > 1:  # the cluster changed under the previous attempt: plan again on what is there
@@ -206,7 +209,7 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
                 cfg, resources, writer, board, board_name, storage=storage, index_uri=index_uri,
                 staging=join(staging, f"attempt-{attempt}"), stages=stages or ModelStages(),
                 progress=progress, start=start, record=record, document=document, retry_failed=retry_failed,
-                metrics=metrics, stop=stop,
+                metrics=metrics, stop=stop, listed=listed,
             )  # fmt: skip
             if outcome == "done":
                 break
@@ -314,21 +317,23 @@ def _alive_nodes() -> set[str]:
 
 
 def _attempt(cfg, resources, writer, board, board_name, *, storage, index_uri, staging, stages, progress, start,
-             record, document, metrics, retry_failed=False, stop=None) -> str | set[str]:  # fmt: skip
+             record, document, metrics, retry_failed=False, stop=None, listed=None) -> str | set[str]:  # fmt: skip
     """One pass over the archive: "done", or the ids of the nodes lost meanwhile.
 
     A lost node's model actors cannot restart while the remaining GPUs are taken, and their batches
     would wait for them forever: the attempt is stopped (its actors killed, which fails the batches in
     flight), what was assembled is committed, and the job plans again on the remaining cluster.
-    Committed cases are skipped by the next attempt, as by a next run.
+    Committed cases are skipped by the next attempt, as by a next run. listed: the waves a shard
+    driver's parent listed (each attempt of each shard cuts the same listing), or None: listed here.
     """
-    waves = list_archive(
+    waves = listed if listed is not None else list_archive(
         cfg.inputs.uris, storage=storage, include=cfg.inputs.include, exclude=cfg.inputs.exclude,
         wave_objects=cfg.inputs.wave_objects, index_uri=index_uri, staging_uri=join(staging, "waves"),
     )  # fmt: skip
     objects, cached = sum(w.objects for w in waves), sum(w.cached for w in waves)
     record["listing"] = {"objects": objects, "waves": len(waves), "indexed": cached,
-                         "listed_at": datetime.now(UTC).isoformat()}  # fmt: skip
+                         "listed_at": datetime.now(UTC).isoformat(),
+                         "listed_by": "parent" if listed is not None else "this run"}  # fmt: skip
     own, unread_after = None, False
     shard = cfg.resources.shard_spec()
     if shard is not None:  # this driver's share: contiguous waves, and the waves either side of them

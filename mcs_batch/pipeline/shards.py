@@ -1,8 +1,9 @@
 """Shard drivers: one job's archive coordinated by N drivers instead of one.
 
     parent (run_job when resources.drivers resolves to N > 1: the process `segment` runs in)
+      lists the archive once (its waves under the parent's staging folder)
       N ShardDriver actors, each running run_job for shard i/N (resources.shard):
-        lists the archive and takes its share (archive/listing.shard_waves: contiguous waves with about
+        takes its share of the parent's listing (archive/listing.shard_waves: contiguous waves with about
         the same number of objects, and the wave before and the two after them, so that a series
         crossing a cut is one case, of the shard where its first file is), streams it through its own model pools, sized
         for 1/N of the cluster (pipeline/resources.shard_view), and commits to the same catalog as
@@ -18,8 +19,14 @@ one driver's work: a shared pool would need a scheduler of our own between N exe
 actors, and would move each block through one more hop. With a pool per shard, every block stays
 within its shard's execution, as with one driver.
 
+One listing for all: N drivers listing a large archive would read it N times, and a shard restarted
+while new objects arrive would cut a different listing than its siblings did (objects owned twice, or
+by no shard). Every run of every shard cuts the parent's listing.
+
 `--shard i/N` (resources.shard) runs one shard as its own job instead, for sites that submit N
-separate `ray job submit` runs: each lists the archive and cuts it the same way.
+separate `ray job submit` runs: each lists the archive and cuts it the same way, so the N runs should
+start on the same archive (what arrives between their listings may fall to none of them, and is found
+by the next run: the grouper skips what is committed).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import time
 from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
+from mcs_batch.archive.listing import Wave, list_archive
 from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
@@ -54,14 +62,15 @@ class ShardDriver:
         self._metrics: JobMetrics | None = None
         self._stop = threading.Event()
 
-    def run(self, job, cfg: JobConfig, *, run_id: str, parent: str, storage, retry_failed: bool, stages) -> dict:
-        """job: pipeline/job.run_job."""
+    def run(self, job, cfg: JobConfig, *, run_id: str, parent: str, storage, retry_failed: bool, stages,
+            listed: list[Wave]) -> dict:  # fmt: skip
+        """job: pipeline/job.run_job; listed: the parent's listing."""
         label = f"shard {cfg.resources.shard}"
         self._metrics = JobMetrics()  # served by the parent, summed with the other shards'
         cpu = time.process_time()  # this process, every thread: the driver's cost (Ray Data's executor included)
         summary = job(cfg, storage=storage, retry_failed=retry_failed, stages=stages, stop=self._stop,
                       progress=lambda line: print(f"{label}: {line}", flush=True), run_id=run_id,
-                      metrics=self._metrics, parent=parent)  # fmt: skip
+                      metrics=self._metrics, parent=parent, listed=listed)  # fmt: skip
         return {"summary": asdict(summary), "driver_cpu_s": time.process_time() - cpu}
 
     def metrics(self) -> dict | None:
@@ -100,16 +109,23 @@ def run_sharded(cfg: JobConfig, shards: int, *, job, storage: StorageOptions | N
             "shards": [],
         }  # fmt: skip
         catalog.write_run(run_id, document)
-        progress(f"run {run_id}: {shards} shard drivers, each with its share of the archive and of the cluster")
+        index_uri = cfg.inputs.index or join(cfg.outputs.uri, "index")
+        listed = list_archive(cfg.inputs.uris, storage=storage, include=cfg.inputs.include, exclude=cfg.inputs.exclude,
+                              wave_objects=cfg.inputs.wave_objects, index_uri=index_uri,
+                              staging_uri=join(catalog.uri("staging", run_id), "waves"))  # fmt: skip
+        document["listing"] = {"objects": sum(w.objects for w in listed), "waves": len(listed),
+                               "indexed": sum(w.cached for w in listed), "listed_at": datetime.now(UTC).isoformat()}
+        progress(f"run {run_id}: {shards} shard drivers, each with its share of the archive "
+                 f"({document['listing']['objects']} objects in {len(listed)} wave(s)) and of the cluster")
         try:
             results = _drive(cfg, shards, run_id, metrics, document, job=job, storage=storage,
-                             retry_failed=retry_failed, stages=stages, stop=stop, progress=progress)  # fmt: skip
+                             retry_failed=retry_failed, stages=stages, stop=stop, progress=progress,
+                             listed=listed)  # fmt: skip
             summary = _summed(results, run_id, cfg, config_hash)
             document["status"] = "aborted" if summary.aborted else "succeeded"
             if cfg.weak.enabled and not summary.aborted:
                 document["weak_jobs"] = submit_retraining(cfg, summary, progress, storage)
-            document["maintenance"] = maintain_tables(catalog, cfg, cfg.inputs.index or join(cfg.outputs.uri, "index"),
-                                                      progress)  # fmt: skip
+            document["maintenance"] = maintain_tables(catalog, cfg, index_uri, progress)
             summary.seconds = time.perf_counter() - start
             summary.run_uri = catalog.uri("runs", f"{run_id}.json")
             counts = ("cases", "slices", "by_status", "by_error", "skipped_committed", "grown_series")
@@ -123,13 +139,14 @@ def run_sharded(cfg: JobConfig, shards: int, *, job, storage: StorageOptions | N
             document["finished_at"] = datetime.now(UTC).isoformat()
             document["tables"] = _tables(catalog, [r for s in document["shards"] for r in s["runs"]])
             catalog.write_run(run_id, document)
+            catalog.remove_staging(run_id)
         return summary
     finally:
         heartbeat.stop()
 
 
-def _drive(cfg, shards, run_id, metrics, document, *, job, storage, retry_failed, stages, stop,
-           progress) -> list[dict]:  # fmt: skip
+def _drive(cfg, shards, run_id, metrics, document, *, job, storage, retry_failed, stages, stop, progress,
+           listed) -> list[dict]:  # fmt: skip
     """Start the shard drivers, sum their metrics, restart the dead ones; their summaries, in shard order."""
     import ray
     from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
@@ -146,7 +163,8 @@ def _drive(cfg, shards, run_id, metrics, document, *, job, storage, retry_failed
         handle = actor.options(name=f"{SHARD_ACTOR_PREFIX}{shard_run}", num_cpus=cfg.resources.driver_cpus,
                                max_concurrency=4, max_restarts=0).remote()  # fmt: skip
         ref = handle.run.remote(job, shard_config(cfg, shard, shards), run_id=shard_run, parent=run_id, storage=storage,
-                                retry_failed=retry_failed and not entry["restarts"], stages=stages)  # fmt: skip
+                                retry_failed=retry_failed and not entry["restarts"], stages=stages,
+                                listed=listed)  # fmt: skip
         running[ref] = (shard, shard_run, handle)
 
     def finished(ref) -> None:

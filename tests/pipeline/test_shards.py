@@ -141,6 +141,10 @@ def test_sharded_drivers_give_the_rows_of_one_driver_and_a_killed_one_resumes(tm
     assert "maintenance" in run and run["tables"]["cases"]["last"] >= run["tables"]["cases"]["first"]
     owner = [json.loads((work / "two" / "runs" / f"{e['runs'][0]}.json").read_text()) for e in run["shards"]]
     assert [o["attempts"][0]["listing"]["shard"]["objects"] for o in owner] == [7, 7]  # cut between c_ct and d_ct
+    listed = run["listing"]  # the parent listed once; every shard cut that listing
+    assert listed["objects"] == 14 and [o["listing"]["listed_by"] for o in owner] == ["parent", "parent"]
+    assert all(o["listing"]["objects"] == listed["objects"] and o["listing"]["waves"] == listed["waves"] for o in owner)
+    assert not (work / "two" / "staging" / run["run_id"]).exists()  # the parent's listing removed at its end
     assert sorted(r["cases"] for r in result["separate"]) == [4, 5]  # two --shard jobs: each its share, once
 
     three = result["three"]  # 3 drivers, one killed once the first commit landed: restarted, resumed
