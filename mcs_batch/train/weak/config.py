@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from mcs_batch.errors import ConfigError
@@ -22,6 +23,14 @@ from mcs_batch.yaml_config import load, to_plain
 
 AUTO = "auto"  # resolved against the cluster when a run starts (resources.py)
 WEAK_SUFFIX = "@weak"  # refined masks are committed as target "<target>@weak" (never over the zero-shot ones)
+
+
+class Configuration(StrEnum):
+    """nnU-Net's configuration the ensemble is trained in (`configuration` in the config)."""
+
+    AUTO = "auto"  # 3d_fullres when every selected case is a volume, else 2d (export3d.resolve_configuration)
+    TWO_D = "2d"  # the paper's: one windowed RGB PNG per slice with a mask
+    THREE_D = "3d_fullres"  # whole volumes as NIfTI in physical units (HU for CT), nnU-Net's own normalisation
 
 
 @dataclass(frozen=True)
@@ -55,14 +64,21 @@ class SelectionConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """The nnU-Net raw dataset (2d configuration): one grayscale PNG per slice, label PNG 0/1."""
+    """The nnU-Net raw dataset: 2d, one RGB PNG per slice and a label PNG 0/1; 3d_fullres, one NIfTI
+    volume per case in physical units and its label volume (0/1, 2 = ignore) in the same geometry."""
 
     dataset_id: int = 501  # Dataset<id>_<name>; nnU-Net wants 1..999
     dataset_name: str = ""  # default: the target's name
+    # 3d_fullres: the channel's modality, which picks nnU-Net's normalisation ("CT": its CT scheme,
+    # anything else its z-score). auto: the one modality the catalog gives the selected cases (NIfTI
+    # headers carry none: such cases take the others'), "zscore" when there is none or several.
+    modality: str = AUTO
 
     def __post_init__(self):
         if not 1 <= self.dataset_id <= 999:
             raise ConfigError(f"export.dataset_id: must be in 1..999, got {self.dataset_id}")
+        if not self.modality or not all(c.isalnum() or c == "_" for c in self.modality):
+            raise ConfigError(f"export.modality: 'auto' or a modality name (CT, MR, zscore), got {self.modality!r}")
 
 
 @dataclass(frozen=True)
@@ -165,12 +181,20 @@ class WeakConfig:
     source: str = ""  # the segmentation job's OUT (local or s3://)
     target: str = ""  # the zero-shot target whose masks are the pseudo-labels
     work: str = ""  # WORK: selection.json, nnUNet_raw/, checkpoints/, logs (local or s3://)
+    configuration: Configuration | str = Configuration.AUTO  # auto | 2d | 3d_fullres (Configuration)
     select: SelectionConfig = field(default_factory=SelectionConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     run: RunSettings = field(default_factory=RunSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
     testing: TestingConfig = field(default_factory=TestingConfig)  # interrupt_after_step: after that epoch
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "configuration", Configuration(self.configuration))
+        except ValueError as e:
+            choices = ", ".join(c.value for c in Configuration)
+            raise ConfigError(f"configuration: {self.configuration!r} is not one of {choices}") from e
 
     @property
     def refined_target(self) -> str:
@@ -185,8 +209,9 @@ class WeakConfig:
         return to_plain(self)
 
     def hash(self) -> str:
-        """sha256 (16 hex) of what determines the trained ensemble: source, target, selection, export, train."""
-        keys = ("source", "target", "select", "export", "train")
+        """sha256 (16 hex) of what determines the trained ensemble: source, target, configuration,
+        selection, export, train."""
+        keys = ("source", "target", "configuration", "select", "export", "train")
         blob = json.dumps({k: v for k, v in self.to_dict().items() if k in keys}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
