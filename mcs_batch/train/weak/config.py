@@ -48,7 +48,11 @@ class SelectionConfig:
     max_cases_per_dataset: int = 0  # a dataset: the first folder of a case's first key (its input); 0: no cap
     include: tuple[str, ...] = ()  # case ids: only these (empty: all)
     exclude: tuple[str, ...] = ()  # case ids never used
-    keep_empty_slices: bool = False  # volumes: also train on the slices of a selected case without a mask
+    keep_empty_slices: bool = False  # volumes, 2d: train on every slice of a selected case without a mask
+    # volumes, 2d: else up to this many slices without a mask per slice with one, drawn per case (seeded);
+    # 0: labelled slices only (then refine predicts only those: refine.slices auto). 3d_fullres trains
+    # whole volumes, background included, whatever this says.
+    empty_slice_ratio: float = 1.0
     max_uncertainty: float = 0.0  # > 0: drop cases an earlier ensemble found more uncertain (a second round)
     uncertainty_from: str = ""  # that round's refine tables: WORK/refine/ of the earlier run (or one .parquet)
     seed: int = 0  # which cases a per-dataset cap keeps (a stable hash of seed and case id)
@@ -58,6 +62,8 @@ class SelectionConfig:
             raise ConfigError("select.min_sam_score and select.min_agreement must be in [0, 1]")
         if self.min_mask_pixels < 1 or self.max_components < 0 or self.max_cases_per_dataset < 0:
             raise ConfigError("select: min_mask_pixels >= 1, max_components and max_cases_per_dataset >= 0")
+        if not self.empty_slice_ratio >= 0:
+            raise ConfigError(f"select.empty_slice_ratio must be >= 0, got {self.empty_slice_ratio}")
         if self.max_uncertainty < 0 or (self.max_uncertainty > 0 and not self.uncertainty_from):
             raise ConfigError("select.max_uncertainty > 0 needs select.uncertainty_from (an earlier WORK/refine/)")
 
@@ -157,6 +163,9 @@ class RefineSettings:
     cpus_per_actor: float = 0.5  # <= 0.5 on a 2-CPU machine (ENVIRONMENT.md: actor pools can starve reads)
     batch_cases: int = 4  # cases per actor call
     max_checkpoints: int = 0  # use only the newest this many members (0 = all)
+    # which slices of a volume the 2d ensemble predicts: all, or labelled (those with a zero-shot mask;
+    # the others stay empty); auto = as the ensemble was trained (ensemble_slices)
+    slices: str = AUTO
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
@@ -167,8 +176,28 @@ class RefineSettings:
             or self.gpus_per_actor < 0
         ):  # fmt: skip
             raise ConfigError(f"refine.gpus_per_actor: 'auto' or a number >= 0, got {self.gpus_per_actor!r}")
+        if self.slices not in (AUTO, SLICES_ALL, SLICES_LABELLED):
+            raise ConfigError(f"refine.slices: auto, {SLICES_ALL} or {SLICES_LABELLED}, got {self.slices!r}")
         if self.batch_cases < 1 or self.max_checkpoints < 0 or not self.cpus_per_actor > 0:
             raise ConfigError("refine: batch_cases >= 1, max_checkpoints >= 0, cpus_per_actor > 0")
+
+
+SLICES_ALL, SLICES_LABELLED = "all", "labelled"  # refine.slices
+
+
+def ensemble_slices(requested: str, ensemble: dict) -> str:
+    """The slices refine predicts with an ensemble (its ensemble.json): `requested` unless auto; auto =
+    the training's policy: "all" when it saw slices without a mask (3d_fullres, select.keep_empty_slices
+    or select.empty_slice_ratio > 0), else "labelled" (a model never shown an empty slice is not asked
+    about one)."""
+    if requested != AUTO:
+        return requested
+    if "config" not in ensemble:  # not made by train-weak (synthetic_ensemble): no policy to follow
+        return SLICES_ALL
+    select = ensemble["config"].get("select") or {}
+    saw_background = (ensemble.get("configuration") == Configuration.THREE_D.value or select.get("keep_empty_slices")
+                      or float(select.get("empty_slice_ratio") or 0.0) > 0)  # fmt: skip
+    return SLICES_ALL if saw_background else SLICES_LABELLED
 
 
 def _auto_or_count(key: str, value, minimum: int) -> None:

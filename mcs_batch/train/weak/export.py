@@ -35,7 +35,7 @@ from mcs_batch.records import slice_axis_for
 from mcs_batch.stages.load import load_chunk
 from mcs_batch.train.weak.config import Configuration, WeakConfig
 from mcs_batch.train.weak.export3d import channel_name, dataset_json_3d, export_volume_cases
-from mcs_batch.train.weak.select import agreement, slice_drop_reason
+from mcs_batch.train.weak.select import agreement, pick_empty_slices, slice_drop_reason
 
 MAPPING_SCHEMA = pa.schema(
     [
@@ -48,6 +48,8 @@ MAPPING_SCHEMA = pa.schema(
         pa.field("mask_pixels", pa.int64()),
     ]
 )
+
+
 def raw_folder(cfg: WeakConfig) -> str:
     return join(cfg.work, "nnUNet_raw", cfg.dataset_name)
 
@@ -80,16 +82,22 @@ def export_cases(cases: list[dict], slices: dict[str, list[dict]], *, cfg: WeakC
         try:
             mask = to_display(read_mask(case["mask_uri"], storage), record)  # the grid the job's slices came from
             source_fs = filesystem_for(record.source_uris[0], storage)[0]
-            keep = []
+            keep, empty = [], {}
             for s in sorted(slices.get(case["case_id"], []), key=lambda s: s["slice_index"]):
                 k = int(s["slice_index"])
                 mask_hw = plane(mask, k, axis) > 0
                 agree = agreement(mask_hw, s.get("boxes_xyxy"))
                 reason = slice_drop_reason(int(mask_hw.sum()), s.get("sam_score"), agree, cfg.select)
-                if reason:
+                if reason == "empty_slice":
+                    empty[k] = (k, mask_hw, s.get("sam_score"), agree)
+                elif reason:
                     dropped[reason] += 1
                 else:
                     keep.append((k, mask_hw, s.get("sam_score"), agree))
+            picked = pick_empty_slices(sorted(empty), len(keep), cfg.select, record.case_id) if keep else []
+            if len(empty) > len(picked):
+                dropped["empty_slice"] += len(empty) - len(picked)
+            keep = sorted([*keep, *(empty[k] for k in picked)], key=lambda item: item[0])
             cache: dict = {}
             for k, mask_hw, score, agree in keep:
                 (image,) = load_chunk(record, k, k + 1, job, fs=source_fs, cache=cache)

@@ -38,7 +38,7 @@ from scipy import ndimage
 
 from mcs_batch.config import JobConfig, SegmentCodes
 from mcs_batch.errors import CaseError, ErrorCode
-from mcs_batch.io.display import display_shape, slice_count, to_stored, volume_in_display
+from mcs_batch.io.display import display_shape, slice_count, to_display, to_stored, volume_in_display
 from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.io.volume import place, plane
@@ -55,15 +55,15 @@ from mcs_batch.outputs.dicom_seg import (
 )
 from mcs_batch.outputs.lease import RunHeartbeat
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
-from mcs_batch.outputs.reader import job_config_of_run, record_of
+from mcs_batch.outputs.reader import job_config_of_run, read_mask, record_of
 from mcs_batch.records import slice_axis_for
 from mcs_batch.stages.load import load_chunk
-from mcs_batch.train.weak.config import WeakConfig
+from mcs_batch.train.weak.config import SLICES_LABELLED, WeakConfig, ensemble_slices
 from mcs_batch.train.weak.ensemble import read_ensemble
 from mcs_batch.train.weak.export3d import is_volume
 from mcs_batch.train.weak.files import write_bytes
 from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
-from mcs_batch.train.weak.uncertainty import case_uncertainty, score_mean_std, score_moments
+from mcs_batch.train.weak.uncertainty import SliceScores, case_uncertainty, score_mean_std, score_moments
 
 SLICES_PER_READ = 16
 REFINED_FIELDS = ("mask_uri", "mask_png_uri", "mask_voxels", "mask_volume_ml", "n_components", "n_slices",
@@ -81,10 +81,13 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
     axis = slice_axis_for(record, job.slice_axis)
     mask = np.zeros(display_shape(record), np.uint8)  # the job's display grid (io/display.py)
     fs = filesystem_for(record.source_uris[0], storage)[0]
-    scores = []
-    for k, scored in _slice_scores(record, row, predictor, job, axis, fs, cfg.refine.threshold):
+    scores, predicted = [], []
+    wanted = _wanted_slices(row, record, predictor, cfg, axis, storage)
+    for k, scored in _slice_scores(record, row, predictor, job, axis, fs, cfg.refine.threshold, wanted):
         place(mask, k, axis, scored.mask.astype(np.uint8))
         scores.append(scored)
+        if wanted is None or k in wanted:
+            predicted.append(scored)
     slice_rows = [{"case_id": record.case_id, "target": cfg.refined_target, "slice_index": k,
                    "mask_pixels": int(s.mask.sum()), "run_id": run_id} for k, s in enumerate(scores)]  # fmt: skip
     mask = np.ascontiguousarray(to_stored(mask, record))
@@ -108,15 +111,41 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
         n_components=int(ndimage.label(mask, structure=np.ones((3, 3, 3), bool))[1]) if voxels else 0,
         n_slices=len(scores),
         n_slices_with_mask=sum(1 for s in scores if s.mask.any()),
-        **case_uncertainty(scores),
+        **case_uncertainty(predicted),
     )
     return {"case_row": out, "slice_rows": slice_rows}
 
 
-def _slice_scores(record, row: dict, predictor, job: JobConfig, axis: int, fs, threshold: float):
+def _wanted_slices(row: dict, record, predictor, cfg: WeakConfig, axis: int, storage) -> set[int] | None:
+    """The slices a 2d ensemble predicts under the training's slice policy (config.ensemble_slices):
+    None for every slice; with "labelled", the slices whose zero-shot mask has at least the training's
+    select.min_mask_pixels (the others stay empty, as the model was never shown an empty slice)."""
+    document = getattr(predictor, "document", {})
+    if getattr(predictor, "three_d", False) or ensemble_slices(cfg.refine.slices, document) != SLICES_LABELLED:
+        return None
+    min_pixels = int(((document.get("config") or {}).get("select") or {}).get("min_mask_pixels") or 1)
+    return labelled_slices(to_display(read_mask(row["mask_uri"], storage), record), axis, min_pixels)
+
+
+def labelled_slices(mask: np.ndarray, axis: int, min_pixels: int = 1) -> set[int]:
+    """Slice indices along `axis` of a display-grid mask [I, J, K] with at least `min_pixels` pixels."""
+    other = tuple(a for a in range(3) if a != axis)
+    counts = np.count_nonzero(np.asarray(mask) > 0, axis=other)
+    return {int(k) for k in np.flatnonzero(counts >= min_pixels)}
+
+
+def _empty_scores(shape_hw: tuple[int, int]) -> SliceScores:
+    """A slice left out of prediction: empty mask, no uncertainty."""
+    return SliceScores(mask=np.zeros(shape_hw, bool), mean_probability=np.zeros(shape_hw, np.float32),
+                       entropy_sum=0.0, boundary_pixels=0, spread=0.0)  # fmt: skip
+
+
+def _slice_scores(record, row: dict, predictor, job: JobConfig, axis: int, fs, threshold: float,
+                  wanted: set[int] | None = None):  # fmt: skip
     """(slice index, SliceScores) for every slice along `axis` of the display grid. 2d: the job's
-    planes (load_chunk), SLICES_PER_READ at a time; 3d_fullres: the whole volume in physical units
-    (io/ loaders, display orientation), its members' moments sliced afterwards."""
+    planes (load_chunk), SLICES_PER_READ at a time, predicted where `wanted` (None: all) and empty
+    elsewhere; 3d_fullres: the whole volume in physical units (io/ loaders, display orientation), its
+    members' moments sliced afterwards."""
     n = slice_count(record, job.slice_axis)
     if getattr(predictor, "three_d", False):
         if not is_volume(row):
@@ -131,9 +160,21 @@ def _slice_scores(record, row: dict, predictor, job: JobConfig, axis: int, fs, t
     cache: dict = {}
     for k0 in range(0, n, SLICES_PER_READ):
         k1 = min(k0 + SLICES_PER_READ, n)
-        images = list(load_chunk(record, k0, k1, job, fs=fs, cache=cache))
-        for k, moments in zip(range(k0, k1), predictor.moments(images), strict=True):
-            yield k, score_moments(moments, threshold)
+        ks = [k for k in range(k0, k1) if wanted is None or k in wanted]
+        images = list(load_chunk(record, k0, k1, job, fs=fs, cache=cache)) if ks else []
+        moments = dict(zip(ks, predictor.moments([images[k - k0] for k in ks]), strict=True))
+        for k in range(k0, k1):
+            if k in moments:
+                yield k, score_moments(moments[k], threshold)
+            else:
+                yield k, _empty_scores(_plane_shape(record, axis))
+
+
+def _plane_shape(record, axis: int) -> tuple[int, int]:
+    """[H, W] of a slice along `axis` of the display grid (volume.plane: the two other axes swapped)."""
+    shape = display_shape(record)
+    w, h = (shape[a] for a in range(3) if a != axis)
+    return h, w
 
 
 def _write_seg(mask: np.ndarray, record, out: dict, cfg: WeakConfig, job: JobConfig, catalog: Catalog, run_id: str,
@@ -238,8 +279,11 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
     rows = cases_to_refine(catalog, cfg, case_ids)
     started = time.time()
     resources = resolve_weak_resources(cfg, weak_cluster_view())
+    slices = "whole volumes" if ensemble.get("configuration") == "3d_fullres" else (
+        f"{ensemble_slices(cfg.refine.slices, ensemble)} slices")  # fmt: skip
     progress(f"refining {len(rows)} case(s) of {cfg.target} with {len(ensemble['members'])} checkpoint(s) "
-             f"-> {cfg.refined_target} ({resources.refine_actors} actor(s), {resources.refine_device})")  # fmt: skip
+             f"-> {cfg.refined_target} ({slices}; {resources.refine_actors} actor(s), "
+             f"{resources.refine_device})")  # fmt: skip
     counts = {"ok": 0, "failed": 0}
     uncertainty_rows: list[dict] = []
     versions: dict[str, dict[str, int]] = {}  # table -> the first and last version this run committed
@@ -280,6 +324,7 @@ def _refine(cfg: WeakConfig, catalog: Catalog, run_id: str, ensemble: dict, *, s
     summary = {"run_id": run_id, "kind": "refine", "status": "succeeded", "tables": versions,
                "source": cfg.source, "target": cfg.target,
                "refined_target": cfg.refined_target, "work": cfg.work, "threshold": cfg.refine.threshold,
+               "slices": slices,
                "members": [m["file"] for m in ensemble["members"]], "ensemble_config_hash": ensemble["config_hash"],
                "cases": counts, "uncertainty": uncertainty_rows, "started_at": started,
                "resources": resources.to_dict(),
