@@ -117,11 +117,15 @@ def refine_case(row: dict, predictor, *, cfg: WeakConfig, catalog: Catalog, run_
 
 
 def _wanted_slices(row: dict, record, predictor, cfg: WeakConfig, axis: int, storage) -> set[int] | None:
-    """The slices a 2d ensemble predicts under the training's slice policy (config.ensemble_slices):
-    None for every slice; with "labelled", the slices whose zero-shot mask has at least the training's
-    select.min_mask_pixels (the others stay empty, as the model was never shown an empty slice)."""
+    """The slices of a volume a 2d ensemble predicts under the training's slice policy
+    (config.ensemble_slices): None for every slice; with "labelled", the slices whose zero-shot mask
+    has at least the training's select.min_mask_pixels (the others stay empty, as the model was never
+    shown an empty slice). 2D images are always predicted (the paper's path: an image whose zero-shot
+    mask is empty is one refinement can rescue)."""
     document = getattr(predictor, "document", {})
-    if getattr(predictor, "three_d", False) or ensemble_slices(cfg.refine.slices, document) != SLICES_LABELLED:
+    if getattr(predictor, "three_d", False) or not is_volume(row):
+        return None
+    if ensemble_slices(cfg.refine.slices, document) != SLICES_LABELLED:
         return None
     min_pixels = int(((document.get("config") or {}).get("select") or {}).get("min_mask_pixels") or 1)
     return labelled_slices(to_display(read_mask(row["mask_uri"], storage), record), axis, min_pixels)

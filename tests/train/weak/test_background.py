@@ -18,6 +18,7 @@ from mcs_batch.outputs.reader import read_mask
 from mcs_batch.train.weak.config import SelectionConfig, ensemble_slices, load_weak_config
 from mcs_batch.train.weak.export import export_cases, raw_folder
 from mcs_batch.train.weak.select import pick_empty_slices, select_from_catalog
+from mcs_batch.train.weak.synthetic import Noise, write_pseudo_run
 from tests.train.weak.cases import add_series_case
 
 
@@ -91,3 +92,12 @@ def test_refine_predicts_the_slices_the_training_policy_covered(tmp_path: Path):
     np.testing.assert_array_equal(only_labelled["mask"][:, :, 1:3], everywhere["mask"][:, :, 1:3])
     assert everywhere["uncertainty"] != only_labelled["uncertainty"]  # empty slices scored only when predicted
     assert refined(0.0, "all")["pixels"] == everywhere["pixels"]  # an explicit policy overrides the training's
+
+    # a 2D image is always predicted (the paper's path), whatever the policy: even an empty zero-shot mask
+    write_pseudo_run(tmp_path, str(out), n=1, noise=Noise(drop_fraction=1.0))
+    (image,) = [r for r in catalog.cases().to_pylist() if r["kind"] == "image"]
+    assert read_mask(image["mask_uri"], None).sum() == 0
+    predictor.document = {**document, "config": {"select": {"empty_slice_ratio": 0.0, "min_mask_pixels": 1}}}
+    cfg = load_weak_config(source=str(out), target="lesion", work=str(work))
+    result = refine_case(image, predictor, cfg=cfg, catalog=catalog, run_id="r", storage=None)
+    assert result["case_row"]["uncertainty"] > 0.0  # scored: the network was run on it
