@@ -69,7 +69,7 @@ def child(work: str, members: int, n_images: int, size: int, held: bool) -> dict
 
 def _one(predictor, image):
     """One image through the network as loaded (no member switching): float32 [H, W]."""
-    return predictor.foreground(*predictor._preprocess(image))
+    return predictor.foreground(*predictor._preprocess(image))[0]
 
 
 def main() -> None:

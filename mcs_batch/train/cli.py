@@ -50,11 +50,24 @@ def add_commands(subparsers) -> None:
     add_weak_commands(subparsers)
 
 
+def absolute_local_paths(cfg):
+    """The config with a local OUT and WORK made absolute: Ray Train's workers run in a working folder
+    of their own, where a relative WORK would not be found. URIs (s3://, file://) stay as given."""
+    import dataclasses
+    import os
+
+    def absolute(uri: str) -> str:
+        return os.path.abspath(uri) if uri and "://" not in uri else uri
+
+    return dataclasses.replace(cfg, source=absolute(cfg.source), work=absolute(cfg.work))
+
+
 def _weak_config(args: argparse.Namespace):
     from mcs_batch.train.weak.config import load_weak_config
     from mcs_batch.train.weak.train import check_source
 
     cfg = load_weak_config(args.config, overrides=args.set, source=args.source, target=args.target, work=args.work)
+    cfg = absolute_local_paths(cfg)
     cfg.check_required()
     check_source(cfg, storage_options(args))
     return cfg

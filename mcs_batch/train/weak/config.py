@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from mcs_batch.errors import ConfigError
@@ -22,6 +23,14 @@ from mcs_batch.yaml_config import load, to_plain
 
 AUTO = "auto"  # resolved against the cluster when a run starts (resources.py)
 WEAK_SUFFIX = "@weak"  # refined masks are committed as target "<target>@weak" (never over the zero-shot ones)
+
+
+class Configuration(StrEnum):
+    """nnU-Net's configuration the ensemble is trained in (`configuration` in the config)."""
+
+    AUTO = "auto"  # 3d_fullres when every selected case is a volume, else 2d (export3d.resolve_configuration)
+    TWO_D = "2d"  # the paper's: one windowed RGB PNG per slice with a mask
+    THREE_D = "3d_fullres"  # whole volumes as NIfTI in physical units (HU for CT), nnU-Net's own normalisation
 
 
 @dataclass(frozen=True)
@@ -39,7 +48,11 @@ class SelectionConfig:
     max_cases_per_dataset: int = 0  # a dataset: the first folder of a case's first key (its input); 0: no cap
     include: tuple[str, ...] = ()  # case ids: only these (empty: all)
     exclude: tuple[str, ...] = ()  # case ids never used
-    keep_empty_slices: bool = False  # volumes: also train on the slices of a selected case without a mask
+    keep_empty_slices: bool = False  # volumes, 2d: train on every slice of a selected case without a mask
+    # volumes, 2d: else up to this many slices without a mask per slice with one, drawn per case (seeded);
+    # 0: labelled slices only (then refine predicts only those: refine.slices auto). 3d_fullres trains
+    # whole volumes, background included, whatever this says.
+    empty_slice_ratio: float = 1.0
     max_uncertainty: float = 0.0  # > 0: drop cases an earlier ensemble found more uncertain (a second round)
     uncertainty_from: str = ""  # that round's refine tables: WORK/refine/ of the earlier run (or one .parquet)
     seed: int = 0  # which cases a per-dataset cap keeps (a stable hash of seed and case id)
@@ -49,20 +62,29 @@ class SelectionConfig:
             raise ConfigError("select.min_sam_score and select.min_agreement must be in [0, 1]")
         if self.min_mask_pixels < 1 or self.max_components < 0 or self.max_cases_per_dataset < 0:
             raise ConfigError("select: min_mask_pixels >= 1, max_components and max_cases_per_dataset >= 0")
+        if not self.empty_slice_ratio >= 0:
+            raise ConfigError(f"select.empty_slice_ratio must be >= 0, got {self.empty_slice_ratio}")
         if self.max_uncertainty < 0 or (self.max_uncertainty > 0 and not self.uncertainty_from):
             raise ConfigError("select.max_uncertainty > 0 needs select.uncertainty_from (an earlier WORK/refine/)")
 
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """The nnU-Net raw dataset (2d configuration): one grayscale PNG per slice, label PNG 0/1."""
+    """The nnU-Net raw dataset: 2d, one RGB PNG per slice and a label PNG 0/1; 3d_fullres, one NIfTI
+    volume per case in physical units and its label volume (0/1, 2 = ignore) in the same geometry."""
 
     dataset_id: int = 501  # Dataset<id>_<name>; nnU-Net wants 1..999
     dataset_name: str = ""  # default: the target's name
+    # 3d_fullres: the channel's modality, which picks nnU-Net's normalisation ("CT": its CT scheme,
+    # anything else its z-score). auto: the one modality the catalog gives the selected cases (NIfTI
+    # headers carry none: such cases take the others'), "zscore" when there is none or several.
+    modality: str = AUTO
 
     def __post_init__(self):
         if not 1 <= self.dataset_id <= 999:
             raise ConfigError(f"export.dataset_id: must be in 1..999, got {self.dataset_id}")
+        if not self.modality or not all(c.isalnum() or c == "_" for c in self.modality):
+            raise ConfigError(f"export.modality: 'auto' or a modality name (CT, MR, zscore), got {self.modality!r}")
 
 
 @dataclass(frozen=True)
@@ -141,6 +163,9 @@ class RefineSettings:
     cpus_per_actor: float = 0.5  # <= 0.5 on a 2-CPU machine (ENVIRONMENT.md: actor pools can starve reads)
     batch_cases: int = 4  # cases per actor call
     max_checkpoints: int = 0  # use only the newest this many members (0 = all)
+    # which slices of a volume the 2d ensemble predicts: all, or labelled (those with a zero-shot mask;
+    # the others stay empty); auto = as the ensemble was trained (ensemble_slices)
+    slices: str = AUTO
 
     def __post_init__(self):
         if not 0.0 < self.threshold < 1.0:
@@ -151,8 +176,28 @@ class RefineSettings:
             or self.gpus_per_actor < 0
         ):  # fmt: skip
             raise ConfigError(f"refine.gpus_per_actor: 'auto' or a number >= 0, got {self.gpus_per_actor!r}")
+        if self.slices not in (AUTO, SLICES_ALL, SLICES_LABELLED):
+            raise ConfigError(f"refine.slices: auto, {SLICES_ALL} or {SLICES_LABELLED}, got {self.slices!r}")
         if self.batch_cases < 1 or self.max_checkpoints < 0 or not self.cpus_per_actor > 0:
             raise ConfigError("refine: batch_cases >= 1, max_checkpoints >= 0, cpus_per_actor > 0")
+
+
+SLICES_ALL, SLICES_LABELLED = "all", "labelled"  # refine.slices
+
+
+def ensemble_slices(requested: str, ensemble: dict) -> str:
+    """The slices refine predicts with an ensemble (its ensemble.json): `requested` unless auto; auto =
+    the training's policy: "all" when it saw slices without a mask (3d_fullres, select.keep_empty_slices
+    or select.empty_slice_ratio > 0), else "labelled" (a model never shown an empty slice is not asked
+    about one)."""
+    if requested != AUTO:
+        return requested
+    if "config" not in ensemble:  # not made by train-weak (synthetic_ensemble): no policy to follow
+        return SLICES_ALL
+    select = ensemble["config"].get("select") or {}
+    saw_background = (ensemble.get("configuration") == Configuration.THREE_D.value or select.get("keep_empty_slices")
+                      or float(select.get("empty_slice_ratio") or 0.0) > 0)  # fmt: skip
+    return SLICES_ALL if saw_background else SLICES_LABELLED
 
 
 def _auto_or_count(key: str, value, minimum: int) -> None:
@@ -165,12 +210,20 @@ class WeakConfig:
     source: str = ""  # the segmentation job's OUT (local or s3://)
     target: str = ""  # the zero-shot target whose masks are the pseudo-labels
     work: str = ""  # WORK: selection.json, nnUNet_raw/, checkpoints/, logs (local or s3://)
+    configuration: Configuration | str = Configuration.AUTO  # auto | 2d | 3d_fullres (Configuration)
     select: SelectionConfig = field(default_factory=SelectionConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     train: TrainSettings = field(default_factory=TrainSettings)
     run: RunSettings = field(default_factory=RunSettings)
     refine: RefineSettings = field(default_factory=RefineSettings)
     testing: TestingConfig = field(default_factory=TestingConfig)  # interrupt_after_step: after that epoch
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "configuration", Configuration(self.configuration))
+        except ValueError as e:
+            choices = ", ".join(c.value for c in Configuration)
+            raise ConfigError(f"configuration: {self.configuration!r} is not one of {choices}") from e
 
     @property
     def refined_target(self) -> str:
@@ -185,8 +238,9 @@ class WeakConfig:
         return to_plain(self)
 
     def hash(self) -> str:
-        """sha256 (16 hex) of what determines the trained ensemble: source, target, selection, export, train."""
-        keys = ("source", "target", "select", "export", "train")
+        """sha256 (16 hex) of what determines the trained ensemble: source, target, configuration,
+        selection, export, train."""
+        keys = ("source", "target", "configuration", "select", "export", "train")
         blob = json.dumps({k: v for k, v in self.to_dict().items() if k in keys}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -1,4 +1,5 @@
-"""The trained checkpoint ensemble as a predictor: the members' foreground probabilities of 2D images.
+"""The trained checkpoint ensemble as a predictor: the members' foreground probabilities of 2D images
+(2d ensembles) or of whole volumes in physical units (3d_fullres ensembles).
 
 nnU-Net's own pieces do the work (its preprocessor, network builder, sliding-window inference and the
 resampling back to the input size); the ensemble's weights are loaded here as plain state dicts with
@@ -44,7 +45,8 @@ def read_ensemble(work: str, storage: StorageOptions | None) -> dict:
 
 
 class EnsemblePredictor:
-    """Foreground probabilities of each ensemble member for RGB images (nnU-Net 2d, fold all).
+    """Foreground probabilities of each ensemble member for RGB images (nnU-Net 2d, fold all), or for
+    volumes (3d_fullres: `volume_moments`).
 
     scratch_dir: where members on object storage are copied (default: the system temp folder); the
     copy is removed with the predictor.
@@ -87,6 +89,25 @@ class EnsemblePredictor:
     def n_members(self) -> int:
         return len(self.members)
 
+    @property
+    def three_d(self) -> bool:
+        """Whether the ensemble was trained on whole volumes (nnU-Net's 3d_fullres)."""
+        return self.document["configuration"] == "3d_fullres"
+
+    def volume_moments(self, volume_ijk: np.ndarray, spacing_ijk: Sequence[float]) -> SliceMoments:
+        """volume_ijk: float32 [I, J, K] in physical units, as export3d wrote it (display orientation),
+        spacing_ijk its voxel size in mm -> the running moments of the members' foreground
+        probabilities, float32 [I, J, K] maps in [0, 1]. Read as nnU-Net's NibabelIO reads the exported
+        NIfTI ([c, K, J, I], spacing reversed), so training and prediction see the same array."""
+        if not self.three_d:
+            raise ConfigError("volume_moments: this ensemble is 2d (refine it slice by slice)")
+        data = np.asarray(volume_ijk, np.float32).transpose(2, 1, 0)[None]
+        case = self._run_preprocessor(data, {"spacing": [float(s) for s in spacing_ijk][::-1]})
+        out = SliceMoments()
+        for _, _, probability in self._maps([case]):
+            out.add(probability.transpose(2, 1, 0))
+        return out
+
     def moments(self, images_rgb: Sequence[np.ndarray]) -> list[SliceMoments]:
         """images_rgb: uint8 [H, W, 3] each -> per image the running moments of its members' foreground
         probabilities (float32 [H, W] maps in [0, 1]); each member is loaded once for all the images."""
@@ -103,7 +124,11 @@ class EnsemblePredictor:
 
     def _member_maps(self, images_rgb: Sequence[np.ndarray]) -> Iterator[tuple[int, int, np.ndarray]]:
         """(member index, image index, float32 [H, W] probability), members in the outer loop."""
-        cases = [self._preprocess(image) for image in images_rgb]
+        for m, i, probability in self._maps([self._preprocess(image) for image in images_rgb]):
+            yield m, i, probability[0]
+
+    def _maps(self, cases: list) -> Iterator[tuple[int, int, np.ndarray]]:
+        """(member index, case index, float32 [Z, Y, X] probability; Z = 1 for 2d), members outside."""
         for m, member in enumerate(self.members):
             weights = member.load()
             self.network.load_state_dict(weights)
@@ -112,7 +137,8 @@ class EnsemblePredictor:
                 yield m, i, self.foreground(tensor, properties)
 
     def foreground(self, tensor, properties) -> np.ndarray:
-        """The loaded network's foreground probability of one preprocessed image: float32 [H, W]."""
+        """The loaded network's foreground probability of one preprocessed case: float32 [Z, Y, X] in
+        nnU-Net's axis order (Z = 1 for a 2D image)."""
         import torch
         from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 
@@ -122,15 +148,20 @@ class EnsemblePredictor:
             logits, self.plans_manager, self.configuration, self.label_manager, properties,
             return_probabilities=True, num_threads_torch=1,
         )  # fmt: skip
-        return np.asarray(probs[1, 0], np.float32)
+        return np.asarray(probs[1], np.float32)
 
     def _preprocess(self, image_rgb: np.ndarray):
+        data = np.asarray(image_rgb).transpose(2, 0, 1)[:, None].astype(np.float32)  # as NaturalImage2DIO reads
+        return self._run_preprocessor(data, {"spacing": (999, 1, 1)})
+
+    def _run_preprocessor(self, data: np.ndarray, properties: dict):
+        """nnU-Net's own preprocessing (crop, normalisation per channel name, resampling to the plan's
+        spacing) of data float32 [C, Z, Y, X] -> (tensor, properties for the way back)."""
         import torch
 
-        data = np.asarray(image_rgb).transpose(2, 0, 1)[:, None].astype(np.float32)  # as NaturalImage2DIO reads
         preprocessor = self.configuration.preprocessor_class(verbose=False)
         data, _, properties = preprocessor.run_case_npy(
-            data, None, {"spacing": (999, 1, 1)}, self.plans_manager, self.configuration, self.dataset_json
+            data, None, properties, self.plans_manager, self.configuration, self.dataset_json
         )
         return torch.from_numpy(np.ascontiguousarray(data)), properties
 

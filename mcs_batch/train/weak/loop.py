@@ -36,7 +36,7 @@ from mcs_batch.train.weak.schedule import cyclic_lr, is_kept, member_name
 logger = logging.getLogger(__name__)
 
 MODEL_FILE, OPTIMIZER_FILE, STATE_FILE = "model.pt", "optimizer.pt", "state.json"
-CONFIGURATION, FOLD = "2d", "all"
+FOLD = "all"
 
 
 class SimulatedInterruption(RuntimeError):
@@ -53,7 +53,7 @@ def preprocessed_folder(cfg: WeakConfig) -> str:
 
 def member_loop(config: dict) -> dict:
     """Ray Train entry. config: {"cfg": WeakConfig, "storage": StorageOptions | None, "config_hash": str,
-    "augmentation_processes": nnUNet_n_proc_DA (resources.py)}."""
+    "configuration": "2d" | "3d_fullres" (resolved), "augmentation_processes": nnUNet_n_proc_DA (resources.py)}."""
     import ray.train
 
     cfg: WeakConfig = config["cfg"]
@@ -64,13 +64,14 @@ def member_loop(config: dict) -> dict:
         env = nnunet_environment(scratch, stage=NnunetStage.TRAIN, n_proc_da=config.get("augmentation_processes", 0))
         use_nnunet_environment(env)
         download_folder(preprocessed_folder(cfg), Path(env[PREPROCESSED]) / cfg.dataset_name, storage)
-        return _train_member(cfg, storage, rank, scratch, config["config_hash"])
+        return _train_member(cfg, storage, rank, scratch, config["config_hash"], config.get("configuration", "2d"))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def build_trainer(cfg: WeakConfig, preprocessed: Path, device):
-    """The configured trainer class (found by nnU-Net, with nnUNet_extTrainer), for one member."""
+def build_trainer(cfg: WeakConfig, preprocessed: Path, device, configuration: str = "2d"):
+    """The configured trainer class (found by nnU-Net, with nnUNet_extTrainer), for one member of
+    nnU-Net's `configuration` ("2d" or "3d_fullres", as planned)."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -80,7 +81,7 @@ def build_trainer(cfg: WeakConfig, preprocessed: Path, device):
     plans["continue_training"] = False  # popped by the trainer; we resume ourselves
     dataset_json = load_json(str(preprocessed / "dataset.json"))
     trainer_class = recursive_find_trainer_class_by_name(cfg.train.trainer)
-    trainer = trainer_class(plans, CONFIGURATION, FOLD, dataset_json, device=device)
+    trainer = trainer_class(plans, configuration, FOLD, dataset_json, device=device)
     detach_from_process_group(trainer, device)
     trainer.num_iterations_per_epoch = cfg.train.iterations_per_epoch
     trainer.num_val_iterations_per_epoch = cfg.train.val_iterations_per_epoch
@@ -90,7 +91,7 @@ def build_trainer(cfg: WeakConfig, preprocessed: Path, device):
     return trainer
 
 
-def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_hash: str) -> dict:
+def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_hash: str, configuration: str) -> dict:
     import numpy as np
     import ray.train
     import ray.train.torch
@@ -101,7 +102,7 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
     np.random.seed(seed)
     random.seed(seed)
     device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
-    trainer = build_trainer(cfg, scratch / PREPROCESSED / cfg.dataset_name, device)
+    trainer = build_trainer(cfg, scratch / PREPROCESSED / cfg.dataset_name, device, configuration)
     trainer.on_train_start()
     start_epoch, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()

@@ -150,8 +150,23 @@ def agreement(mask_hw: np.ndarray, boxes_xyxy) -> float:
     return box_iou(box, prompt)
 
 
+def pick_empty_slices(empty: list[int], n_labelled: int, cfg: SelectionConfig, case_id: str) -> list[int]:
+    """Which slices without a mask (`empty`, slice indices) of a case with `n_labelled` trained slices
+    are trained on as background: all with keep_empty_slices, else round(empty_slice_ratio *
+    n_labelled) of them (at most all), drawn by the case's own generator (seed, case id): the same
+    slices every run. Sorted."""
+    if cfg.keep_empty_slices:
+        return sorted(empty)
+    n = min(len(empty), round(cfg.empty_slice_ratio * n_labelled))
+    if n <= 0:
+        return []
+    rng = np.random.default_rng([cfg.seed, zlib.crc32(case_id.encode())])
+    return sorted(int(k) for k in rng.choice(np.asarray(sorted(empty)), size=n, replace=False))
+
+
 def slice_drop_reason(mask_pixels: int, sam_score: float | None, agree: float, cfg: SelectionConfig) -> str | None:
-    """Why a slice of a selected case is not trained on (None: it is). Empty slices: see keep_empty_slices."""
+    """Why a slice of a selected case is not trained on (None: it is). Empty slices ("empty_slice"):
+    kept with keep_empty_slices, else some of them by pick_empty_slices."""
     if mask_pixels < cfg.min_mask_pixels:
         return None if cfg.keep_empty_slices else "empty_slice"
     if sam_score is None or sam_score < cfg.min_sam_score:

@@ -38,9 +38,10 @@ from mcs_batch.io.storage import StorageOptions, filesystem_for, join, ray_train
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.train.weak.config import WeakConfig
 from mcs_batch.train.weak.export import export_dataset, raw_folder
+from mcs_batch.train.weak.export3d import resolve_configuration
 from mcs_batch.train.weak.files import download_folder, exists, read_bytes, sha256, upload_folder, write_bytes
 from mcs_batch.train.weak.identity import SELECTION_FILE, TrainingPlan, plan_training
-from mcs_batch.train.weak.loop import CONFIGURATION, STATE_FILE, ensemble_folder, member_loop, preprocessed_folder
+from mcs_batch.train.weak.loop import STATE_FILE, ensemble_folder, member_loop, preprocessed_folder
 from mcs_batch.train.weak.nnunet_env import PREPROCESSED, RAW, NnunetStage, nnunet_environment
 from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
 
@@ -74,12 +75,13 @@ def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
         raise ConfigError(f"{cfg.source}: no catalog rows of target {cfg.target!r}")
     progress(plan.line)
     identity = plan.identity
+    configuration = resolve_configuration(cfg.configuration, selection.cases).value
     if plan.reuse:
         progress(f"reusing the selection and export in {cfg.work} ({plan.previous['export']['images']} images)")
     else:
         if plan.previous is None and resume is not None:
             raise ConfigError(f"{join(cfg.work, SELECTION_FILE)} is missing, but checkpoints exist")
-        _export(cfg, storage, progress, plan)
+        _export(cfg, storage, progress, plan, configuration)
         resume = None  # the checkpoints and ensemble of the last training were cleared
     _write_decision(cfg, storage, plan)
     if resume is not None and resume.get("epoch") == cfg.train.total_epochs:
@@ -88,13 +90,13 @@ def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
             progress(f"run {cfg.run.name} under {cfg.work} is already trained ({len(done['members'])} checkpoints)")
             return {**done, "decision": plan.record(), "seconds": round(time.perf_counter() - start, 1)}
     resources = resolve_weak_resources(cfg, weak_cluster_view())
-    _prepare(cfg, storage, progress, identity, resources.plan_processes)
+    _prepare(cfg, storage, progress, identity, resources.plan_processes, configuration)
     if resume is None:
         _clear(ensemble_folder(cfg), storage)  # members of an older run under this WORK
     else:
         progress(f"resuming run {cfg.run.name} after epoch {resume.get('epoch')}")
-    summaries = _fit(cfg, storage, config_hash, resources.augmentation_processes)
-    ensemble = _write_ensemble(cfg, storage, plan, summaries)
+    summaries = _fit(cfg, storage, config_hash, resources.augmentation_processes, configuration)
+    ensemble = _write_ensemble(cfg, storage, plan, summaries, configuration)
     ensemble["seconds"] = round(time.perf_counter() - start, 1)
     ensemble["resources"] = resources.to_dict()
     progress(f"ensemble of {len(ensemble['members'])} checkpoint(s) written to {ensemble_folder(cfg)}")
@@ -112,10 +114,10 @@ def check_source(cfg: WeakConfig, storage: StorageOptions | None) -> int:
     return n
 
 
-def _export(cfg: WeakConfig, storage, progress, plan: TrainingPlan) -> dict:
-    """Export the plan's selection; then clear the last training's checkpoints and ensemble, and write
-    WORK/selection.json (the new identity: from here on, training resumes under it)."""
-    export = export_dataset(cfg, plan.selection, storage=storage, progress=progress)
+def _export(cfg: WeakConfig, storage, progress, plan: TrainingPlan, configuration: str) -> dict:
+    """Export the plan's selection in `configuration`; then clear the last training's checkpoints and
+    ensemble, and write WORK/selection.json (the new identity: from here on, training resumes under it)."""
+    export = export_dataset(cfg, plan.selection, storage=storage, progress=progress, configuration=configuration)
     if export["images"] < 2:
         raise ConfigError(f"only {export['images']} pseudo-label(s) passed the filters ({plan.selection.record()}, "
                           f"slices dropped {export['slices_dropped']}); loosen select.* or check the run")  # fmt: skip
@@ -135,23 +137,24 @@ def _write_decision(cfg: WeakConfig, storage, plan: TrainingPlan) -> None:
     write_bytes(join(cfg.work, DECISION_FILE), json.dumps(document, indent=2).encode(), storage)
 
 
-def _prepare(cfg: WeakConfig, storage, progress, identity: str, processes: int) -> None:
-    """nnU-Net fingerprint, plans and preprocessing (2d) in a Ray task, nnU-Net running `processes`
-    worker processes (-np / -npfp); the result goes to WORK."""
+def _prepare(cfg: WeakConfig, storage, progress, identity: str, processes: int, configuration: str) -> None:
+    """nnU-Net fingerprint, plans and preprocessing (of `configuration`) in a Ray task, nnU-Net running
+    `processes` worker processes (-np / -npfp); the result goes to WORK."""
     import ray
 
     marker = _read_json(join(preprocessed_folder(cfg), PREPARED_FILE), storage)
     if marker and marker.get("identity") == identity:
         return
-    progress(f"nnU-Net planning and preprocessing (2d, {processes} process(es))")
+    progress(f"nnU-Net planning and preprocessing ({configuration}, {processes} process(es))")
     _clear(preprocessed_folder(cfg), storage)
     # One CPU reserved, the planner's processes beside it: a task asking for a node's every CPU would
     # wait for good behind any actor holding one (planning runs before training, alone).
     task = ray.remote(num_cpus=1)(plan_and_preprocess)
-    ray.get(task.remote(cfg, storage, identity, processes))
+    ray.get(task.remote(cfg, storage, identity, processes, configuration))
 
 
-def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identity: str, processes: int = 1) -> None:
+def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identity: str, processes: int = 1,
+                        configuration: str = "2d") -> None:  # fmt: skip
     """Ray task body: raw dataset from WORK -> scratch, nnU-Net's planner in a subprocess (its own
     environment, from nnunet_env), plans adjusted (train.base_features), preprocessed data -> WORK."""
     with tempfile.TemporaryDirectory(prefix="mcs-weak-plan-", dir=cfg.run.scratch_dir or None) as scratch:
@@ -159,7 +162,7 @@ def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identit
         download_folder(raw_folder(cfg), Path(env[RAW]) / cfg.dataset_name, storage)
         code = ("from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
                 "plan_and_preprocess_entry()\n")  # fmt: skip
-        args = ["-d", str(cfg.export.dataset_id), "-c", CONFIGURATION, "-np", str(processes), "-npfp", str(processes),
+        args = ["-d", str(cfg.export.dataset_id), "-c", configuration, "-np", str(processes), "-npfp", str(processes),
                 "--verify_dataset_integrity"]  # fmt: skip
         done = subprocess.run([sys.executable, "-c", code, *args], env={**os.environ, **env}, capture_output=True,
                               text=True, check=False)  # fmt: skip
@@ -168,19 +171,19 @@ def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identit
             raise RuntimeError(f"nnU-Net planning / preprocessing failed (exit {done.returncode}):\n{tail}")
         local = Path(env[PREPROCESSED]) / cfg.dataset_name
         if cfg.train.base_features:
-            _shrink_network(local / f"{cfg.train.plans}.json", cfg.train.base_features)
+            _shrink_network(local / f"{cfg.train.plans}.json", cfg.train.base_features, configuration)
         (local / PREPARED_FILE).write_text(json.dumps({"identity": identity}))
         upload_folder(local, preprocessed_folder(cfg), storage)
 
 
-def _shrink_network(plans_path: Path, base: int) -> None:
+def _shrink_network(plans_path: Path, base: int, configuration: str) -> None:
     plans = json.loads(plans_path.read_text())
-    kwargs = plans["configurations"][CONFIGURATION]["architecture"]["arch_kwargs"]
+    kwargs = plans["configurations"][configuration]["architecture"]["arch_kwargs"]
     kwargs["features_per_stage"] = [min(base * 2**i, f) for i, f in enumerate(kwargs["features_per_stage"])]
     plans_path.write_text(json.dumps(plans, indent=2))
 
 
-def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int) -> list[dict]:
+def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int, configuration: str) -> list[dict]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -191,6 +194,7 @@ def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int
             "cfg": cfg,
             "storage": storage,
             "config_hash": config_hash,
+            "configuration": configuration,
             "augmentation_processes": augmentation_processes,  # nnUNet_n_proc_DA (resources.py)
         },
         scaling_config=ray.train.ScalingConfig(
@@ -218,7 +222,7 @@ def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int
     return value if isinstance(value, list) else [value] if value else []
 
 
-def _write_ensemble(cfg: WeakConfig, storage, plan: TrainingPlan, summaries: list[dict]) -> dict:
+def _write_ensemble(cfg: WeakConfig, storage, plan: TrainingPlan, summaries: list[dict], configuration: str) -> dict:
     fs, root = filesystem_for(ensemble_folder(cfg), storage)
     fs.invalidate_cache(root)
     members = []
@@ -236,7 +240,7 @@ def _write_ensemble(cfg: WeakConfig, storage, plan: TrainingPlan, summaries: lis
         "source": cfg.source,
         "target": cfg.target,
         "dataset": cfg.dataset_name,
-        "configuration": CONFIGURATION,
+        "configuration": configuration,
         "trainer": cfg.train.trainer,
         "plans": join(preprocessed_folder(cfg), f"{cfg.train.plans}.json"),
         "dataset_json": join(preprocessed_folder(cfg), "dataset.json"),

@@ -43,7 +43,8 @@ def boundary_length(mask: np.ndarray) -> int:
 class SliceMoments:
     """Mean and standard deviation across members of one slice's probability maps, one map at a time.
 
-    add(p): p float32 [H, W] in [0, 1]; memory is two float64 [H, W] arrays whatever the member count.
+    add(p): p float32 [H, W] in [0, 1] (or a whole volume's [I, J, K], 3d_fullres); memory is two
+    float64 arrays of that shape whatever the member count.
     """
 
     def __init__(self):
@@ -53,8 +54,8 @@ class SliceMoments:
 
     def add(self, probability: np.ndarray) -> None:
         p = np.asarray(probability, np.float64)
-        if p.ndim != 2 or (self._mean is not None and p.shape != self._mean.shape):
-            raise ValueError(f"a member's map must be [H, W] like the others, got {p.shape}")
+        if p.ndim not in (2, 3) or (self._mean is not None and p.shape != self._mean.shape):
+            raise ValueError(f"a member's map must be [H, W] like the others (or [I, J, K]: volumes), got {p.shape}")
         self.count += 1
         if self._mean is None:
             self._mean, self._m2 = p.copy(), np.zeros_like(p)
@@ -83,6 +84,12 @@ class SliceMoments:
 def score_moments(moments: SliceMoments, threshold: float) -> SliceScores:
     """The scores of `score_slice` from the members' running moments."""
     return _scores(moments.mean, moments.std, threshold)
+
+
+def score_mean_std(mean: np.ndarray, std: np.ndarray, threshold: float) -> SliceScores:
+    """The scores of one slice from its members' mean and std maps (float32 [H, W]): a slice of a
+    volume's moments (3d_fullres)."""
+    return _scores(np.asarray(mean, np.float32), np.asarray(std, np.float32), threshold)
 
 
 def score_slice(probs: np.ndarray, threshold: float) -> SliceScores:

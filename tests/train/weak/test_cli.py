@@ -38,3 +38,15 @@ def test_help_of_the_new_commands_imports_neither_torch_nor_nnunet():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_local_out_and_work_are_made_absolute_for_the_workers(tmp_path: Path, monkeypatch):
+    from mcs_batch.train.cli import absolute_local_paths
+    from mcs_batch.train.weak.config import load_weak_config
+
+    monkeypatch.chdir(tmp_path)  # Ray Train workers run elsewhere: "work" must not depend on the cwd
+    cfg = absolute_local_paths(load_weak_config(source="out", target="lesion", work="weak/lesion"))
+    assert cfg.source == str(tmp_path / "out") and cfg.work == str(tmp_path / "weak" / "lesion")
+    remote = absolute_local_paths(load_weak_config(source="s3://b/out", target="lesion", work="s3://b/w"))
+    assert (remote.source, remote.work) == ("s3://b/out", "s3://b/w")
+    assert absolute_local_paths(load_weak_config(target="lesion")).work == ""  # unset stays unset

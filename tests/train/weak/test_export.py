@@ -100,7 +100,9 @@ def test_a_dicom_series_exports_its_masked_slices_in_the_display_frame(tmp_path:
     out = tmp_path / "out"
     catalog = Catalog(str(out))
     row = add_series_case(catalog, tmp_path / "ct")
-    cfg = load_weak_config(source=str(out), target="lesion", work=str(tmp_path / "w"))
+    cfg = load_weak_config(
+        source=str(out), target="lesion", work=str(tmp_path / "w"), overrides=["select.empty_slice_ratio=0"]
+    )  # labelled slices only (test_background.py)
     export = export_dataset(cfg, select_from_catalog(catalog, "lesion", cfg.select), storage=None, **QUIET)
     assert export["images"] == 2 and export["slices_dropped"] == {"empty_slice": 2}
     mask = read_mask(row["mask_uri"], None)
@@ -121,7 +123,9 @@ def test_a_nifti_stored_ras_exports_label_and_image_in_the_same_display_frame(tm
     out = tmp_path / "out"
     catalog = Catalog(str(out))
     _, mask = add_nifti_case(catalog, tmp_path / "nifti")
-    cfg = load_weak_config(source=str(out), target="lesion", work=str(tmp_path / "w"))
+    cfg = load_weak_config(
+        source=str(out), target="lesion", work=str(tmp_path / "w"), overrides=["select.empty_slice_ratio=0"]
+    )  # labelled slices only
     export = export_dataset(cfg, select_from_catalog(catalog, "lesion", cfg.select), storage=None, **QUIET)
     assert export["images"] == 2 and export["slices_dropped"] == {"empty_slice": 2}
     raw = Path(raw_folder(cfg))
