@@ -11,15 +11,18 @@ For each input, each block size (resources.block_rows, --block-rows: 32, 128 and
 each source tree (this one, and --baseline-commit from a temporary git worktree, same block size), a
 fresh process starts a local Ray with 2 CPUs and runs the job, and the driver process's CPU seconds
 (user + system, all its threads: Ray Data's executor, the rows' iterator, the commits' native threads)
-are measured around `run_job`. Three runs each: the small and the large archive, and the large one again
-with the stand-ins sleeping per slice (the same work in about twice the time). The driver's CPU is
+are measured around `run_job`. Four runs each: the small and the large archive, the large one again with
+the stand-ins sleeping per slice (the same work in about twice the time), and the small one with them
+sleeping until it lasts about as long as the large one. The driver's CPU is
 
     fixed (start-up, finish) + per_second x wall (Ray Data's scheduling loop, polls) + per_slice x slices
 
-per_second from the two large runs, per_slice from the small and the large once the per-second part of
-their difference in wall is taken off. On a 2-core machine a job runs at tens to hundreds of slices/s, so
-the per-second part, which does not grow with the rate, is most of "CPU per slice" here; on a cluster
-at thousands of slices/s it is a small share. Printed per input and block size, each tree on a line:
+per_second from the two large runs; per_slice from the large run and the small one stretched to about
+its wall (stand-ins sleeping), the per-second part of what is left of their difference taken off. A
+per_slice at or below zero means it is below what these runs resolve (capacity "inf"). On a 2-core
+machine a job runs at tens to hundreds of slices/s, so the per-second part, which does not grow with
+the rate, is most of "CPU per slice" here; on a cluster at thousands of slices/s it is a small share.
+Printed per input and block size, each tree on a line:
 - slices/s of the job and per CPU core (the large run), and per core more (large minus small run);
 - the driver's CPU per slice of the large run, and per slice more (large minus small run);
 - the split: share of a core per second of the job, CPU per slice;
@@ -167,6 +170,58 @@ def make_inputs(root: Path, *, images: int = 1000, volume_slices: int = 600) -> 
     return inputs
 
 
+class ThreadCpu:
+    """CPU seconds of this process's threads by what they are, sampled from /proc/self/task every
+    0.2 s (a thread's last 0.2 s before it ends may be missed): Python threads by name (Ray Data's
+    executor "StreamingExecutor-...", the rows' iterator "mcs-batch-rows", the driver's loop
+    "MainThread", ...), threads Python does not know (delta-rs' and Ray's native threads) as "native"."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.first: dict[int, int] = {}
+        self.last: dict[int, int] = {}
+        self.names: dict[int, str] = {}
+        self._stop = threading.Event()
+        self._sample(first=True)
+        self._thread = threading.Thread(target=self._run, name="bench-thread-cpu", daemon=True)
+        self._thread.start()
+
+    def _sample(self, first: bool = False) -> None:
+        import re
+        import threading
+
+        for t in threading.enumerate():
+            if t.native_id is not None:
+                self.names[t.native_id] = re.sub(r"[-_]?[0-9a-zA-Z]{20,}.*$|[-_]\d+$", "", t.name)
+        for task in Path("/proc/self/task").iterdir():
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks = int(fields[11]) + int(fields[12])  # utime, stime
+            if first:
+                self.first[int(task.name)] = ticks
+            self.last[int(task.name)] = ticks
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.2):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        tick = os.sysconf("SC_CLK_TCK")
+        out: dict[str, float] = {}
+        for tid, ticks in self.last.items():
+            name = self.names.get(tid, "native")
+            if name == "bench-thread-cpu":
+                continue
+            out[name] = out.get(name, 0.0) + (ticks - self.first.get(tid, 0)) / tick
+        return {k: round(v, 3) for k, v in sorted(out.items(), key=lambda kv: -kv[1])}
+
+
 def runner(inputs: str, out: str, extra: tuple[str, ...] = (), gpu_ms: float = 0.0) -> None:
     """Inside the measured process (PYTHONPATH = the tree under test): run the job, print figures.
     extra: --set overrides (this tree only); gpu_ms: the stand-ins sleep this long per slice."""
@@ -184,13 +239,16 @@ def runner(inputs: str, out: str, extra: tuple[str, ...] = (), gpu_ms: float = 0
         kwargs["stages"] = graph.ModelStages(saliency=saliency, masking=masking)
     else:  # trees before it: the graph module's names are replaced (the actors pickle these classes by value)
         graph.SaliencyStage, graph.SamStage = saliency, masking
+    threads = ThreadCpu()
     before = resource.getrusage(resource.RUSAGE_SELF)
     start = time.perf_counter()
     summary = run_job(cfg, progress=lambda m: None, **kwargs)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_SELF)
+    by_thread = threads.stop()
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     print(RESULT + json.dumps({"slices": summary.slices, "cases": summary.cases, "wall": wall, "driver_cpu": cpu,
+                                      "threads": by_thread,
                       "by_status": summary.by_status}))  # fmt: skip
 
 
@@ -236,9 +294,13 @@ def main() -> None:
                               f"({r['rate'] / CPUS:6.1f} per core; {r['steady'] / CPUS:6.1f} per core more)  driver "
                               f"CPU {1000 * r['total']:6.3f} ms per slice of the large run, {1000 * r['marginal']:6.3f}"
                               f" ms per slice more; split: {100 * r['per_second']:4.1f}% of a core per second of the "
-                              f"job + {1000 * r['per_slice']:6.3f} ms per slice (slow run {r['slow_wall']:.0f} s): "
+                              f"job + {1000 * r['per_slice']:6.3f} ms per slice (walls small, large, large slow, "
+                              f"small stretched: {r['walls']} s): "
                               f"capacity {r['capacity']:7.0f} slices/s (from the slices more alone: "
                               f"{_capacity(r['marginal'])})", flush=True)  # fmt: skip
+                        print("    driver threads, ms of CPU per slice, large run (small run): " + ", ".join(
+                            f"{k} {1000 * v:.3f} ({1000 * w:.3f})" for k, (v, w) in r["threads"].items()),
+                            flush=True)  # fmt: skip
             _table(results, trees, blocks)
         finally:
             if args.baseline_commit:
@@ -247,29 +309,29 @@ def main() -> None:
 
 
 def _measure_pair(tree: Path, sizes: list[tuple[Path, int]], tmp: Path, name: str, extra: tuple[str, ...]) -> dict:
-    """The small and the large run of one input in one tree, and the large run again with the stand-ins
-    sleeping (the same work in more time): the driver's CPU split into what it spends per second of the
-    job whatever flows (Ray Data's scheduling loop, the polls) and what it spends per slice.
+    """Four runs of one input in one tree: the small and the large archive as fast as they go, the large
+    one with the stand-ins sleeping (the same work in more time), and the small one sleeping so that it
+    lasts about as long as the large fast run. The driver's CPU is
 
-        driver CPU = fixed + per_second * wall + per_slice * slices
+        fixed + per_second * wall + per_slice * slices
 
-    per_second from the two large runs (same slices, different walls); per_slice from the small and the
-    large run once per_second * the difference in wall is taken off."""
-    runs = []
-    for path, slices in sizes:
+    per_second from the two large runs (same slices, different walls); per_slice from the large fast run
+    and the small slow one (about the same wall: the per-second part, estimated, is a small correction)."""
+    def run(path: Path, slices: int, gpu_ms: float = 0.0) -> dict:
         out = tmp / f"out-{name.replace(' ', '-')}-{path.name}-{len(list(tmp.glob('out-*')))}"
-        r = measure(tree, path, out, extra)
+        r = measure(tree, path, out, extra, gpu_ms)
         assert r["slices"] == slices, r
-        runs.append(r)
-    small, large = runs
-    path, slices = sizes[-1]
-    gpu_ms = 500 * large["wall"] / slices  # the slow run takes about one more large run's time
-    slow = measure(tree, path, tmp / f"out-{name.replace(' ', '-')}-{path.name}-slow-{len(list(tmp.glob('out-*')))}",
-                   extra, gpu_ms)  # fmt: skip
-    assert slow["slices"] == slices, slow
+        return r
+
+    (small_path, small_n), (large_path, large_n) = sizes
+    small, large = run(small_path, small_n), run(large_path, large_n)
+    slow = run(large_path, large_n, 500 * large["wall"] / large_n)  # about one more large run's time
+    # the small archive stretched to the large run's wall (the stand-ins' sleep is split over 2 stages)
+    stretched = run(small_path, small_n, 500 * max(0.0, large["wall"] - small["wall"]) / small_n)
     more = large["slices"] - small["slices"]
     per_second = max(0.0, (slow["driver_cpu"] - large["driver_cpu"]) / (slow["wall"] - large["wall"]))
-    per_slice = (large["driver_cpu"] - small["driver_cpu"] - per_second * (large["wall"] - small["wall"])) / more
+    left = large["driver_cpu"] - stretched["driver_cpu"] - per_second * (large["wall"] - stretched["wall"])
+    per_slice = left / more
     return {
         "rate": large["slices"] / large["wall"],
         "steady": more / (large["wall"] - small["wall"]) if large["wall"] > small["wall"] else float("nan"),
@@ -277,8 +339,12 @@ def _measure_pair(tree: Path, sizes: list[tuple[Path, int]], tmp: Path, name: st
         "marginal": (large["driver_cpu"] - small["driver_cpu"]) / more,
         "per_second": per_second,
         "per_slice": per_slice,
-        "capacity": (1 - per_second) / per_slice if per_slice > 0 else float("nan"),
-        "slow_wall": slow["wall"],
+        "capacity": (1 - per_second) / per_slice if per_slice > 0 else float("inf"),
+        "walls": [round(r["wall"], 1) for r in (small, large, slow, stretched)],
+        # each thread's CPU per slice, the large run (what a thread spends of it grows with the slices
+        # where the large run spends more per slice than the small one)
+        "threads": {k: (v / large["slices"], small["threads"].get(k, 0.0) / small["slices"])
+                    for k, v in large["threads"].items()},
     }
 
 
