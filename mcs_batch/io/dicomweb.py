@@ -35,7 +35,8 @@ from mcs_batch.errors import ConfigError
 
 SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
 CONNECTIONS = 8  # concurrent requests per process and server at most (callers beyond wait)
-RETRIES = 5  # attempts after the first, on 429/502/503/504 and failed connections
+RETRIES = 5  # attempts after the first, on 429/502/503/504
+CONNECT_RETRIES = 2  # attempts after a refused or failed connection (a server that is down says so in ~2 s)
 BACKOFF_SECONDS = 0.5  # first back-off; doubled each retry (when no Retry-After is given)
 MAX_RETRY_AFTER = 60.0  # a server asking to wait longer is waited on this long
 TIMEOUT = (10.0, 120.0)  # (connect, read) seconds of one request
@@ -57,6 +58,24 @@ class DicomWebAuth:
     def __repr__(self) -> str:
         kind = "bearer" if self.token else "basic" if self.username else "none"
         return f"DicomWebAuth({kind})"
+
+
+def auth_from_file(path: str) -> DicomWebAuth:
+    """Credentials from a JSON file: {"token": ...} or {"username": ..., "password": ...}. ConfigError
+    (naming the file and the problem, never its content) when it cannot be read or holds neither."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the DICOMweb credentials file ({e.strerror or e})") from e
+    except ValueError as e:
+        raise ConfigError(f"{path}: the DICOMweb credentials file is not JSON") from e
+    if not isinstance(data, dict) or not (data.get("token") or data.get("username")):
+        raise ConfigError(f'{path}: expected {{"token": ...}} or {{"username": ..., "password": ...}}')
+    return DicomWebAuth(token=data.get("token") or None, username=data.get("username") or None,
+                        password=data.get("password") or None)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -133,7 +152,7 @@ def _retry_policy():
             seconds = super().get_retry_after(response)
             return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
 
-    return CappedRetry(total=RETRIES, connect=RETRIES, read=2, status=RETRIES, other=0,
+    return CappedRetry(total=RETRIES, connect=CONNECT_RETRIES, read=2, status=RETRIES, other=0,
                            status_forcelist=RETRY_STATUSES, allowed_methods=None, backoff_factor=BACKOFF_SECONDS,
                            respect_retry_after_header=True, raise_on_status=False)  # fmt: skip
 
