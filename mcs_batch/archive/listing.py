@@ -114,7 +114,7 @@ def top_prefixes(inputs: Sequence[str], *, storage: StorageOptions | None) -> li
 
 
 def _version(info: dict) -> str:
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "version"):  # version: io/dicomweb.py
         if info.get(key):
             return str(info[key]).strip('"')
     return ""

@@ -82,12 +82,13 @@ class Algorithm:
                 self.version = "unknown"
 
 
-def seg_uids(run_id: str, case_id: str, target: str) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID): one SEG series per case and run, one instance per target.
-    Derived from the run, so a rerun after a crash rewrites the same objects and another run never
-    reuses them."""
-    series = generate_uid(entropy_srcs=["mcs-batch seg series", run_id, case_id])
-    return series, generate_uid(entropy_srcs=["mcs-batch seg instance", run_id, case_id, target])
+def seg_uids(case_id: str, target: str, *, config_hash: str, instances: str | None) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID): one SEG series per case and configuration, one instance per
+    target. Derived from (case, target, configuration, the case's instance set): a re-run, a retry or
+    another OUT makes the same SEG the same object, so a PACS that stored it once never holds a second
+    (outputs.dicomweb_store); a grown series (another instance set) is another SEG."""
+    series = generate_uid(entropy_srcs=["mcs-batch seg series", config_hash, case_id, instances or ""])
+    return series, generate_uid(entropy_srcs=["mcs-batch seg instance", config_hash, case_id, instances or "", target])
 
 
 def read_source_headers(uris: Sequence[str], *, storage: StorageOptions | None) -> list[pydicom.Dataset]:

@@ -39,7 +39,7 @@ from mcs_batch.outputs.dicom_seg import (
 )
 from mcs_batch.outputs.masks import nifti_bytes
 from mcs_batch.outputs.schema import CASES_SCHEMA
-from mcs_batch.records import CaseKind, CaseRecord, Status
+from mcs_batch.records import CaseKind, CaseRecord, Status, instances_digest
 from mcs_batch.testdata.series import oblique_orientation, write_series
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -80,7 +80,7 @@ def _mask(record: CaseRecord, *, seed: int = 0) -> np.ndarray:
 def _write(tmp_path: Path, mask, record, **kw) -> tuple[Path, np.ndarray]:
     """The SEG file and the NIfTI mask as read back from its own file."""
     sources = read_source_headers(record.source_uris, storage=None)
-    series_uid, sop_uid = seg_uids("run-1", record.case_id, "lesion")
+    series_uid, sop_uid = seg_uids(record.case_id, "lesion", config_hash="c0ffee", instances=instances_digest(record))
     seg = build_segmentation(
         mask, record, sources, label="lesion", codes=kw.pop("codes", NEOPLASM), series_uid=series_uid,
         sop_uid=sop_uid, algorithm=Algorithm(parameters={"config_hash": "abc123", "sam_sha256": "ab" * 32}), **kw,
