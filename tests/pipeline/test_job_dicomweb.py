@@ -106,6 +106,32 @@ def test_segment_from_a_pacs_and_store_the_segs_back(orthanc, tmp_path: Path):
     assert seen.column("n").to_pylist() == [3]
 
 
+@pytest.mark.slow
+def test_an_instance_the_pacs_cannot_retrieve_fails_its_case_and_the_next_run_redoes_it(orthanc, tmp_path: Path):
+    """One instance's file is gone from the PACS: its series fails (unreadable: transient, as storage
+    faults on S3), the other series is segmented and stored, the job goes on. Once the PACS has the
+    instance again, the next run redoes that case (and only it) and stores its SEG."""
+    second = tmp_path / "second"
+    write_series(second, rows=32, cols=32, n_slices=5, series_seed="pacs-ok")
+    broken = orthanc.upload(sorted(CT5N.iterdir()))[2]
+    orthanc.upload(sorted(second.iterdir()))
+    orthanc.break_file(broken)
+    out = tmp_path / "out"
+    cfg = job([orthanc.uri()], out, tmp_path, "outputs.dicom_seg=true", f"outputs.dicomweb_store={orthanc.uri()}")
+    first = run_job(cfg, **QUIET)
+    assert first.by_status == {"ok": 1, "failed": 1}
+    (failed,) = [r for r in Catalog(str(out)).cases().to_pylist() if r["status"] == "failed"]
+    assert failed["error_code"] == "unreadable" and failed["retryable"] and failed["series_uid"].endswith(".0.6")
+    assert len(_segs_in(orthanc)) == 1
+
+    orthanc.upload([sorted(CT5N.iterdir())[2]])  # the PACS has it again
+    second_run = run_job(cfg, **QUIET)
+    assert second_run.by_status == {"ok": 1}
+    assert sorted(r["status"] for r in Catalog(str(out)).cases().to_pylist()) == ["ok", "ok"]
+    assert len(_segs_in(orthanc)) == 2
+
+
+@pytest.mark.slow
 def test_a_store_that_fails_is_recorded_and_tried_again_by_the_next_run(orthanc, orthanc_basic_auth, tmp_path: Path):
     """The source PACS answers; the store wants credentials the job does not have: the SEGs are written
     and their rows committed, the store's refusal is a `stored` row with its code, and the next run
