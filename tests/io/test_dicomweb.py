@@ -165,3 +165,37 @@ def test_the_cli_reads_credentials_from_a_file_the_environment_names(orthanc_bas
     scanned = _scan(orthanc_basic_auth, tmp_path / "o", DICOMWEB_CREDENTIALS_FILE=str(credentials))
     assert scanned.returncode == 0, scanned.stderr[-2000:]
     assert "test-only-password" not in scanned.stderr + scanned.stdout
+
+
+def test_a_busy_server_is_retried_honouring_retry_after_and_never_flooded(orthanc, tmp_path: Path):
+    """Through a proxy that answers the first two series searches 429 with Retry-After: 1 (as an
+    overloaded PACS does), the listing waits as asked and succeeds; 20 concurrent reads of instances
+    hold at most CONNECTIONS requests at the server at once."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mcs_batch.io.dicomweb import CONNECTIONS
+    from tests.faulty_dicomweb import Faults, start_proxy
+
+    paths = write_series(tmp_path / "ct", rows=16, cols=16, n_slices=20, series_seed="pacs-busy")
+    orthanc.upload(paths)
+    faults = Faults(busy=2, busy_path="/dicom-web/series", status=429, retry_after="1")
+    proxy, port = start_proxy(orthanc.port, faults)
+    try:
+        root = f"dicomweb://127.0.0.1:{port}/dicom-web"
+        start = time.monotonic()
+        (series,) = top_prefixes([root], storage=None)
+        assert len(faults.busy_answers) == 2 and faults.busy == 0
+        assert time.monotonic() - start >= 1.9  # two waits of the 1 s asked for, not the 0-0.5 s of back-off
+        assert faults.busy_answers[1] - faults.busy_answers[0] >= 0.95
+
+        fs, _ = filesystem_for(root)
+        instances = sorted(fs.find(series.path))
+        assert len(instances) == 20
+        faults.delay, faults.max_in_flight = 0.3, 0
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            sizes = list(pool.map(lambda p: len(fetch_bytes(fs, fs.unstrip_protocol(p))), instances))
+        assert all(s > 16 * 16 * 2 for s in sizes)
+        assert 1 < faults.max_in_flight <= CONNECTIONS
+    finally:
+        proxy.shutdown()
