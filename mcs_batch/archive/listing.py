@@ -80,11 +80,14 @@ def top_prefixes(inputs: Sequence[str], *, storage: StorageOptions | None) -> li
     """
     prefixes: list[Prefix] = []
     located: list[tuple[str, str, str, str]] = []
+    seen_series: set[tuple[str, str]] = set()  # DICOMweb series already listed by an earlier input
     for uri in unique_inputs(inputs):
         fs, root = filesystem_for(uri, storage)
         try:
             if protocol_of(uri) in dicomweb.SCHEMES:  # the query's series, each listed by a task
                 series = sorted(e["name"] for e in dicomweb.check_root(uri, fs) if e["type"] == "directory")
+                series = [s for s in series if (protocol_of(uri), s) not in seen_series]  # two queries, one series
+                seen_series.update((protocol_of(uri), s) for s in series)
                 key_root = input_key_root(root.partition("?")[0])
                 located.append((uri, protocol_of(uri), root, key_root))
                 prefixes.extend(Prefix(uri, root, s, recursive=True, key_root=key_root) for s in series)

@@ -199,3 +199,9 @@ def test_a_busy_server_is_retried_honouring_retry_after_and_never_flooded(orthan
         assert 1 < faults.max_in_flight <= CONNECTIONS
     finally:
         proxy.shutdown()
+
+
+def test_two_queries_matching_one_series_list_it_once(orthanc):
+    orthanc.upload(sorted(CT5N.iterdir()))
+    prefixes = top_prefixes([orthanc.uri("Modality=CT"), orthanc.uri("SeriesNumber=5")], storage=None)
+    assert [p.path.rsplit("/", 1)[-1] for p in prefixes] == [CT5N_SERIES]
