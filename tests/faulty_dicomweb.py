@@ -3,8 +3,10 @@ only `requests` talks to it).
 
 It forwards every request unchanged, except that the first `busy` requests whose path contains
 `busy_path` are answered `status` (429 or 503) with `Retry-After: retry_after`, as an overloaded PACS
-does; `delay` seconds are added to every forwarded request (so that concurrent ones overlap). It counts
-the requests, the busy answers and the most requests it held at once.
+does, and every request for the object `fail_path` (not its metadata) is answered `fail_status`, as a
+PACS whose storage lost a file does; `delay` seconds are added to every forwarded request (so that
+concurrent ones overlap). It counts the requests, the busy and failed answers and the most requests it
+held at once.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ class Faults:
     status: int = 429
     retry_after: str = "1"
     delay: float = 0.0
+    fail_path: str = ""
+    fail_status: int = 500
+    failed: int = 0
     requests: int = 0
     busy_answers: list[float] = field(default_factory=list)  # when each busy answer was given
     in_flight: int = 0
@@ -50,6 +55,14 @@ def start_proxy(upstream_port: int, faults: Faults) -> tuple[ThreadingHTTPServer
                 faults.in_flight += 1
                 faults.max_in_flight = max(faults.max_in_flight, faults.in_flight)
             try:
+                lost = bool(faults.fail_path) and faults.fail_path in self.path and "/metadata" not in self.path
+                if lost:
+                    with faults.lock:
+                        faults.failed += 1
+                    self.send_response(faults.fail_status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if busy:
                     self.send_response(faults.status)
                     self.send_header("Retry-After", faults.retry_after)

@@ -74,12 +74,6 @@ class Orthanc:
             ids.append(json.loads(self._request("/instances", Path(p).read_bytes()))["ID"])
         return ids
 
-    def break_file(self, instance_id: str) -> None:
-        """Delete the stored file of one instance (Orthanc keeps its index entry and its cached
-        metadata): WADO-RS retrieval of it then fails, as a PACS with a damaged storage does."""
-        uuid = self.get_json(f"/instances/{instance_id}/attachments/dicom/info")["Uuid"]
-        (self.folder / "storage" / uuid[:2] / uuid[2:4] / uuid).unlink()
-
     def get_json(self, path: str):
         return json.loads(self._request(path))
 
@@ -112,7 +106,6 @@ def start_orthanc(folder: Path, *, users: dict[str, str] | None = None, timeout:
         "HttpThreadsCount": 8,
         "SaveJobs": False,
         "StableAge": 1,
-        "OverwriteInstances": True,  # a test restores an instance whose file it broke by uploading it again
         "Plugins": [str(DICOMWEB_PLUGIN)],
         "DicomWeb": {
             "Enable": True,

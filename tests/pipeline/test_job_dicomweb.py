@@ -108,27 +108,38 @@ def test_segment_from_a_pacs_and_store_the_segs_back(orthanc, tmp_path: Path):
 
 @pytest.mark.slow
 def test_an_instance_the_pacs_cannot_retrieve_fails_its_case_and_the_next_run_redoes_it(orthanc, tmp_path: Path):
-    """One instance's file is gone from the PACS: its series fails (unreadable: transient, as storage
-    faults on S3), the other series is segmented and stored, the job goes on. Once the PACS has the
-    instance again, the next run redoes that case (and only it) and stores its SEG."""
+    """One instance cannot be retrieved (the PACS answers 500 for it, through a fault-injecting proxy):
+    its series fails `unreadable` (transient, as storage faults on S3), the other series is segmented
+    and stored, the job goes on. Once the PACS serves it again, the next run redoes that case only."""
+    from tests.faulty_dicomweb import Faults, start_proxy
+
     second = tmp_path / "second"
     write_series(second, rows=32, cols=32, n_slices=5, series_seed="pacs-ok")
-    broken = orthanc.upload(sorted(CT5N.iterdir()))[2]
+    orthanc.upload(sorted(CT5N.iterdir()))
     orthanc.upload(sorted(second.iterdir()))
-    orthanc.break_file(broken)
-    out = tmp_path / "out"
-    cfg = job([orthanc.uri()], out, tmp_path, "outputs.dicom_seg=true", f"outputs.dicomweb_store={orthanc.uri()}")
-    first = run_job(cfg, **QUIET)
-    assert first.by_status == {"ok": 1, "failed": 1}
-    (failed,) = [r for r in Catalog(str(out)).cases().to_pylist() if r["status"] == "failed"]
-    assert failed["error_code"] == "unreadable" and failed["retryable"] and failed["series_uid"].endswith(".0.6")
-    assert len(_segs_in(orthanc)) == 1
+    lost = str(pydicom.dcmread(sorted(CT5N.iterdir())[2], stop_before_pixels=True).SOPInstanceUID)
+    faults = Faults(fail_path=f"/instances/{lost}", fail_status=500)
+    proxy, port = start_proxy(orthanc.port, faults)
+    try:
+        out = tmp_path / "out"
+        source = f"dicomweb://127.0.0.1:{port}/dicom-web"
+        cfg = job([source], out, tmp_path, "outputs.dicom_seg=true", f"outputs.dicomweb_store={orthanc.uri()}")
+        first = run_job(cfg, **QUIET)
+        assert first.by_status == {"ok": 1, "failed": 1} and faults.failed >= 1
+        (failed,) = [r for r in Catalog(str(out)).cases().to_pylist() if r["status"] == "failed"]
+        assert failed["error_code"] == "unreadable" and failed["retryable"]
+        assert failed["series_uid"] == "1.3.6.1.4.1.5962.1.1.0.0.0.1194734704.16302.0.6"
+        assert len(_segs_in(orthanc)) == 1
 
-    orthanc.upload([sorted(CT5N.iterdir())[2]])  # the PACS has it again
-    second_run = run_job(cfg, **QUIET)
-    assert second_run.by_status == {"ok": 1}
-    assert sorted(r["status"] for r in Catalog(str(out)).cases().to_pylist()) == ["ok", "ok"]
-    assert len(_segs_in(orthanc)) == 2
+        faults.fail_path = ""  # the PACS serves it again
+        again = run_job(cfg, **QUIET)
+        # the failed case redone; the SEG the first run stored is in the PACS now, listed, and skipped
+        assert again.by_status == {"ok": 1, "skipped": 1}
+        rows = Catalog(str(out)).cases().to_pylist()
+        assert sorted((r["status"], r["modality"]) for r in rows) == [("ok", "CT"), ("ok", "CT"), ("skipped", "SEG")]
+        assert len(_segs_in(orthanc)) == 2
+    finally:
+        proxy.shutdown()
 
 
 @pytest.mark.slow
