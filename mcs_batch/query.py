@@ -21,7 +21,7 @@ import pyarrow as pa
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.storage import StorageOptions, join, native_arrow_filesystem
 from mcs_batch.outputs.catalog import CASES, EVALUATION, SLICES, Catalog
-from mcs_batch.outputs.pacs_store import STORED, stored_table
+from mcs_batch.outputs.pacs_store import STORED
 from mcs_batch.outputs.runs import read_run
 from mcs_batch.outputs.schema import MANIFEST_SCHEMA
 
@@ -91,8 +91,7 @@ def connect(out: str, *, storage: StorageOptions | None = None, as_of: str | Non
     con.register("slices_all", _snapshot(catalog, SLICES, versions["slices"]))
     con.execute(f"CREATE VIEW slices AS {COMMITTED_SLICES}")
     con.register("evaluation", _snapshot(catalog, EVALUATION, versions["evaluation"]))
-    stored = stored_table(out, storage)  # the PACS store's answers (outputs.dicomweb_store): always the latest
-    con.register("stored", stored.to_pyarrow_dataset() if stored is not None else STORED.arrow_schema().empty_table())
+    con.register("stored", _snapshot(catalog, STORED, None))  # the PACS store's answers: always the latest
     manifest = catalog.path("manifest")
     if catalog.fs.exists(manifest):
         found = True

@@ -28,6 +28,7 @@ class Faults:
     fail_path: str = ""
     fail_status: int = 500
     failed: int = 0
+    refuse_metadata: int = 0  # > 0: every .../metadata request is answered this status (no such service)
     requests: int = 0
     busy_answers: list[float] = field(default_factory=list)  # when each busy answer was given
     in_flight: int = 0
@@ -56,6 +57,11 @@ def start_proxy(upstream_port: int, faults: Faults) -> tuple[ThreadingHTTPServer
                 faults.max_in_flight = max(faults.max_in_flight, faults.in_flight)
             try:
                 lost = bool(faults.fail_path) and faults.fail_path in self.path and "/metadata" not in self.path
+                if faults.refuse_metadata and self.path.split("?")[0].endswith("/metadata"):
+                    self.send_response(faults.refuse_metadata)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if lost:
                     with faults.lock:
                         faults.failed += 1

@@ -205,3 +205,26 @@ def test_two_queries_matching_one_series_list_it_once(orthanc):
     orthanc.upload(sorted(CT5N.iterdir()))
     prefixes = top_prefixes([orthanc.uri("Modality=CT"), orthanc.uri("SeriesNumber=5")], storage=None)
     assert [p.path.rsplit("/", 1)[-1] for p in prefixes] == [CT5N_SERIES]
+
+
+def test_a_server_without_series_metadata_gets_whole_instance_reads_said_once(orthanc, caplog):
+    from tests.faulty_dicomweb import Faults, start_proxy
+
+    orthanc.upload(sorted(CT5N.iterdir()))
+    proxy, port = start_proxy(orthanc.port, Faults(refuse_metadata=406))
+    try:
+        root = f"dicomweb://127.0.0.1:{port}/dicom-web"
+        (series,) = top_prefixes([root], storage=None)
+        fs, _ = filesystem_for(root)
+        refs = [ObjectRef(uri=fs.unstrip_protocol(p), rel=p, size=0) for p in sorted(fs.find(series.path))]
+        with caplog.at_level("WARNING", logger="mcs_batch.archive.probe"):
+            first = [json.loads(p)["header"] for p in probe_refs(refs[:2], storage=None, threads=2)]
+            second = [json.loads(p)["header"] for p in probe_refs(refs[2:], storage=None, threads=2)]
+        headers = [DicomHeader.from_dict(h) for h in first + second]
+        assert all(h.bytes_read > 0 and h.has_pixel_data and not h.error_code for h in headers)
+        (ok,) = [r for r in cases_from_headers(headers) if r.status == Status.OK]
+        assert ok.series_uid == CT5N_SERIES and ok.shape[2] == 5
+        said = [r.getMessage() for r in caplog.records if "no series-level metadata" in r.getMessage()]
+        assert len(said) == 1 and "HTTP 406" in said[0]
+    finally:
+        proxy.shutdown()
