@@ -11,7 +11,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 # Validators the tests run (Debian packages: `tool:package`), installed with apt where missing.
 # As root in CI and containers; through sudo elsewhere.
-SYSTEM_TOOLS := dciodvfy:dicom3tools promtool:prometheus
+SYSTEM_TOOLS := dciodvfy:dicom3tools promtool:prometheus Orthanc:orthanc
+# Files the tests need that are not commands (`path:package`): Orthanc's DICOMweb plugin (tests/orthanc.py).
+SYSTEM_FILES := /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 venv: $(STAMP)
@@ -29,6 +31,8 @@ demo: $(STAMP)
 sysdeps:
 	@missing=""; for pair in $(SYSTEM_TOOLS); do \
 	  command -v "$${pair%%:*}" >/dev/null 2>&1 || missing="$$missing $${pair##*:}"; done; \
+	for pair in $(SYSTEM_FILES); do \
+	  [ -e "$${pair%%:*}" ] || missing="$$missing $${pair##*:}"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing (apt)"; \
 	  $(SUDO) apt-get update -qq && \

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from mcs_batch.io.dicomweb import DicomWebAuth, auth_from_file
 from mcs_batch.io.storage import StorageOptions
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -34,7 +35,20 @@ def storage_options(args: argparse.Namespace) -> StorageOptions:
     """Endpoint and profile from flags or the standard AWS variables; keys only from the
     environment / profile chain (never from flags, so they stay out of shell history and logs)."""
     endpoint = args.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return StorageOptions(endpoint_url=endpoint, profile=args.profile, anon=args.anon)
+    return StorageOptions(endpoint_url=endpoint, profile=args.profile, anon=args.anon, dicomweb=dicomweb_auth())
+
+
+def dicomweb_auth() -> DicomWebAuth | None:
+    """Credentials of dicomweb(s):// servers, from the environment only (never flags or the job file):
+    DICOMWEB_TOKEN (a bearer token), else DICOMWEB_USER and DICOMWEB_PASSWORD (basic), else the JSON
+    file named by DICOMWEB_CREDENTIALS_FILE ({"token": ...} or {"username": ..., "password": ...})."""
+    if os.environ.get("DICOMWEB_TOKEN"):
+        return DicomWebAuth(token=os.environ["DICOMWEB_TOKEN"])
+    if os.environ.get("DICOMWEB_USER"):
+        return DicomWebAuth(username=os.environ["DICOMWEB_USER"], password=os.environ.get("DICOMWEB_PASSWORD", ""))
+    if os.environ.get("DICOMWEB_CREDENTIALS_FILE"):
+        return auth_from_file(os.environ["DICOMWEB_CREDENTIALS_FILE"])
+    return None
 
 
 def start_ray(args: argparse.Namespace):

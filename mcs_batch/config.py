@@ -108,6 +108,20 @@ class OutputsConfig:
     heartbeat_ttl_seconds: float = 120.0  # a run whose heartbeat (every 10 s) is older than this is dead
     compact_min_files: int = 64  # at its end a job compacts the catalog tables holding this many files or more
     dicom_seg: bool = False  # DICOM cases also get masks/<case_id>/<target>.seg.dcm (binary DICOM SEG)
+    # dicomweb(s)://HOST[:PORT]/PATH of a PACS: every SEG (dicom_seg) is also stored there by STOW-RS after
+    # its rows are committed; what the store answered is the catalog's `stored` table (outputs/pacs_store.py)
+    dicomweb_store: str = ""
+
+    def __post_init__(self):
+        if self.dicomweb_store:
+            from mcs_batch.io.dicomweb import parse_uri
+
+            where = parse_uri(self.dicomweb_store)
+            if where.query or where.study:
+                raise ConfigError(f"outputs.dicomweb_store: {self.dicomweb_store}: name the server's DICOMweb root "
+                                  "(no query, study or series)")  # fmt: skip
+            if not self.dicom_seg:
+                raise ConfigError("outputs.dicomweb_store: needs outputs.dicom_seg=true (it stores the SEGs)")
 
 
 AUTO = "auto"

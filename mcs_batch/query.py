@@ -1,6 +1,7 @@
 """`query`: SQL over the catalog with DuckDB, reading the Delta tables' snapshots where they lie.
 
-Tables: `cases`, `slices`, `evaluation`, and `manifest` when a scan wrote one. Each is a view over an
+Tables: `cases`, `slices`, `evaluation`, `stored` (what a PACS answered to each SEG sent to it:
+outputs.dicomweb_store; always its latest version), and `manifest` when a scan wrote one. Each is a view over an
 Arrow dataset of exactly the files the table's current version names (or the version `--as-of` asks
 for: a table version, a time, or a run id, whose record names the versions it produced), read through
 pyarrow's own filesystem, so nothing is copied into memory first: DuckDB pushes projections and
@@ -20,6 +21,7 @@ import pyarrow as pa
 from mcs_batch.errors import ConfigError
 from mcs_batch.io.storage import StorageOptions, join, native_arrow_filesystem
 from mcs_batch.outputs.catalog import CASES, EVALUATION, SLICES, Catalog
+from mcs_batch.outputs.pacs_store import STORED
 from mcs_batch.outputs.runs import read_run
 from mcs_batch.outputs.schema import MANIFEST_SCHEMA
 
@@ -89,6 +91,7 @@ def connect(out: str, *, storage: StorageOptions | None = None, as_of: str | Non
     con.register("slices_all", _snapshot(catalog, SLICES, versions["slices"]))
     con.execute(f"CREATE VIEW slices AS {COMMITTED_SLICES}")
     con.register("evaluation", _snapshot(catalog, EVALUATION, versions["evaluation"]))
+    con.register("stored", _snapshot(catalog, STORED, None))  # the PACS store's answers: always the latest
     manifest = catalog.path("manifest")
     if catalog.fs.exists(manifest):
         found = True

@@ -87,3 +87,28 @@ def s3_bucket(s3_server, request):
     fs.mkdir(name)
     yield name, fs
     fs.rm(name, recursive=True)
+
+
+@pytest.fixture
+def orthanc(tmp_path_factory):
+    """A real, empty Orthanc with its DICOMweb plugin on 127.0.0.1 (tests/orthanc.py), no auth;
+    stopped by its PID."""
+    from tests.orthanc import orthanc_missing, start_orthanc
+
+    if (reason := orthanc_missing()) is not None:
+        pytest.fail(reason)  # make sysdeps installs it: a missing server is a broken set-up, not a skip
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def orthanc_basic_auth(tmp_path_factory):
+    """The same Orthanc requiring basic credentials (test-only user on the loopback server)."""
+    from tests.orthanc import orthanc_missing, start_orthanc
+
+    if (reason := orthanc_missing()) is not None:
+        pytest.fail(reason)
+    server = start_orthanc(tmp_path_factory.mktemp("orthanc-auth"), users={"tester": "test-only-password"})
+    yield server
+    server.stop()

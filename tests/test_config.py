@@ -154,3 +154,16 @@ def test_an_explicit_model_preset_wins_over_the_config_file(tmp_path):
     cfg = load_config(shipped, preset="tiny")  # `--config lung_ct.yaml --models tiny`: a smoke run, not a download
     assert (cfg.models.clip, cfg.models.sam, cfg.m2ib.layer) == ("tiny", "tiny", 4)
     assert load_config(shipped, preset="tiny", overrides=["m2ib.layer=2"]).m2ib.layer == 2  # --set still last
+
+
+def test_a_pacs_store_is_checked_when_the_config_is_loaded():
+    store = "outputs.dicomweb_store=dicomweb://pacs.example:8042/dicom-web"
+    cfg = load_config(overrides=["outputs.dicom_seg=true", store])
+    assert cfg.outputs.dicomweb_store == "dicomweb://pacs.example:8042/dicom-web"
+    assert cfg.hash() == load_config(overrides=["outputs.dicom_seg=true"]).hash()  # where results go, not what
+    with pytest.raises(ConfigError, match=r"needs outputs\.dicom_seg=true"):
+        load_config(overrides=[store])
+    with pytest.raises(ConfigError, match="no query, study or series"):
+        load_config(overrides=["outputs.dicom_seg=true", store + "?Modality=CT"])
+    with pytest.raises(ConfigError, match="not a DICOMweb URI"):
+        load_config(overrides=["outputs.dicom_seg=true", "outputs.dicomweb_store=https://pacs.example/dicom-web"])

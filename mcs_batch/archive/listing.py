@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mcs_batch.errors import ConfigError, ErrorCode
+from mcs_batch.io import dicomweb
 from mcs_batch.io.discover import check_inputs, input_key_root, matches, unique_inputs
 from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of, relative_key, to_uri
 from mcs_batch.outputs.index import ArchiveIndex
@@ -79,15 +80,26 @@ def top_prefixes(inputs: Sequence[str], *, storage: StorageOptions | None) -> li
     """
     prefixes: list[Prefix] = []
     located: list[tuple[str, str, str, str]] = []
+    seen_series: set[tuple[str, str]] = set()  # DICOMweb series already listed by an earlier input
     for uri in unique_inputs(inputs):
         fs, root = filesystem_for(uri, storage)
         try:
+            if protocol_of(uri) in dicomweb.SCHEMES:  # the query's series, each listed by a task
+                series = sorted(e["name"] for e in dicomweb.check_root(uri, fs) if e["type"] == "directory")
+                series = [s for s in series if (protocol_of(uri), s) not in seen_series]  # two queries, one series
+                seen_series.update((protocol_of(uri), s) for s in series)
+                key_root = input_key_root(root.partition("?")[0])
+                located.append((uri, protocol_of(uri), root, key_root))
+                prefixes.extend(Prefix(uri, root, s, recursive=True, key_root=key_root) for s in series)
+                continue
             if fs.isfile(root):
                 folder = root.rsplit("/", 1)[0]
                 located.append((uri, protocol_of(uri), root, input_key_root(folder)))
                 prefixes.append(Prefix(uri, folder, root, recursive=False, key_root=input_key_root(folder)))
                 continue
             entries = fs.ls(root, detail=True)
+        except ConfigError:
+            raise
         except FileNotFoundError as e:
             raise ConfigError(f"{uri}: input does not exist") from e
         except Exception as e:  # botocore / aiohttp errors: unreachable endpoint, denied, ...
@@ -105,7 +117,7 @@ def top_prefixes(inputs: Sequence[str], *, storage: StorageOptions | None) -> li
 
 
 def _version(info: dict) -> str:
-    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified"):
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "version"):  # version: io/dicomweb.py
         if info.get(key):
             return str(info[key]).strip('"')
     return ""

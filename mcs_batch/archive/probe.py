@@ -7,18 +7,25 @@ case record (NIfTI, PNG/JPEG, anything unreadable or not an image), as JSON.
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 
-from mcs_batch.errors import ErrorCode
+from mcs_batch.errors import CaseError, ErrorCode
+from mcs_batch.io import dicomweb
+from mcs_batch.io.dicom_header import header_from_metadata, read_dicom_header
 from mcs_batch.io.discover import ObjectRef, Probe, probe_object
-from mcs_batch.io.storage import StorageOptions, filesystem_for
+from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of
 from mcs_batch.records import CaseKind, failed_record
 
 IO_THREADS = 8  # concurrent header reads per task on object stores
+log = logging.getLogger(__name__)
+_said_no_series_metadata: set[str] = set()  # servers already said (once per process) to lack it
 
 
 def probe_one(ref: ObjectRef, fs) -> Probe:
@@ -43,6 +50,8 @@ def probe_refs(refs: list[ObjectRef], *, storage: StorageOptions | None, threads
     if not refs:
         return []
     fs, _ = filesystem_for(refs[0].uri, storage)
+    if protocol_of(refs[0].uri) in dicomweb.SCHEMES:
+        return [payload_of(p) for p in probe_dicomweb(refs, fs, threads=threads)]
     if threads > 1 and len(refs) > 1:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             probes = list(pool.map(lambda r: probe_one(r, fs), refs))
@@ -66,3 +75,72 @@ def probe_block(table: pa.Table, *, storage: StorageOptions | None) -> pa.Table:
     table = table.set_column(table.schema.get_field_index("payload"), "payload", pa.array(payloads, pa.string()))
     table = table.append_column("probed", pa.array(probed, pa.bool_()))
     return table.append_column("probed_at", pa.array([time.time()] * len(payloads), pa.float64()))
+
+
+def _instance_failure(ref: ObjectRef, code: ErrorCode, message: str) -> Probe:
+    return Probe(ref, record=failed_record(f"file:{ref.rel}", CaseKind.UNKNOWN, ref.uri, ref.rel, code, message))
+
+
+def _series_probes(refs: list[ObjectRef], fs) -> list[Probe]:
+    """Headers of a series' instances from one WADO-RS series metadata request (no pixels). A server
+    without series-level metadata: each instance retrieved whole and its header read (said once per
+    server and process). A request that fails after the session's retries: every instance of the
+    series fails `unreadable` (transient: the next run asks again)."""
+    series_path = fs._strip_protocol(refs[0].uri).rsplit("/instances/", 1)[0]
+    try:
+        metadata = fs.series_metadata(series_path)
+    except dicomweb.SeriesMetadataUnsupported as e:
+        server = fs.location(series_path).base_url
+        if server not in _said_no_series_metadata:
+            _said_no_series_metadata.add(server)
+            log.warning("%s: no series-level metadata (%s): headers read from whole instances", server, e)
+        return [_whole_instance_probe(ref, fs) for ref in refs]
+    except Exception as e:
+        message = f"{fs.unstrip_protocol(series_path)}: cannot read series metadata ({dicomweb.describe(e)})"
+        return [_instance_failure(ref, ErrorCode.UNREADABLE, message) for ref in refs]
+    by_uid = {}
+    for item in metadata:
+        values = (item.get("00080018") or {}).get("Value") or []
+        if values:
+            by_uid[str(values[0])] = item
+    probes = []
+    for ref in refs:
+        item = by_uid.get(ref.uri.rsplit("/", 1)[-1])
+        if item is None:
+            message = f"{ref.uri}: listed by QIDO-RS but absent from its series' metadata"
+            probes.append(_instance_failure(ref, ErrorCode.UNREADABLE, message))
+            continue
+        try:
+            probes.append(Probe(ref, header=header_from_metadata(item, uri=ref.uri, rel=ref.rel)))
+        except CaseError as e:
+            probes.append(_instance_failure(ref, e.code, e.message))
+    return probes
+
+
+def _whole_instance_probe(ref: ObjectRef, fs) -> Probe:
+    try:
+        data = fs.cat_file(fs._strip_protocol(ref.uri))
+    except Exception as e:
+        return _instance_failure(ref, ErrorCode.UNREADABLE, f"{ref.uri}: cannot retrieve ({dicomweb.describe(e)})")
+    try:
+        header = read_dicom_header(io.BytesIO(data), uri=ref.uri, rel=ref.rel, size=len(data))
+    except CaseError as e:
+        return _instance_failure(ref, e.code, e.message)
+    header.bytes_read = len(data)
+    return Probe(ref, header=header)
+
+
+def probe_dicomweb(refs: list[ObjectRef], fs, *, threads: int) -> list[Probe]:
+    """Probes of DICOMweb instances (io/dicomweb.py), in the order of `refs`: a metadata request per
+    series, a few series at once (the session bounds the connections)."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, ref in enumerate(refs):
+        groups[ref.uri.rsplit("/instances/", 1)[0]].append(i)
+    batches = [[refs[i] for i in idx] for idx in groups.values()]
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(batches)))) as pool:
+        results = list(pool.map(lambda b: _series_probes(b, fs), batches))
+    out: list[Probe | None] = [None] * len(refs)
+    for idx, probes in zip(groups.values(), results, strict=True):
+        for i, p in zip(idx, probes, strict=True):
+            out[i] = p
+    return out  # type: ignore[return-value]

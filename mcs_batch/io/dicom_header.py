@@ -228,6 +228,28 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
     except Exception as e:  # pydicom raises many types on garbage
         raise CaseError(f"{uri}: cannot parse DICOM header ({type(e).__name__}: {e})", code=ErrorCode.NOT_DICOM) from e
 
+    return header_from_dataset(ds, uri=uri, rel=rel, size=size, header_bytes=header_bytes)
+
+
+def header_from_metadata(metadata: dict, *, uri: str, rel: str) -> DicomHeader:
+    """A header from an instance's DICOM JSON metadata (DICOMweb: WADO-RS series metadata, PS3.18
+    F.2), without its pixel data: bulk data (Pixel Data included) are only noted as present. Its size
+    is unknown (0), so the length of its pixel data is checked when the object is read, not here.
+
+    Raises CaseError(not_dicom) when the JSON is not a dataset."""
+    try:
+        ds = pydicom.Dataset.from_json(metadata, bulk_data_uri_handler=lambda tag, vr, value: None)
+    except Exception as e:  # pydicom raises several types on malformed JSON
+        raise CaseError(f"{uri}: cannot parse DICOM JSON metadata ({type(e).__name__}: {e})"[:300],
+                        code=ErrorCode.NOT_DICOM) from e  # fmt: skip
+    return header_from_dataset(ds, uri=uri, rel=rel, size=0, header_bytes=0, has_pixel_data="PixelData" in ds)
+
+
+def header_from_dataset(
+    ds, *, uri: str, rel: str, size: int, header_bytes: int, has_pixel_data: bool | None = None
+) -> DicomHeader:
+    """What discovery needs from a dataset read without its pixel data (from a file: `header_bytes`
+    is where its Pixel Data element starts; from DICOM JSON: `has_pixel_data` given, size 0)."""
     file_meta = getattr(ds, "file_meta", None)
     sop_class = str(
         _quiet(ds, "SOPClassUID") or (_quiet(file_meta, "MediaStorageSOPClassUID") if file_meta else "") or ""
@@ -243,6 +265,8 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
     syntax = ""
     if file_meta is not None and "TransferSyntaxUID" in file_meta:
         syntax = str(file_meta.TransferSyntaxUID)
+    elif has_pixel_data is not None:  # DICOM JSON: no encoding; the syntax a server may state
+        syntax = str(_quiet(ds, "TransferSyntaxUID") or "")
     elif ds.is_little_endian is not None:
         # No file meta: pydicom guessed the encoding while reading.
         syntax = (
@@ -316,7 +340,8 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
         instance_number=_int(_quiet(ds, "InstanceNumber")),
         frame_positions=frame_positions,
         # Deflated objects are read through zlib: the file position says nothing, trust the header.
-        has_pixel_data=("Rows" in ds) if syntax == DEFLATED else header_bytes < size,
+        has_pixel_data=has_pixel_data if has_pixel_data is not None
+        else ("Rows" in ds) if syntax == DEFLATED else header_bytes < size,
         header_bytes=header_bytes,
     )
     if problems:
@@ -324,7 +349,8 @@ def read_dicom_header(fileobj: BinaryIO, *, uri: str, rel: str, size: int) -> Di
         header.error_code = code
         header.error_message = f"{uri}: " + "; ".join(m for c, m in problems if c == code)
         return header
-    _check_native_length(header)
+    if has_pixel_data is None:  # read from the object's bytes: its length is known
+        _check_native_length(header)
     return header
 
 

@@ -16,6 +16,7 @@ import pyarrow.fs as pafs
 from fsspec.core import url_to_fs
 
 from mcs_batch.errors import CaseError, ConfigError, ErrorCode
+from mcs_batch.io import dicomweb
 
 
 @dataclass(frozen=True)
@@ -29,11 +30,13 @@ class StorageOptions:
     profile: str | None = None
     anon: bool = False
     extra: dict = field(default_factory=dict)  # passed to fsspec as-is (non-S3 schemes)
+    dicomweb: dicomweb.DicomWebAuth | None = None  # credentials of dicomweb(s):// servers
 
     def __repr__(self) -> str:
         return (
             f"StorageOptions(endpoint_url={self.endpoint_url!r}, key={'***' if self.key else None}, "
-            f"secret={'***' if self.secret else None}, profile={self.profile!r}, anon={self.anon})"
+            f"secret={'***' if self.secret else None}, profile={self.profile!r}, anon={self.anon}, "
+            f"dicomweb={self.dicomweb!r})"
         )
 
     def fsspec_kwargs(self, protocol: str) -> dict:
@@ -65,6 +68,10 @@ def filesystem_for(uri: str, options: StorageOptions | None = None) -> tuple[fss
     """The filesystem for `uri` and the path inside it (no protocol)."""
     options = options or StorageOptions()
     protocol = protocol_of(uri)
+    if protocol in dicomweb.SCHEMES:  # a PACS through DICOMweb (io/dicomweb.py); the URI checked here
+        dicomweb.parse_uri(uri)
+        fs = dicomweb.filesystem(protocol, options.dicomweb)
+        return fs, fs._strip_protocol(uri)
     try:
         fs, path = url_to_fs(uri, **options.fsspec_kwargs(protocol))
     except (ImportError, ValueError) as e:

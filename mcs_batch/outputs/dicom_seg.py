@@ -37,7 +37,8 @@ import pydicom
 from pydicom.uid import generate_uid
 
 from mcs_batch.config import Code, SegmentCodes
-from mcs_batch.io.storage import StorageOptions, filesystem_for
+from mcs_batch.io import dicomweb
+from mcs_batch.io.storage import StorageOptions, filesystem_for, protocol_of
 from mcs_batch.records import CaseKind, CaseRecord
 
 SEG_KINDS = (CaseKind.DICOM_SERIES, CaseKind.DICOM_MULTIFRAME, CaseKind.DICOM_IMAGE)
@@ -82,21 +83,50 @@ class Algorithm:
                 self.version = "unknown"
 
 
-def seg_uids(run_id: str, case_id: str, target: str) -> tuple[str, str]:
-    """(SeriesInstanceUID, SOPInstanceUID): one SEG series per case and run, one instance per target.
-    Derived from the run, so a rerun after a crash rewrites the same objects and another run never
-    reuses them."""
-    series = generate_uid(entropy_srcs=["mcs-batch seg series", run_id, case_id])
-    return series, generate_uid(entropy_srcs=["mcs-batch seg instance", run_id, case_id, target])
+def seg_uids(case_id: str, target: str, *, config_hash: str, instances: str | None) -> tuple[str, str]:
+    """(SeriesInstanceUID, SOPInstanceUID): one SEG series per case and configuration, one instance per
+    target. Derived from (case, target, configuration, the case's instance set): a re-run, a retry or
+    another OUT makes the same SEG the same object, so a PACS that stored it once never holds a second
+    (outputs.dicomweb_store); a grown series (another instance set) is another SEG."""
+    series = generate_uid(entropy_srcs=["mcs-batch seg series", config_hash, case_id, instances or ""])
+    return series, generate_uid(entropy_srcs=["mcs-batch seg instance", config_hash, case_id, instances or "", target])
 
 
 def read_source_headers(uris: Sequence[str], *, storage: StorageOptions | None) -> list[pydicom.Dataset]:
-    """The sources' headers (everything before Pixel Data), in `uris` order, through fsspec (local, s3://)."""
+    """The sources' headers (everything before Pixel Data), in `uris` order, through fsspec (local, s3://);
+    from a PACS, from its series metadata (one request per series, no instance fetched again)."""
+    if uris and protocol_of(uris[0]) in dicomweb.SCHEMES:
+        try:
+            return _metadata_headers(uris, storage)
+        except dicomweb.SeriesMetadataUnsupported:
+            pass  # read as files: each instance retrieved whole
     headers = []
     for uri in uris:
         fs, path = filesystem_for(uri, storage)
         with fs.open(path, "rb") as f, _quiet():
             headers.append(pydicom.dcmread(f, stop_before_pixels=True, force=True))
+    return headers
+
+
+def _metadata_headers(uris: Sequence[str], storage: StorageOptions | None) -> list[pydicom.Dataset]:
+    """Datasets of DICOMweb instances from their series' metadata (DICOM JSON), bulk data left out."""
+    fs, _ = filesystem_for(uris[0], storage)
+    by_uid: dict[str, dict] = {}
+    for series in dict.fromkeys(fs._strip_protocol(u).rsplit("/instances/", 1)[0] for u in uris):
+        for item in fs.series_metadata(series):
+            values = (item.get("00080018") or {}).get("Value") or []
+            if values:
+                by_uid[str(values[0])] = item
+    headers = []
+    for uri in uris:
+        uid = uri.rsplit("/", 1)[-1]
+        if uid not in by_uid:
+            raise SegRefused("a source instance is absent from its series' metadata")
+        with _quiet():
+            ds = pydicom.Dataset.from_json(by_uid[uid], bulk_data_uri_handler=lambda tag, vr, value: None)
+        for tag in [e.tag for e in ds if e.value is None and e.VR in ("OB", "OW", "OF", "OD", "OL", "UN")]:
+            del ds[tag]
+        headers.append(ds)
     return headers
 
 

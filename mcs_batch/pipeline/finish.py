@@ -8,6 +8,25 @@ from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.maintenance import maintain
 
 
+def store_segs(catalog, cfg: JobConfig, run_id: str, progress) -> dict | None:
+    """outputs.dicomweb_store: send the committed SEGs not yet stored (this run's, and what earlier runs
+    failed to store) by STOW-RS, each answer recorded in the stored table (outputs/pacs_store.py). Never
+    fails the job: a store that failed is tried again by the next run."""
+    if not cfg.outputs.dicomweb_store:
+        return None
+    from mcs_batch.outputs.pacs_store import store_committed_segs
+
+    try:
+        done = store_committed_segs(catalog, cfg.outputs.dicomweb_store, run_id=run_id)
+    except Exception as e:
+        progress(f"SEGs not stored to {cfg.outputs.dicomweb_store} ({type(e).__name__}: {e}); the next run tries again")
+        return {"error": f"{type(e).__name__}: {e}"}
+    failed = sum(done["failed"].values())
+    progress(f"stored {done['stored']} SEG(s) to {cfg.outputs.dicomweb_store}"
+             + (f"; {failed} failed ({done['failed']}), tried again by the next run" if failed else ""))  # fmt: skip
+    return done
+
+
 def maintain_tables(catalog, cfg: JobConfig, index_uri: str, progress) -> dict:
     """At the end of a job: compact the tables that gathered many small files and vacuum every table
     (outputs/maintenance.py). Never fails the job: what it could not do, the next job or `mcs-batch

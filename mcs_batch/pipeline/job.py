@@ -32,7 +32,7 @@ from mcs_batch.faults import crash_hook
 from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import RunHeartbeat
-from mcs_batch.pipeline.finish import maintain_tables, submit_retraining
+from mcs_batch.pipeline.finish import maintain_tables, store_segs, submit_retraining
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
 from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
 from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, drivers_for, resolve
@@ -271,6 +271,7 @@ def _run(cfg, catalog, run_id, start, *, storage, retry_failed, progress, stages
         if document["status"] == "running":
             document["status"] = "failed"
         if document["status"] != "failed" and parent is None:  # a shard driver's parent does it, at the end
+            document["seg_store"] = store_segs(catalog, cfg, run_id, progress)
             document["maintenance"] = maintain_tables(catalog, cfg, index_uri, progress)
         catalog.write_run(run_id, document)
         catalog.remove_staging(run_id)

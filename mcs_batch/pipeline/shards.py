@@ -42,7 +42,7 @@ from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import RunHeartbeat, end_dead_run
-from mcs_batch.pipeline.finish import maintain_tables, submit_retraining
+from mcs_batch.pipeline.finish import maintain_tables, store_segs, submit_retraining
 from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
 from mcs_batch.pipeline.resources import cluster_view
 from mcs_batch.pipeline.writer import JobSummary
@@ -125,6 +125,7 @@ def run_sharded(cfg: JobConfig, shards: int, *, job, storage: StorageOptions | N
             document["status"] = "aborted" if summary.aborted else "succeeded"
             if cfg.weak.enabled and not summary.aborted:
                 document["weak_jobs"] = submit_retraining(cfg, summary, progress, storage)
+            document["seg_store"] = store_segs(catalog, cfg, run_id, progress)
             document["maintenance"] = maintain_tables(catalog, cfg, index_uri, progress)
             summary.seconds = time.perf_counter() - start
             summary.run_uri = catalog.uri("runs", f"{run_id}.json")

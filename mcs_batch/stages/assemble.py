@@ -47,7 +47,7 @@ from mcs_batch.outputs.dicom_seg import (
 )
 from mcs_batch.outputs.masks import nifti_bytes, png_bytes
 from mcs_batch.outputs.schema import SLICES_SCHEMA, table_from_rows
-from mcs_batch.records import CaseRecord, Status
+from mcs_batch.records import CaseRecord, Status, instances_digest
 from mcs_batch.rows import CASE_ROW, case_of, target_column
 
 STAGE_TIMES = ("load_at", "saliency_at", "sam_at")  # wall-clock end of each stage, per slice row
@@ -294,7 +294,8 @@ def _write_seg(
     and the row ok, with seg_uri null and a `dicom_seg:` warning naming why (no header values)."""
     target = cfg.targets[j]
     try:
-        series_uid, sop_uid = seg_uids(str(row["run_id"]), record.case_id, target.name)
+        series_uid, sop_uid = seg_uids(record.case_id, target.name, config_hash=str(row["config_hash"]),
+                                       instances=instances_digest(record))
         parameters = {"config_hash": row["config_hash"], "clip_sha256": row.get("clip_sha256") or "",
                       "sam_sha256": row.get("sam_sha256") or ""}  # fmt: skip
         seg = build_segmentation(

@@ -39,7 +39,7 @@ from mcs_batch.outputs.dicom_seg import (
 )
 from mcs_batch.outputs.masks import nifti_bytes
 from mcs_batch.outputs.schema import CASES_SCHEMA
-from mcs_batch.records import CaseKind, CaseRecord, Status
+from mcs_batch.records import CaseKind, CaseRecord, Status, instances_digest
 from mcs_batch.testdata.series import oblique_orientation, write_series
 
 PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
@@ -80,7 +80,7 @@ def _mask(record: CaseRecord, *, seed: int = 0) -> np.ndarray:
 def _write(tmp_path: Path, mask, record, **kw) -> tuple[Path, np.ndarray]:
     """The SEG file and the NIfTI mask as read back from its own file."""
     sources = read_source_headers(record.source_uris, storage=None)
-    series_uid, sop_uid = seg_uids("run-1", record.case_id, "lesion")
+    series_uid, sop_uid = seg_uids(record.case_id, "lesion", config_hash="c0ffee", instances=instances_digest(record))
     seg = build_segmentation(
         mask, record, sources, label="lesion", codes=kw.pop("codes", NEOPLASM), series_uid=series_uid,
         sop_uid=sop_uid, algorithm=Algorithm(parameters={"config_hash": "abc123", "sam_sha256": "ab" * 32}), **kw,
@@ -376,3 +376,40 @@ def test_seg_passes_dciodvfy(tmp_path, source):
     inherited = {line for p in paths for line in _dciodvfy(p) if line.startswith("Warning")}
     own = [redact(line, headers) for line in report if line.startswith("Warning") and line not in inherited]
     assert own == []
+
+
+def test_a_seg_of_pacs_sources_from_their_metadata_equals_the_seg_of_their_files(orthanc, tmp_path: Path):
+    """Sources in a PACS (a real Orthanc): the SEG is built from their series metadata (no instance
+    fetched again) and is the SEG their files give: same frames, same references, same patient."""
+    import json
+
+    from mcs_batch.archive.listing import top_prefixes
+    from mcs_batch.archive.probe import probe_refs
+    from mcs_batch.io.dicom_header import DicomHeader
+    from mcs_batch.io.discover import ObjectRef
+    from mcs_batch.io.storage import filesystem_for
+
+    ct = PYDICOM_FILES / "dicomdirtests" / "98892001" / "CT5N"
+    orthanc.upload(sorted(ct.iterdir()))
+    (series,) = top_prefixes([orthanc.uri()], storage=None)
+    fs, _ = filesystem_for(orthanc.uri())
+    refs = [ObjectRef(uri=fs.unstrip_protocol(p), rel=p, size=0) for p in sorted(fs.find(series.path))]
+    headers = [DicomHeader.from_dict(json.loads(p)["header"]) for p in probe_refs(refs, storage=None, threads=2)]
+    (web,) = [r for r in cases_from_headers(headers) if r.status == Status.OK]
+    local = _record(sorted(ct.iterdir()))
+    mask = _mask(local)
+    sources = read_source_headers(web.source_uris, storage=None)
+    assert all("PixelData" not in ds for ds in sources)
+    seg = build_segmentation(mask, web, sources, label="lesion", codes=NEOPLASM, series_uid="1.2.3", sop_uid="1.2.3.4",
+                             algorithm=Algorithm(parameters={"config_hash": "abc123"}))  # fmt: skip
+    (web_dir := tmp_path / "web").mkdir()
+    path = web_dir / "lesion.seg.dcm"
+    path.write_bytes(seg_bytes(seg))
+    back = hd.seg.segread(path)
+    file_path, nifti = _write(tmp_path, mask, local)
+    from_files = hd.seg.segread(file_path)
+    assert back.PatientID == from_files.PatientID and back.StudyInstanceUID == from_files.StudyInstanceUID
+    assert back.ReferencedSeriesSequence[0].SeriesInstanceUID == local.series_uid
+    uids = [u.rsplit("/", 1)[-1] for u in web.source_uris]
+    pixels = back.get_pixels_by_source_instance(uids, segment_numbers=[1])
+    np.testing.assert_array_equal(np.transpose(pixels[..., 0], (2, 1, 0)), nifti)
