@@ -81,7 +81,14 @@ ABSORBS = "_absorbs"
 _ABSORBED = "_absorbed"  # merge source only: the run of a failure row the commit deletes
 PAIR = "t.case_id = s.case_id AND t.target = s.target"
 COMMIT_WINDOW_MARGIN_S = 3600.0  # a commit's window starts this long before its job did (module docstring)
-RUN_ID_TIME = "%Y%m%dT%H%M%SZ"  # how a run id begins (pipeline/preflight.new_run_id)
+RUN_ID_TIME = "%Y%m%dT%H%M%SZ"  # how a run id begins (new_run_id)
+
+
+def new_run_id(kind: str = "") -> str:
+    """A new run's id: its start time (RUN_ID_TIME, which CommitWindow compares), then kind and a nonce."""
+    return datetime.now(UTC).strftime(RUN_ID_TIME) + (f"-{kind}" if kind else "") + "-" + uuid.uuid4().hex[:6]
+
+
 COMMITTED_COLUMNS = ["case_id", "target", "status", "error_code", "error_message", "run_id", "attempts", "history",
                      "retryable", "instances"]  # fmt: skip
 

@@ -30,11 +30,11 @@ from mcs_batch.config import JobConfig
 from mcs_batch.errors import ConfigError
 from mcs_batch.faults import crash_hook
 from mcs_batch.io.storage import StorageOptions, join
-from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.catalog import Catalog, new_run_id
 from mcs_batch.outputs.lease import RunHeartbeat
 from mcs_batch.pipeline.finish import maintain_tables, store_segs, submit_retraining
 from mcs_batch.pipeline.graph import ModelStages, build_pipeline
-from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
+from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, package_versions
 from mcs_batch.pipeline.resources import Resolved, await_gpus, cluster_view, drivers_for, resolve
 from mcs_batch.pipeline.shards import run_sharded
 from mcs_batch.pipeline.writer import CaseWriter, JobAborted, JobSummary

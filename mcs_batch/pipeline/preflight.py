@@ -1,10 +1,8 @@
 """What every run of the job does before it starts, with one driver or as shard drivers (shards.py):
-its id, the package versions it records, the clean-up after dead runs, the configuration check."""
+the package versions it records, the clean-up after dead runs, the configuration check."""
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
 from importlib import metadata
 
 from mcs_batch.config import JobConfig
@@ -13,10 +11,6 @@ from mcs_batch.outputs.catalog import Catalog
 from mcs_batch.outputs.lease import sweep
 
 PACKAGES = ("mcs-batch", "ray", "torch", "open_clip_torch", "segment-anything", "pydicom", "nibabel", "pyarrow")
-
-
-def new_run_id() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
 
 def package_versions() -> dict[str, str]:

@@ -40,10 +40,10 @@ from datetime import UTC, datetime
 from mcs_batch.archive.listing import Wave, list_archive
 from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions, join
-from mcs_batch.outputs.catalog import Catalog
+from mcs_batch.outputs.catalog import Catalog, new_run_id
 from mcs_batch.outputs.lease import RunHeartbeat, end_dead_run
 from mcs_batch.pipeline.finish import maintain_tables, store_segs, submit_retraining
-from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, new_run_id, package_versions
+from mcs_batch.pipeline.preflight import check_configuration, clean_up_dead_runs, package_versions
 from mcs_batch.pipeline.resources import cluster_view
 from mcs_batch.pipeline.writer import JobSummary
 from mcs_batch.telemetry import JobMetrics

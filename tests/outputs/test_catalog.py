@@ -12,9 +12,8 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 
 from mcs_batch.errors import ConfigError
-from mcs_batch.outputs.catalog import CASES, SLICES, Catalog, CommittedPairs, CommitWindow
+from mcs_batch.outputs.catalog import CASES, SLICES, Catalog, CommittedPairs, CommitWindow, new_run_id
 from mcs_batch.outputs.delta import CommitConflict, with_retries
-from mcs_batch.pipeline.preflight import new_run_id
 from mcs_batch.query import query
 from mcs_batch.records import make_case_id
 

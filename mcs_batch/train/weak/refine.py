@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -43,7 +42,7 @@ from mcs_batch.io.load import load_case
 from mcs_batch.io.storage import StorageOptions, filesystem_for, join
 from mcs_batch.io.volume import place, plane
 from mcs_batch.outputs.assemble import mask_volume_ml
-from mcs_batch.outputs.catalog import REPLACES, Catalog
+from mcs_batch.outputs.catalog import REPLACES, Catalog, new_run_id
 from mcs_batch.outputs.dicom_seg import (
     SEG_KINDS,
     Algorithm,
@@ -263,7 +262,7 @@ def refine(cfg: WeakConfig, *, storage: StorageOptions | None = None, case_ids: 
     Commits beside any segment job writing cfg.source (the catalog takes concurrent writers)."""
     cfg.check_required()
     ensemble = read_ensemble(cfg.work, storage)  # ConfigError before any work when there is none
-    run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ") + "-refine-" + uuid.uuid4().hex[:6]
+    run_id = new_run_id("refine")
     catalog = Catalog(cfg.source, storage=storage, owner=run_id)
     catalog.check_writable()
     heartbeat = RunHeartbeat(catalog, run_id)
