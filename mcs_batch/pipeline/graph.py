@@ -1,8 +1,8 @@
 """The Ray Data graph of the job, from case rows to per-part rows (lazy until consumed).
 
     cases (archive/source.py: waves -> probe -> grouper)
-      -> plan       case row + chunk rows                    tasks (fused with load)
-      -> load       decode, window: one slice row per image   CPU tasks
+      -> plan       case row + chunk rows, grouped in load units (a block each)   tasks
+      -> load       decode, window: one slice row per image   CPU tasks, one per load unit
       -> (blocks of resources.block_rows slice rows)
       -> saliency   BiomedCLIP + M2IB, then boxes / points    actor pool (GPUs when the cluster has them)
       -> masking    SAM                                       actor pool
@@ -12,7 +12,10 @@
     out: one small row per (block, case) and the case rows, for the driver to count and assemble, and
     per block the rows of the cases assembled in it.
 
-Blocks: the grouper hands on the cases of each probe block (tens of 2D images, or a series); decoding
+Blocks: the grouper hands on the cases of a scan wave as one block (up to thousands of objects). Ray
+Data runs one task per block, so planning cuts the wave into load units of at most unit_rows() rows
+(2D images together, a DICOM series at chunk boundaries, a volume decoded whole in one unit), each in a
+block of its own: a wave is decoded by as many tasks as the cluster's CPUs allow, not by one. Decoding
 yields a chunk of slices at a time, and a streaming repartition cuts the decoded slices into blocks of
 resources.block_rows rows (a 600-slice series moves as many blocks, not one), so every stage runs as
 many tasks or actors as its resources allow and the stages overlap. Every stage's function lives in
@@ -28,7 +31,15 @@ from mcs_batch.config import JobConfig
 from mcs_batch.io.storage import StorageOptions
 from mcs_batch.pipeline.resources import Pool, Resolved
 from mcs_batch.stages.assemble import write_parts
-from mcs_batch.stages.load import load_batch, plan_batch
+from mcs_batch.stages.load import load_units, plan_units
+
+MIN_UNIT_ROWS = 32  # a decoding task's least work: the task's own cost, and the driver's, stay small beside it
+
+
+def unit_rows(r: Resolved) -> int:
+    """Rows a load unit decodes into (a decoding task's work): a block's worth (resources.block_rows),
+    at least MIN_UNIT_ROWS. Every task and block costs the driver ms of CPU (Ray Data's bookkeeping)."""
+    return max(r.block_rows, MIN_UNIT_ROWS)
 
 
 class SaliencyStage:
@@ -105,10 +116,14 @@ def build_pipeline(
 ):
     """The graph from case rows (archive stream) to part rows."""
     r, stages = resources, stages or ModelStages()
-    rows = cases.map_batches(plan_batch, fn_kwargs={"cfg": cfg}, batch_size=None, batch_format="pyarrow",
-                             num_cpus=r.load_cpus)  # fmt: skip
-    rows = rows.map_batches(load_batch, fn_kwargs={"cfg": cfg, "storage": storage}, batch_size=None,
-                            num_cpus=r.load_cpus)  # fmt: skip
+    # Planning asks half a decoding task's CPUs: it is light, and a request that differs keeps Ray Data
+    # from fusing the decoding into the planning task (which would make it one task per wave again).
+    plan_cpus = r.load_cpus / 2
+    units = cases.map_batches(plan_units, fn_kwargs={"cfg": cfg, "unit_rows": unit_rows(r)}, batch_size=None,
+                              batch_format="pyarrow", num_cpus=plan_cpus)  # fmt: skip
+    units = rechunk(units, 1, num_cpus=plan_cpus)  # a load unit per block: a decoding task each
+    rows = units.map_batches(load_units, fn_kwargs={"cfg": cfg, "storage": storage}, batch_size=None,
+                             batch_format="pyarrow", num_cpus=r.load_cpus)  # fmt: skip
     rows = rechunk(rows, r.block_rows, num_cpus=r.load_cpus)
     if r.together:
         rows = _model_stage(rows, Together, r.models, cfg, storage, board, first=stages.saliency, then=stages.masking)

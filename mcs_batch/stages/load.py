@@ -12,8 +12,11 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from mcs_batch.config import JobConfig
 from mcs_batch.errors import CaseError, ErrorCode
@@ -68,11 +71,16 @@ def load_chunk(
 
 
 def plan_batch(table, *, cfg: JobConfig) -> dict:
-    """map_batches (pyarrow in): case rows of the archive stream (manifest schema + done_targets,
-    redo) -> case rows + chunk rows. Cases whose every target is committed never get here (the
-    grouper drops them; it also applied the size limits). A map_batches, not a flat_map, so that Ray
-    Data fuses it with the repartition after it. A case that cannot be planned fails on its own."""
-    rows: list[dict] = []
+    """Case rows of the archive stream (pyarrow: manifest schema + done_targets, redo) -> case rows +
+    chunk rows (plan_units groups them for the job's graph). Cases whose every target is committed
+    never get here (the grouper drops them; it also applied the size limits). A case that cannot be
+    planned fails on its own."""
+    return columns([row for _, case in _planned(table, cfg) for row in case])
+
+
+def _planned(table, cfg: JobConfig) -> Iterator[tuple[bool, list[dict]]]:
+    """Per case: whether its chunks may be decoded in different tasks (an axial DICOM series read file
+    by file; not a volume decoded whole: each task would decode it again), and its case + chunk rows."""
     for row in table.to_pylist():
         record = CaseRecord.from_row(row)
         done = [str(t) for t in (row.get("done_targets") or [])]
@@ -80,12 +88,53 @@ def plan_batch(table, *, cfg: JobConfig) -> dict:
         try:
             planned = plan_case(record, slice_chunk=cfg.resources.slice_chunk, axis=cfg.slice_axis,
                                 done_targets=done, redo=redo)  # fmt: skip
+            apart = not loaded_whole(record, slice_axis_for(record, cfg.slice_axis))
         except Exception as e:  # a record no plan can be made of: its case fails, the block goes on
             record.status, record.error_code = Status.FAILED, ErrorCode.INTERNAL_ERROR
             record.error_message = f"{record.case_id}: cannot plan the case ({type(e).__name__}: {e})"[:300]
-            planned = plan_case(record, slice_chunk=1, axis=cfg.slice_axis, done_targets=done, redo=redo)
-        rows += planned
-    return columns(rows)
+            planned, apart = plan_case(record, slice_chunk=1, axis=cfg.slice_axis, done_targets=done, redo=redo), False
+        yield apart, planned
+
+
+UNIT_TYPE = pa.list_(pa.struct([("case_id", pa.string()), ("slice_index", pa.int64()), ("n_slices", pa.int64()),
+                                  ("case_json", pa.string())]))  # fmt: skip
+
+
+def plan_units(table, *, cfg: JobConfig, unit_rows: int) -> pa.Table:
+    """map_batches (pyarrow in): a block of case rows (a scan wave's cases, from the grouper) -> load
+    units, one row each (`unit`: case and chunk rows) that decode into at most `unit_rows` rows (a
+    case row and its slices): 2D images together, a long DICOM series cut at chunk boundaries, a volume
+    decoded whole in a unit of its own, a case row with its first chunk. The graph puts each unit in a
+    block of its own, so a wave is decoded by as many tasks as it has units, not by one task (Ray Data
+    runs one task per block), and each decoding task hands on about one block."""
+    units: list[list[dict]] = []
+    unit: list[dict] = []
+    weight = 0
+    for apart, (head, *chunks) in _planned(table, cfg):
+        sizes = [int(c["n_slices"]) for c in chunks]
+        if apart and chunks:  # the case row with its first chunk, then chunk by chunk
+            pieces = [([head, chunks[0]], 1 + sizes[0])]
+            pieces += [([c], n) for c, n in zip(chunks[1:], sizes[1:], strict=True)]
+        else:
+            pieces = [([head, *chunks], 1 + sum(sizes))]
+        for rows, n in pieces:
+            if unit and weight + n > unit_rows:
+                units.append(unit)
+                unit, weight = [], 0
+            unit += rows
+            weight += n
+    if unit:
+        units.append(unit)
+    return pa.table({"unit": pa.array(units, type=UNIT_TYPE)})
+
+
+def load_units(table, *, cfg: JobConfig, storage: StorageOptions | None):
+    """map_batches generator (pyarrow in): load units (plan_units) -> slice rows, as load_batch."""
+    rows = pc.list_flatten(table.column("unit")).combine_chunks()
+    if not len(rows):
+        return
+    batch = {name: rows.field(name).to_pylist() for name in ("case_id", "slice_index", "n_slices", "case_json")}
+    yield from load_batch(batch, cfg=cfg, storage=storage)
 
 
 class DecodeJournal:

@@ -1,5 +1,5 @@
 """The job's scan and load stages, run in this process on a folder of files (no Ray): the exact batch
-functions Ray Data calls (probe_block -> CaseGrouper -> plan_batch -> load_batch), so a property test
+functions Ray Data calls (probe_block -> CaseGrouper -> plan_units -> load_units), so a property test
 can feed them thousands of mutated inputs in seconds and check what no input may ever do:
 
 - an exception escaping a stage (one bad file would fail a block, or the whole job);
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from mcs_batch.archive.grouping import CaseGrouper
 from mcs_batch.archive.listing import WAVE_SCHEMA
@@ -30,7 +31,9 @@ from mcs_batch.config import JobConfig
 from mcs_batch.errors import ErrorCode
 from mcs_batch.records import CaseRecord, Status
 from mcs_batch.rows import CASE_ROW
-from mcs_batch.stages.load import load_batch, plan_batch
+from mcs_batch.stages.load import load_units, plan_units
+
+UNIT_ROWS = 4  # load units much smaller than the job's: series cut into several, each decoded on its own
 
 
 def _where(e: BaseException) -> str:
@@ -47,6 +50,7 @@ class Outcome:
     cases: list[CaseRecord] = field(default_factory=list)
     slice_rows: list[dict] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
+    units: list[list[tuple[str, int, int]]] = field(default_factory=list)  # (case_id, slice_index, n_slices)
 
     def findings(self) -> list[str]:
         out = list(self.crashes)
@@ -90,7 +94,7 @@ def _geometry_findings(record: CaseRecord) -> list[str]:
     return out
 
 
-def run_stages(folder: Path, cfg: JobConfig | None = None, *, load: bool = True) -> Outcome:
+def run_stages(folder: Path, cfg: JobConfig | None = None, *, load: bool = True, unit_rows: int = UNIT_ROWS) -> Outcome:
     """Every file under `folder` through probe -> grouper -> plan -> load, as the job runs them."""
     cfg = cfg or JobConfig()
     files = sorted(p for p in folder.rglob("*") if p.is_file())
@@ -114,15 +118,19 @@ def run_stages(folder: Path, cfg: JobConfig | None = None, *, load: bool = True)
     if not load:
         return outcome
     try:
-        planned = plan_batch(cases, cfg=cfg)
+        units = plan_units(cases, cfg=cfg, unit_rows=unit_rows)
     except Exception as e:
         outcome.crashes.append(f"plan: {type(e).__name__} at {_where(e)}")
         return outcome
-    if not planned:
+    planned = pa.Table.from_struct_array(pc.list_flatten(units.column("unit"))).to_pydict()
+    outcome.units = [[(r["case_id"], r["slice_index"], r["n_slices"]) for r in unit]
+                     for unit in units.column("unit").to_pylist()]  # fmt: skip
+    if not planned["case_id"]:
         return outcome
     try:
-        for batch in load_batch(planned, cfg=cfg, storage=None):
-            outcome.slice_rows.extend(_slice_rows(batch))
+        for i in range(units.num_rows):  # a unit per block, as in the job's graph: a decoding task each
+            for batch in load_units(units.slice(i, 1), cfg=cfg, storage=None):
+                outcome.slice_rows.extend(_slice_rows(batch))
     except Exception as e:
         outcome.crashes.append(f"load: {type(e).__name__} at {_where(e)}")
         return outcome

@@ -68,7 +68,12 @@ def test_blocks_are_small_and_stages_overlap(tmp_path: Path):
     run = run_record(out, summary.run_id)
     ops = {op["name"]: op for op in run["ray_data"]["operators"]}
     # the re-blocking runs inside the decoding tasks (cluster.rechunk), not as a stage of its own
-    assert any("load_batch" in name and "StreamingRepartition" in name for name in ops), list(ops)
+    load = next((op for name, op in ops.items() if "load_units" in name and "StreamingRepartition" in name), None)
+    assert load is not None, list(ops)
+    # the wave's 40 images (one block from the grouper) are decoded by several tasks, one per load unit
+    # of at most 32 rows (a case row and its slice per image: 16 images), not by one task
+    assert next(op for name, op in ops.items() if "plan_units" in name)["tasks"] == 1
+    assert load["tasks"] == 3, load
     # on CPU one actor pool runs both models (resources.models_together: auto)
     assert run["resources"]["together"] and run["resources"]["models"]["max_actors"] == 2  # auto, 2 CPUs
     models = next(op for name, op in ops.items() if "Together" in name)
