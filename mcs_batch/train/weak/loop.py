@@ -12,7 +12,7 @@
               WORK/ensemble/<member>_<cycle>_<epoch>.pt (state dict only)
     report    every run.checkpoint_every_epochs epochs and after the last: a Ray Train checkpoint with
               member_<r>/{model.pt, optimizer.pt, state.json} from every worker; nnU-Net's text log
-              to WORK/logs/member_<r>_from_epoch<e>.txt
+              to WORK/logs/member_<r>_from_epoch<e>.txt (and what it downloaded: member_<r>_transfer.json)
     resume    ray.train.get_checkpoint(): weights, optimizer and the epoch counter come back, and
               training goes on from the next epoch (tensors loaded with weights_only=True)
 """
@@ -49,6 +49,10 @@ def ensemble_folder(cfg: WeakConfig) -> str:
     return join(cfg.work, "ensemble")
 
 
+def transfer_record(cfg: WeakConfig, rank: int) -> str:
+    return join(cfg.work, "logs", f"member_{rank:02d}_transfer.json")
+
+
 def preprocessed_folder(cfg: WeakConfig) -> str:
     return join(cfg.work, PREPROCESSED, cfg.dataset_name)
 
@@ -56,8 +60,8 @@ def preprocessed_folder(cfg: WeakConfig) -> str:
 def member_loop(config: dict) -> dict:
     """Ray Train entry. config: {"cfg": WeakConfig, "storage": StorageOptions | None, "config_hash": str,
     "identity": the training's (identity.py; keys the node cache), "configuration": "2d" | "3d_fullres"
-    (resolved), "augmentation_processes": nnUNet_n_proc_DA (resources.py)}. Returns the member's summary
-    with "transfer": what this worker downloaded (files.TransferReport)."""
+    (resolved), "augmentation_processes": nnUNet_n_proc_DA (resources.py)}. What this worker downloaded
+    goes to WORK/logs/member_<r>_transfer.json (files.TransferReport; Ray Train returns rank 0's value only)."""
     import ray.train
 
     cfg: WeakConfig = config["cfg"]
@@ -77,8 +81,8 @@ def member_loop(config: dict) -> dict:
                                       connections=cfg.run.transfer_connections)  # fmt: skip
         logger.info("member %d: %d preprocessed file(s) in the node cache, %d downloaded (%d bytes, %.1f s)", rank,
                     transfer.files, transfer.transferred, transfer.bytes, transfer.seconds)  # fmt: skip
-        summary = _train_member(cfg, storage, rank, dataset, config["config_hash"], configuration)
-        return {**summary, "transfer": transfer.to_dict()}
+        write_bytes(transfer_record(cfg, rank), json.dumps({"member": rank, **transfer.to_dict()}).encode(), storage)
+        return _train_member(cfg, storage, rank, dataset, config["config_hash"], configuration)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -41,7 +41,7 @@ from mcs_batch.train.weak.export import export_dataset, raw_folder
 from mcs_batch.train.weak.export3d import resolve_configuration
 from mcs_batch.train.weak.files import download_folder, exists, read_bytes, sha256, upload_folder, write_bytes
 from mcs_batch.train.weak.identity import SELECTION_FILE, TrainingPlan, plan_training
-from mcs_batch.train.weak.loop import STATE_FILE, ensemble_folder, member_loop, preprocessed_folder
+from mcs_batch.train.weak.loop import STATE_FILE, ensemble_folder, member_loop, preprocessed_folder, transfer_record
 from mcs_batch.train.weak.nnunet_env import PREPROCESSED, RAW, NnunetStage, nnunet_environment
 from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
 
@@ -249,9 +249,9 @@ def _write_ensemble(cfg: WeakConfig, storage, plan: TrainingPlan, summaries: lis
         "dataset_json": join(preprocessed_folder(cfg), "dataset.json"),
         "mirroring_axes": summary.get("mirroring_axes", []),
         "members": members,
-        "training": {k: v for k, v in summary.items() if k != "transfer"},
-        # what each worker downloaded of the preprocessed dataset (workers of a node share one download)
-        "transfers": [{"member": s.get("member"), **s["transfer"]} for s in summaries if "transfer" in s],
+        "training": summary,
+        # what each worker downloaded of the preprocessed dataset (the workers of a node share one download)
+        "transfers": [t for r in range(cfg.run.num_workers) if (t := _read_json(transfer_record(cfg, r), storage))],
         "config": cfg.to_dict(),
     }
     write_bytes(join(ensemble_folder(cfg), "ensemble.json"), json.dumps(document, indent=2).encode(), storage)
