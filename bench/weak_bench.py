@@ -20,7 +20,7 @@ held-out volume: DSC of the best global HU threshold, the pseudo-labels, refined
 
     PYTHONPATH=. .venv/bin/python bench/weak_bench.py             # ~17 min on 2 busy CPU cores
     .venv/bin/python bench/weak_bench.py --train 8 --test 4 --cycles 1 --epochs-per-cycle 2 --keep 1  # smoke
-    PYTHONPATH=. .venv/bin/python bench/weak_bench.py --volumes   # 12 + 6 volumes 64x64x20
+    PYTHONPATH=. .venv/bin/python bench/weak_bench.py --volumes   # 12 + 6 volumes 48x48x16, 2 x 10 epochs
 """
 
 from __future__ import annotations
@@ -78,18 +78,18 @@ def main() -> None:
     parser.add_argument("--volumes", action="store_true", help="volumes, trained in 2d and in 3d_fullres")
     parser.add_argument("--train", type=int, help="training images (60) or volumes (12)")
     parser.add_argument("--test", type=int, help="held-out images (40) or volumes (6)")
-    parser.add_argument("--size", type=int, help="image side, pixels (96; volumes 64)")
-    parser.add_argument("--depth", type=int, default=20, help="volumes: slices")
+    parser.add_argument("--size", type=int, help="image side, pixels (96; volumes 48)")
+    parser.add_argument("--depth", type=int, default=16, help="volumes: slices")
     parser.add_argument("--cycles", type=int, help="3 (volumes 2)")
-    parser.add_argument("--epochs-per-cycle", type=int, help="15 (volumes 6)")
+    parser.add_argument("--epochs-per-cycle", type=int, help="15 (volumes 10)")
     parser.add_argument("--keep", type=int, help="checkpoints kept per cycle: 3 (volumes 2)")
-    parser.add_argument("--iterations", type=int, help="training iterations per epoch: 25 (volumes 12)")
+    parser.add_argument("--iterations", type=int, help="training iterations per epoch: 25 (volumes 25)")
     parser.add_argument("--base-features", type=int, help="16 (volumes 8)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.2, help="refine.threshold")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    defaults = (dict(train=12, test=6, size=64, cycles=2, epochs_per_cycle=6, keep=2, iterations=12, base_features=8)
+    defaults = (dict(train=12, test=6, size=48, cycles=2, epochs_per_cycle=10, keep=2, iterations=25, base_features=8)
                 if args.volumes else
                 dict(train=60, test=40, size=96, cycles=3, epochs_per_cycle=15, keep=3, iterations=25,
                      base_features=16))  # fmt: skip
