@@ -157,3 +157,25 @@ def test_two_workers_of_a_node_share_one_download(tmp_path, s3_server, s3_bucket
     assert gets.calls == 13
     assert sorted(p.name for p in dataset.iterdir()) == ["dataset.json", "dataset_fingerprint.json",
                                                          "nnUNetPlans.json", "nnUNetPlans_2d"]  # fmt: skip
+
+
+def test_cache_folders_of_trainings_not_fetched_for_a_week_are_removed(tmp_path):
+    """A node kept for years of nightly retrainings: each training's files sit in a cache folder of their
+    own; a fetch removes the folders of other trainings whose last fetch is older than CACHE_KEEP_S."""
+    import os
+
+    from mcs_batch.train.weak.worker_data import CACHE_KEEP_S, USED_FILE, prune_cache
+
+    root = tmp_path / "mcs-weak-preprocessed"
+    now = 1_000_000_000.0
+    ages = {"current": 0, "yesterday": 86400, "old": CACHE_KEEP_S + 60, "unmarked-old": CACHE_KEEP_S + 60}
+    for name, age in ages.items():
+        (root / name / "nnUNet_preprocessed").mkdir(parents=True)
+        if name != "unmarked-old":
+            (root / name / USED_FILE).touch()
+            os.utime(root / name / USED_FILE, (now - age, now - age))
+        os.utime(root / name, (now - age, now - age))
+    os.utime(root / "current" / USED_FILE, (now - 10 * CACHE_KEEP_S,) * 2)  # the folder in use is never removed
+    removed = prune_cache(root, keep=root / "current", now=now)
+    assert removed == ["old", "unmarked-old"]
+    assert sorted(p.name for p in root.iterdir()) == ["current", "yesterday"]
