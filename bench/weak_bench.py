@@ -13,8 +13,14 @@ Printed, against truth, per split: the best single global threshold (chosen on t
 the pseudo-labels and the refined masks; on the held-out split, per-case wins and losses of refined vs
 pseudo-labels and the means by kind of pseudo-label error.
 
+Volume mode (`--volumes`): the same scene as volumes (bench/weak_data.py, [Y, X, Z] in HU, stored as
+NIfTI, modality CT), SAM-like errors slice by slice; trained twice through the product's path, with
+`configuration: 2d` (slices, background slices 1:1) and `3d_fullres` (whole volumes); printed per
+held-out volume: DSC of the best global HU threshold, the pseudo-labels, refined 2D and refined 3D.
+
     PYTHONPATH=. .venv/bin/python bench/weak_bench.py             # ~17 min on 2 busy CPU cores
     .venv/bin/python bench/weak_bench.py --train 8 --test 4 --cycles 1 --epochs-per-cycle 2 --keep 1  # smoke
+    PYTHONPATH=. .venv/bin/python bench/weak_bench.py --volumes   # 12 + 6 volumes 48x48x16, 2 x 10 epochs, ~4 min
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from weak_data import Case, PseudoErrors, make_split, save_preview
+from weak_data import Case, PseudoErrors, VolumeCase, make_split, make_volume_split, save_preview
 
 TARGET = "kidney"
 
@@ -69,18 +75,30 @@ def commit_zero_shot(root: Path, out: str, cases: dict[str, tuple[str, Case]]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train", type=int, default=60, help="training images")
-    parser.add_argument("--test", type=int, default=40, help="held-out images")
-    parser.add_argument("--size", type=int, default=96, help="image side, pixels")
-    parser.add_argument("--cycles", type=int, default=3)
-    parser.add_argument("--epochs-per-cycle", type=int, default=15)
-    parser.add_argument("--keep", type=int, default=3, help="checkpoints kept per cycle")
-    parser.add_argument("--iterations", type=int, default=25, help="training iterations per epoch")
-    parser.add_argument("--base-features", type=int, default=16)
+    parser.add_argument("--volumes", action="store_true", help="volumes, trained in 2d and in 3d_fullres")
+    parser.add_argument("--train", type=int, help="training images (60) or volumes (12)")
+    parser.add_argument("--test", type=int, help="held-out images (40) or volumes (6)")
+    parser.add_argument("--size", type=int, help="image side, pixels (96; volumes 48)")
+    parser.add_argument("--depth", type=int, default=16, help="volumes: slices")
+    parser.add_argument("--cycles", type=int, help="3 (volumes 2)")
+    parser.add_argument("--epochs-per-cycle", type=int, help="15 (volumes 10)")
+    parser.add_argument("--keep", type=int, help="checkpoints kept per cycle: 3 (volumes 2)")
+    parser.add_argument("--iterations", type=int, help="training iterations per epoch: 25 (volumes 25)")
+    parser.add_argument("--base-features", type=int, help="16 (volumes 8)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.2, help="refine.threshold")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    defaults = (dict(train=12, test=6, size=48, cycles=2, epochs_per_cycle=10, keep=2, iterations=25, base_features=8)
+                if args.volumes else
+                dict(train=60, test=40, size=96, cycles=3, epochs_per_cycle=15, keep=3, iterations=25,
+                     base_features=16))  # fmt: skip
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.volumes:
+        run_volumes(args)
+        return
 
     import ray
 
@@ -168,6 +186,115 @@ def main() -> None:
     print(f"time: data {prepared - started:.0f} s, train_weak {trained - prepared:.0f} s (selection, export, "
           f"planning, training), refine {refined_at - trained:.0f} s ({summary['cases']}), total "
           f"{refined_at - started:.0f} s")  # fmt: skip
+
+
+def commit_volumes(root: Path, out: str, cases: list[VolumeCase]) -> list[str]:
+    """NIfTI volumes (stored [X, Y, Z], L P S at 0.8 x 0.8 x 2.0 mm) and an OUT with their pseudo-labels
+    committed as a segmentation job would (case and slice rows, modality CT); returns the case ids."""
+    from mcs_batch.outputs.catalog import Catalog
+    from mcs_batch.outputs.masks import nifti_bytes
+    from mcs_batch.scan import discover_cases
+
+    catalog = Catalog(out)
+    affine = np.diag([-0.8, -0.8, 2.0, 1.0])
+    ids, rows, slices = [], [], []
+    for v, case in enumerate(cases):
+        path = root / "cohort" / f"vol{v:03d}.nii.gz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(case.image.transpose(1, 0, 2), affine), path)
+        (record,) = discover_cases([str(path)])
+        mask = case.pseudo.transpose(1, 0, 2).astype(np.uint8)
+        nifti_path, _ = catalog.mask_paths(record.case_id, TARGET)
+        catalog.write_bytes(nifti_path, nifti_bytes(mask, np.reshape(record.affine, (4, 4))))
+        rows.append({"case_id": record.case_id, "target": TARGET, "status": "ok", "kind": record.kind,
+                     "source_uris": record.source_uris, "source_keys": record.source_keys, "modality": "CT",
+                     "shape": record.shape, "spacing_mm": record.spacing_mm, "affine": record.affine,
+                     "mask_uri": catalog.fs.unstrip_protocol(nifti_path), "mask_voxels": int(mask.sum()),
+                     "n_components": 1 if mask.any() else 0, "run_id": "run-synthetic"})  # fmt: skip
+        for k in range(mask.shape[2]):
+            plane = case.pseudo[:, :, k]
+            box = bbox(plane) if plane.any() else None
+            slices.append({"case_id": record.case_id, "target": TARGET, "slice_index": k,
+                           "sam_score": 0.9 if box else 0.0, "boxes_xyxy": [box] if box else [],
+                           "mask_pixels": int(plane.sum()), "run_id": "run-synthetic"})  # fmt: skip
+        ids.append(record.case_id)
+    catalog.commit("run-synthetic", 0, rows, slices)
+    return ids
+
+
+def bbox(plane: np.ndarray) -> list[float]:
+    ys, xs = np.nonzero(plane)
+    return [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]
+
+
+def run_volumes(args) -> None:
+    """The volume mode (module docstring)."""
+    import shutil
+
+    import ray
+
+    from mcs_batch.outputs.catalog import Catalog
+    from mcs_batch.outputs.reader import read_mask
+    from mcs_batch.train.weak.config import load_weak_config
+    from mcs_batch.train.weak.refine import refine
+    from mcs_batch.train.weak.train import train_weak
+
+    started = time.perf_counter()
+    errors = PseudoErrors()
+    train_cases = make_volume_split(args.seed, args.train, size=args.size, depth=args.depth, errors=errors)
+    test_cases = make_volume_split(args.seed + 1, args.test, size=args.size, depth=args.depth, errors=errors)
+    root = Path(tempfile.mkdtemp(prefix="weak-bench-volumes-"))
+    base = str(root / "out")
+    ids = commit_volumes(root, base, train_cases + test_cases)
+    held_out = ids[args.train :]
+    grid = np.arange(-100, 200, 2)  # HU
+    t = int(grid[np.argmax([np.mean([dice(c.image > g, c.truth) for c in train_cases]) for g in grid])])
+    ray.init(address="local", num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False,
+             log_to_driver=False)  # fmt: skip
+    common = [
+        f"select.exclude={json.dumps(held_out)}", f"train.cycles={args.cycles}",
+        f"train.epochs_per_cycle={args.epochs_per_cycle}", f"train.keep_per_cycle={args.keep}",
+        f"train.iterations_per_epoch={args.iterations}", "train.val_iterations_per_epoch=2",
+        f"train.base_features={args.base_features}", f"run.num_workers={args.workers}",
+        f"run.cpus_per_worker={1.0 if args.workers == 1 else 0.5}", f"refine.threshold={args.threshold}",
+    ]  # fmt: skip
+    prepared = time.perf_counter()
+    refined, seconds, members = {}, {}, {}
+    for configuration in ("2d", "3d_fullres"):
+        out, work = str(root / f"out-{configuration}"), str(root / f"work-{configuration}")
+        shutil.copytree(base, out)
+        at = time.perf_counter()
+        overrides = [*common, f"configuration={configuration}"]
+        cfg = load_weak_config(source=base, target=TARGET, work=work, overrides=overrides)
+        ensemble = train_weak(cfg, progress=lambda m: print(f"  {m}", flush=True))
+        members[configuration] = len(ensemble["members"])
+        cfg = load_weak_config(source=out, target=TARGET, work=work, overrides=overrides)
+        refine(cfg, case_ids=held_out, progress=lambda m: print(f"  {m}", flush=True))
+        seconds[configuration] = time.perf_counter() - at
+        rows = {r["case_id"]: r for r in Catalog(out).cases().to_pylist() if r["target"] == cfg.refined_target}
+        refined[configuration] = [read_mask(rows[c]["mask_uri"], None).transpose(1, 0, 2) > 0 for c in held_out]
+
+    columns = {"threshold": [dice(c.image > t, c.truth) for c in test_cases],
+               "pseudo": [dice(c.pseudo, c.truth) for c in test_cases],
+               "2d": [dice(m, c.truth) for m, c in zip(refined["2d"], test_cases, strict=True)],
+               "3d": [dice(m, c.truth) for m, c in zip(refined["3d_fullres"], test_cases, strict=True)]}  # fmt: skip
+    print(f"\n{args.train} training + {args.test} held-out volumes {args.size}x{args.size}x{args.depth} (HU, CT), "
+          f"seed {args.seed}; ensembles of {members['2d']} (2d) and {members['3d_fullres']} (3d_fullres) "
+          f"checkpoints, {args.cycles}x{args.epochs_per_cycle} epochs of {args.iterations} iterations, base "
+          f"features {args.base_features}; outputs in {root}")  # fmt: skip
+    print(f"pseudo-label errors (slice by slice): {errors}")
+    print(f"\nDSC vs truth per held-out volume   {'error':>6} {'threshold':>10} {'pseudo':>8} {'2d':>8} {'3d':>8}")
+    widths = (("threshold", 10), ("pseudo", 8), ("2d", 8), ("3d", 8))
+    for i, case in enumerate(test_cases):
+        print(f"  volume {i:<26} {case.error:>6} " + " ".join(f"{columns[k][i]:>{w}.3f}" for k, w in widths))
+    print(f"  {'mean':<33} {'':>6} " + " ".join(f"{np.mean(columns[k]):>{w}.3f}" for k, w in widths))
+    print(f"threshold: image > {t} HU (best on the training volumes)")
+    for a, b in (("2d", "pseudo"), ("3d", "pseudo"), ("3d", "2d")):
+        d = np.array(columns[a]) - np.array(columns[b])
+        print(f"  refined {a} - {b}: mean {d.mean():+.3f}, better on {(d > 0).sum()}, worse on {(d < 0).sum()} "
+              f"of {d.size}")  # fmt: skip
+    print(f"time: data {prepared - started:.0f} s, 2d train + refine {seconds['2d']:.0f} s, 3d_fullres "
+          f"{seconds['3d_fullres']:.0f} s, total {time.perf_counter() - started:.0f} s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -162,3 +162,120 @@ def save_preview(cases: list[Case], path: Path, n: int = 8) -> None:
             rgb[edge, channel] = 255
         tiles.append(np.concatenate([np.repeat(case.image[:, :, None], 3, axis=2), rgb], axis=0))
     Image.fromarray(np.concatenate(tiles, axis=1)).resize((len(tiles) * 192, 384), Image.NEAREST).save(path)
+
+
+# Volumes: the same scene in 3D (arrays [Y, X, Z], HU), for the volume mode of weak_bench.py.
+HU_BODY, HU_OUTSIDE, HU_ORGAN = 40.0, -900.0, 95.0  # the 2D intensities shifted: the same contrasts
+
+
+@dataclass
+class VolumeCase:
+    image: np.ndarray  # float32 [Y, X, Z] in HU
+    truth: np.ndarray  # bool [Y, X, Z]
+    neighbour: np.ndarray
+    tail: np.ndarray
+    seam_contrast: float
+    pseudo: np.ndarray | None = None  # bool [Y, X, Z]: SAM-like errors slice by slice
+    error: str = ""  # "empty", "leak" or "bias", per case as in 2D
+
+
+def lobed3d(grid: tuple[np.ndarray, np.ndarray, np.ndarray], centre: tuple[float, float, float],
+            radii: tuple[float, float, float], angle: float, rng: np.random.Generator,
+            wobble: float = 0.12) -> np.ndarray:  # fmt: skip
+    """bool [Y, X, Z]: an ellipsoid whose in-plane radius varies with 2-4 random harmonics of the angle
+    (the same outline on every slice, scaled down towards its poles)."""
+    yy, xx, zz = grid
+    (cy, cx, cz), (ry, rx, rz) = centre, radii
+    c, s = np.cos(angle), np.sin(angle)
+    v, u = (yy - cy) * c - (xx - cx) * s, (yy - cy) * s + (xx - cx) * c
+    theta = np.arctan2(v / ry, u / rx)
+    radius = np.ones_like(theta)
+    for k in range(2, 5):
+        radius += wobble / (k - 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    return (v / ry) ** 2 + (u / rx) ** 2 + ((zz - cz) / rz) ** 2 <= radius**2
+
+
+def make_volume_case(rng: np.random.Generator, size: int = 64, depth: int = 20) -> VolumeCase:
+    """The 2D scene of make_case as a volume: the target a lobed ellipsoid over about half the slices
+    with a thin tube (2 voxels) running down, left and along z; the neighbour a larger ellipsoid up and
+    to the right, separated by a 1-2 voxel seam of varying contrast; a vertebra through every slice;
+    2-3 bowel blobs; a textured body. All structures in the same HU."""
+    grid = np.mgrid[0:size, 0:size, 0:depth].astype(np.float32)
+    s, d = float(size), float(depth)
+    yy, xx = grid[0][:, :, :1], grid[1][:, :, :1]
+    body = np.broadcast_to(lobed(yy[:, :, 0], xx[:, :, 0], 0.5 * s, 0.5 * s, 0.45 * s, 0.47 * s, 0.0, rng,
+                                 wobble=0.04)[:, :, None], (size, size, depth))  # fmt: skip
+    cy, cx = (0.56 + rng.uniform(-0.04, 0.04)) * s, (0.36 + rng.uniform(-0.04, 0.04)) * s
+    cz = (0.5 + rng.uniform(-0.05, 0.05)) * d
+    ry, rx, rz = rng.uniform(0.10, 0.13) * s, rng.uniform(0.07, 0.09) * s, rng.uniform(0.22, 0.30) * d
+    kidney = lobed3d(grid, (cy, cx, cz), (ry, rx, rz), rng.uniform(-0.35, 0.35), rng)
+    tail = np.zeros((size, size, depth), bool)
+    point = np.array([cy + 0.6 * ry, cx - 0.5 * rx, cz])
+    heading, length, climb = rng.uniform(0.6, 1.1), rng.uniform(0.10, 0.16) * s, rng.uniform(-0.25, 0.25)
+    for _ in range(int(length * 2)):
+        point += 0.5 * np.array([np.cos(heading), -np.sin(heading), climb])
+        y, x, z = (int(v) for v in np.rint(point))
+        if 0 <= y < size - 1 and 0 <= x < size - 1 and 0 <= z < depth - 1:
+            tail[y : y + 2, x : x + 2, z : z + 2] = True
+    tail &= ~kidney
+    truth = kidney | tail
+
+    ny, nx = cy - 0.55 * ry - 0.10 * s, cx + 0.6 * rx + 0.12 * s
+    liver = lobed3d(grid, (ny, nx, cz + rng.uniform(-0.1, 0.1) * d),
+                    (rng.uniform(0.16, 0.20) * s, rng.uniform(0.15, 0.19) * s, rng.uniform(0.40, 0.55) * d),
+                    rng.uniform(-0.5, 0.5), rng)  # fmt: skip
+    seam_px = int(rng.integers(1, 3))
+    seam = ndimage.binary_dilation(truth, iterations=seam_px) & ~truth
+    liver &= ~truth & ~seam & body
+    vertebra = np.broadcast_to(lobed(yy[:, :, 0], xx[:, :, 0], (0.82 + rng.uniform(-0.02, 0.02)) * s,
+                                     (0.5 + rng.uniform(-0.03, 0.03)) * s, 0.07 * s, 0.08 * s, 0.0, rng,
+                                     wobble=0.05)[:, :, None], (size, size, depth))  # fmt: skip
+    near_target = ndimage.binary_dilation(truth, iterations=4)
+    bowel = np.zeros((size, size, depth), bool)
+    for _ in range(int(rng.integers(2, 4))):
+        for _try in range(20):
+            blob = lobed3d(grid, (rng.uniform(0.2, 0.8) * s, rng.uniform(0.2, 0.8) * s, rng.uniform(0.2, 0.8) * d),
+                           (rng.uniform(0.03, 0.06) * s, rng.uniform(0.03, 0.06) * s, rng.uniform(0.10, 0.25) * d),
+                           rng.uniform(0, np.pi), rng)  # fmt: skip
+            if not (blob & near_target).any() and (blob & body).sum() == blob.sum():
+                bowel |= blob
+                break
+
+    field = ndimage.gaussian_filter(rng.normal(0, 1, (size, size, depth)), (3.0, 3.0, 1.5))
+    image = np.where(body, HU_BODY + 14.0 * field / field.std(), HU_OUTSIDE)
+    for structure in (liver, vertebra, bowel, truth):
+        image = np.where(structure, HU_ORGAN + rng.uniform(-6, 6), image)
+    seam_contrast = float(rng.uniform(0, 1))
+    image = np.where(seam & ~liver & body & ~truth, HU_ORGAN - seam_contrast * (HU_ORGAN - HU_BODY + 20), image)
+    image = ndimage.gaussian_filter(image, (0.7, 0.7, 0.4)) + rng.normal(0, 12, (size, size, depth))
+    if not (liver & ndimage.binary_dilation(truth, iterations=seam_px + 1)).any():
+        liver |= seam & body
+    return VolumeCase(image=image.astype(np.float32), truth=truth, neighbour=liver, tail=tail,
+                      seam_contrast=seam_contrast)  # fmt: skip
+
+
+def sam_like_volume(case: VolumeCase, rng: np.random.Generator, errors: PseudoErrors, *,
+                    empty: bool) -> tuple[np.ndarray, str]:  # fmt: skip
+    """SAM works slice by slice: each slice's pseudo-label is sam_like of that slice (the leak decided by
+    the case's seam contrast, its reach and the lateral shift drawn per slice)."""
+    if empty:
+        return np.zeros_like(case.truth), "empty"
+    mask = np.zeros_like(case.truth)
+    for z in range(case.truth.shape[2]):
+        if case.truth[:, :, z].any():
+            plane = Case(image=case.image[:, :, z], truth=case.truth[:, :, z], neighbour=case.neighbour[:, :, z],
+                         tail=case.tail[:, :, z], seam_contrast=case.seam_contrast)  # fmt: skip
+            mask[:, :, z] = sam_like(plane, rng, errors, empty=False)[0]
+    return mask, "leak" if case.seam_contrast < errors.leak_below else "bias"
+
+
+def make_volume_split(seed: int, n: int, *, size: int, depth: int, errors: PseudoErrors) -> list[VolumeCase]:
+    """n volumes, each from its own generator ([seed, i]); exactly round(empty_fraction * n) empty."""
+    empty = set(np.random.default_rng([seed, 10**6]).permutation(n)[: round(errors.empty_fraction * n)].tolist())
+    cases = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        case = make_volume_case(rng, size, depth)
+        case.pseudo, case.error = sam_like_volume(case, rng, errors, empty=i in empty)
+        cases.append(case)
+    return cases

@@ -141,6 +141,8 @@ class RunSettings:
     # nnUNet_n_proc_DA per worker: auto = run.cpus_per_worker - 1 (0 with one CPU: augmentation in the loop)
     augmentation_processes: int | str = AUTO
     plan_processes: int | str = AUTO  # nnU-Net's -np / -npfp: auto = the largest node's CPUs, at most 8
+    # concurrent requests of one folder copy between WORK and a node (files.py); an S3 client pools 10
+    transfer_connections: int = 8
 
     def __post_init__(self):
         _auto_or_count("run.augmentation_processes", self.augmentation_processes, 0)
@@ -151,6 +153,9 @@ class RunSettings:
             raise ConfigError("run: num_workers >= 1, max_failures >= 0, cpus_per_worker > 0")
         if self.checkpoint_every_epochs < 1 or self.keep_checkpoints < 1:
             raise ConfigError("run: checkpoint_every_epochs and keep_checkpoints must be >= 1")
+        if isinstance(self.transfer_connections, bool) or not isinstance(self.transfer_connections, int) \
+                or self.transfer_connections < 1:  # fmt: skip
+            raise ConfigError(f"run.transfer_connections: an integer >= 1, got {self.transfer_connections!r}")
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 `member_loop(config)` runs on every worker of a TorchTrainer (`mcs_batch.train.weak.train` starts it):
 
-    setup     nnU-Net's environment for a node-local scratch folder (nnunet_env), the preprocessed
-              dataset copied there from WORK, the trainer class found by name (nnUNet_extTrainer),
+    setup     nnU-Net's environment for a node-local scratch folder (nnunet_env), the files of the
+              preprocessed dataset this configuration trains on in the node's cache (worker_data: one
+              download per node, parallel transfers), the trainer class found by name (nnUNet_extTrainer),
               built for this worker's device and detached from Ray Train's process group (members
               are independent: worker r trains with seed + r on every pseudo-label)
     epoch     nnU-Net's own train / validation steps; the learning rate of epoch e is
@@ -11,7 +12,7 @@
               WORK/ensemble/<member>_<cycle>_<epoch>.pt (state dict only)
     report    every run.checkpoint_every_epochs epochs and after the last: a Ray Train checkpoint with
               member_<r>/{model.pt, optimizer.pt, state.json} from every worker; nnU-Net's text log
-              to WORK/logs/member_<r>_from_epoch<e>.txt
+              to WORK/logs/member_<r>_from_epoch<e>.txt (and what it downloaded: member_<r>_transfer.json)
     resume    ray.train.get_checkpoint(): weights, optimizer and the epoch counter come back, and
               training goes on from the next epoch (tensors loaded with weights_only=True)
 """
@@ -29,9 +30,10 @@ from pathlib import Path
 from mcs_batch.faults import fire_once
 from mcs_batch.io.storage import StorageOptions, join
 from mcs_batch.train.weak.config import WeakConfig
-from mcs_batch.train.weak.files import download_folder, write_bytes
+from mcs_batch.train.weak.files import write_bytes
 from mcs_batch.train.weak.nnunet_env import PREPROCESSED, NnunetStage, nnunet_environment, use_nnunet_environment
 from mcs_batch.train.weak.schedule import cyclic_lr, is_kept, member_name
+from mcs_batch.train.weak.worker_data import cache_folder, fetch_preprocessed
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +49,40 @@ def ensemble_folder(cfg: WeakConfig) -> str:
     return join(cfg.work, "ensemble")
 
 
+def transfer_record(cfg: WeakConfig, rank: int) -> str:
+    return join(cfg.work, "logs", f"member_{rank:02d}_transfer.json")
+
+
 def preprocessed_folder(cfg: WeakConfig) -> str:
     return join(cfg.work, PREPROCESSED, cfg.dataset_name)
 
 
 def member_loop(config: dict) -> dict:
     """Ray Train entry. config: {"cfg": WeakConfig, "storage": StorageOptions | None, "config_hash": str,
-    "configuration": "2d" | "3d_fullres" (resolved), "augmentation_processes": nnUNet_n_proc_DA (resources.py)}."""
+    "identity": the training's (identity.py; keys the node cache), "configuration": "2d" | "3d_fullres"
+    (resolved), "augmentation_processes": nnUNet_n_proc_DA (resources.py)}. What this worker downloaded
+    goes to WORK/logs/member_<r>_transfer.json (files.TransferReport; Ray Train returns rank 0's value only)."""
     import ray.train
 
     cfg: WeakConfig = config["cfg"]
     storage: StorageOptions | None = config["storage"]
     rank = ray.train.get_context().get_world_rank()
     scratch = Path(tempfile.mkdtemp(prefix=f"mcs-weak-{rank}-", dir=cfg.run.scratch_dir or None))
+    configuration = config.get("configuration", "2d")
     try:
-        env = nnunet_environment(scratch, stage=NnunetStage.TRAIN, n_proc_da=config.get("augmentation_processes", 0))
+        identity = config.get("identity", config["config_hash"])
+        cache = cache_folder(cfg.run.scratch_dir, cfg.work, identity, configuration)
+        env = nnunet_environment(scratch, stage=NnunetStage.TRAIN, n_proc_da=config.get("augmentation_processes", 0),
+                                 preprocessed=cache / PREPROCESSED)  # fmt: skip
         use_nnunet_environment(env)
-        download_folder(preprocessed_folder(cfg), Path(env[PREPROCESSED]) / cfg.dataset_name, storage)
-        return _train_member(cfg, storage, rank, scratch, config["config_hash"], config.get("configuration", "2d"))
+        dataset = Path(env[PREPROCESSED]) / cfg.dataset_name
+        transfer = fetch_preprocessed(preprocessed_folder(cfg), dataset, storage, plans_name=cfg.train.plans,
+                                      configuration=configuration,
+                                      connections=cfg.run.transfer_connections)  # fmt: skip
+        logger.info("member %d: %d preprocessed file(s) in the node cache, %d downloaded (%d bytes, %.1f s)", rank,
+                    transfer.files, transfer.transferred, transfer.bytes, transfer.seconds)  # fmt: skip
+        write_bytes(transfer_record(cfg, rank), json.dumps({"member": rank, **transfer.to_dict()}).encode(), storage)
+        return _train_member(cfg, storage, rank, dataset, config["config_hash"], configuration)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -91,7 +109,8 @@ def build_trainer(cfg: WeakConfig, preprocessed: Path, device, configuration: st
     return trainer
 
 
-def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_hash: str, configuration: str) -> dict:
+def _train_member(cfg: WeakConfig, storage, rank: int, preprocessed: Path, config_hash: str,
+                  configuration: str) -> dict:  # fmt: skip
     import numpy as np
     import ray.train
     import ray.train.torch
@@ -102,7 +121,7 @@ def _train_member(cfg: WeakConfig, storage, rank: int, scratch: Path, config_has
     np.random.seed(seed)
     random.seed(seed)
     device = ray.train.torch.get_device() if cfg.run.use_gpu else torch.device("cpu")
-    trainer = build_trainer(cfg, scratch / PREPROCESSED / cfg.dataset_name, device, configuration)
+    trainer = build_trainer(cfg, preprocessed, device, configuration)
     trainer.on_train_start()
     start_epoch, resumed_from = 0, None
     checkpoint = ray.train.get_checkpoint()

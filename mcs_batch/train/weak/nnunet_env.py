@@ -25,13 +25,15 @@ class NnunetStage(StrEnum):
     PREDICT = "predict"
 
 
-def nnunet_environment(root: str | Path, *, stage: NnunetStage | str, n_proc: int = 1, n_proc_da: int = 0) -> dict:
-    """Environment variables for nnU-Net working under `root` (a node-local folder) at `stage`."""
+def nnunet_environment(root: str | Path, *, stage: NnunetStage | str, n_proc: int = 1, n_proc_da: int = 0,
+                       preprocessed: str | Path | None = None) -> dict:  # fmt: skip
+    """Environment variables for nnU-Net working under `root` (a node-local folder) at `stage`;
+    `preprocessed`: nnUNet_preprocessed elsewhere (a training worker's node cache, worker_data.py)."""
     stage = NnunetStage(stage)
     root = Path(root)
     env = {
         RAW: str(root / RAW),
-        PREPROCESSED: str(root / PREPROCESSED),
+        PREPROCESSED: str(preprocessed or root / PREPROCESSED),
         RESULTS: str(root / RESULTS),
         "nnUNet_extTrainer": str(EXT_TRAINER_DIR),
         "nnUNet_def_n_proc": str(max(1, n_proc)),

@@ -41,7 +41,7 @@ from mcs_batch.train.weak.export import export_dataset, raw_folder
 from mcs_batch.train.weak.export3d import resolve_configuration
 from mcs_batch.train.weak.files import download_folder, exists, read_bytes, sha256, upload_folder, write_bytes
 from mcs_batch.train.weak.identity import SELECTION_FILE, TrainingPlan, plan_training
-from mcs_batch.train.weak.loop import STATE_FILE, ensemble_folder, member_loop, preprocessed_folder
+from mcs_batch.train.weak.loop import STATE_FILE, ensemble_folder, member_loop, preprocessed_folder, transfer_record
 from mcs_batch.train.weak.nnunet_env import PREPROCESSED, RAW, NnunetStage, nnunet_environment
 from mcs_batch.train.weak.resources import resolve_weak_resources, weak_cluster_view
 
@@ -95,7 +95,7 @@ def train_weak(cfg: WeakConfig, *, storage: StorageOptions | None = None,
         _clear(ensemble_folder(cfg), storage)  # members of an older run under this WORK
     else:
         progress(f"resuming run {cfg.run.name} after epoch {resume.get('epoch')}")
-    summaries = _fit(cfg, storage, config_hash, resources.augmentation_processes, configuration)
+    summaries = _fit(cfg, storage, config_hash, identity, resources.augmentation_processes, configuration)
     ensemble = _write_ensemble(cfg, storage, plan, summaries, configuration)
     ensemble["seconds"] = round(time.perf_counter() - start, 1)
     ensemble["resources"] = resources.to_dict()
@@ -159,7 +159,8 @@ def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identit
     environment, from nnunet_env), plans adjusted (train.base_features), preprocessed data -> WORK."""
     with tempfile.TemporaryDirectory(prefix="mcs-weak-plan-", dir=cfg.run.scratch_dir or None) as scratch:
         env = nnunet_environment(scratch, stage=NnunetStage.PLAN, n_proc=processes)
-        download_folder(raw_folder(cfg), Path(env[RAW]) / cfg.dataset_name, storage)
+        download_folder(raw_folder(cfg), Path(env[RAW]) / cfg.dataset_name, storage,
+                        connections=cfg.run.transfer_connections)  # fmt: skip
         code = ("from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry\n"
                 "plan_and_preprocess_entry()\n")  # fmt: skip
         args = ["-d", str(cfg.export.dataset_id), "-c", configuration, "-np", str(processes), "-npfp", str(processes),
@@ -173,7 +174,7 @@ def plan_and_preprocess(cfg: WeakConfig, storage: StorageOptions | None, identit
         if cfg.train.base_features:
             _shrink_network(local / f"{cfg.train.plans}.json", cfg.train.base_features, configuration)
         (local / PREPARED_FILE).write_text(json.dumps({"identity": identity}))
-        upload_folder(local, preprocessed_folder(cfg), storage)
+        upload_folder(local, preprocessed_folder(cfg), storage, connections=cfg.run.transfer_connections)
 
 
 def _shrink_network(plans_path: Path, base: int, configuration: str) -> None:
@@ -183,7 +184,8 @@ def _shrink_network(plans_path: Path, base: int, configuration: str) -> None:
     plans_path.write_text(json.dumps(plans, indent=2))
 
 
-def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int, configuration: str) -> list[dict]:
+def _fit(cfg: WeakConfig, storage, config_hash: str, identity: str, augmentation_processes: int,
+         configuration: str) -> list[dict]:  # fmt: skip
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -194,6 +196,7 @@ def _fit(cfg: WeakConfig, storage, config_hash: str, augmentation_processes: int
             "cfg": cfg,
             "storage": storage,
             "config_hash": config_hash,
+            "identity": identity,  # keys the node cache of the preprocessed files (worker_data.py)
             "configuration": configuration,
             "augmentation_processes": augmentation_processes,  # nnUNet_n_proc_DA (resources.py)
         },
@@ -247,6 +250,8 @@ def _write_ensemble(cfg: WeakConfig, storage, plan: TrainingPlan, summaries: lis
         "mirroring_axes": summary.get("mirroring_axes", []),
         "members": members,
         "training": summary,
+        # what each worker downloaded of the preprocessed dataset (the workers of a node share one download)
+        "transfers": [t for r in range(cfg.run.num_workers) if (t := _read_json(transfer_record(cfg, r), storage))],
         "config": cfg.to_dict(),
     }
     write_bytes(join(ensemble_folder(cfg), "ensemble.json"), json.dumps(document, indent=2).encode(), storage)

@@ -66,10 +66,25 @@ def test_train_and_refine_with_out_and_work_on_object_storage(tmp_path: Path, s3
     storage = StorageOptions(**s3_server)
     out, work = f"s3://{bucket}/out", f"s3://{bucket}/weak"
     write_pseudo_run(tmp_path, out, n=4, storage=storage)
-    overrides = [*TINY, "run.num_workers=1", "train.cycles=1"]
+    scratch = tmp_path / "scratch"  # one node: both workers' scratch and the node cache under it
+    scratch.mkdir()
+    overrides = [*TINY, "train.cycles=1", f"run.scratch_dir={scratch}", "run.transfer_connections=4"]
     cfg = load_weak_config(source=out, target="lesion", work=work, overrides=overrides)
     ensemble = train_weak(cfg, storage=storage, progress=lambda m: None)
-    assert [m["file"] for m in ensemble["members"]] == ["member00_cycle00_epoch0001.pt"]
+    assert [m["file"] for m in ensemble["members"]] == [f"member0{r}_cycle00_epoch0001.pt" for r in (0, 1)]
+    # the two workers of this node downloaded the training's files once, and only those nnU-Net reads
+    on_work = [p.split("/Dataset501_lesion/", 1)[1] for p in fs.find(f"{bucket}/weak/nnUNet_preprocessed")]
+    needed = sorted(p for p in on_work if p.startswith("nnUNetPlans_2d/")
+                    or p in ("nnUNetPlans.json", "dataset.json", "dataset_fingerprint.json"))  # fmt: skip
+    assert any(p.startswith("gt_segmentations/") for p in on_work) and len(needed) < len(on_work)
+    first, second = sorted(ensemble["transfers"], key=lambda t: -t["transferred"])
+    assert (first["files"], first["transferred"]) == (len(needed), len(needed))
+    assert first["left_out"] == len(on_work) - len(needed)
+    assert (second["transferred"], second["bytes"], second["skipped"]) == (0, 0, len(needed))
+    (cache,) = (scratch / "mcs-weak-preprocessed").iterdir()
+    cached = sorted(p.relative_to(cache / "nnUNet_preprocessed" / "Dataset501_lesion").as_posix()
+                    for p in cache.rglob("*") if p.is_file() and p.name != ".lock")  # fmt: skip
+    assert cached == needed
     assert fs.exists(f"{bucket}/weak/checkpoints/train-weak/checkpoint_000002/member_00/model.pt")
     assert fs.exists(f"{bucket}/weak/logs/member_00_from_epoch0000.txt")
     assert refine(cfg, storage=storage, progress=lambda m: None)["cases"] == {"ok": 4, "failed": 0}

@@ -49,7 +49,9 @@ def test_gpus_asked_for_before_the_autoscaler_brought_them_and_explicit_values_w
     ("override", "message"),
     [("refine.actors=0", "refine.actors"), ("run.plan_processes=0", "run.plan_processes"),
      ("run.augmentation_processes=-1", "run.augmentation_processes"),
-     ("refine.gpus_per_actor=-1", "refine.gpus_per_actor"), ("refine.actors=many", "refine.actors")],
+     ("refine.gpus_per_actor=-1", "refine.gpus_per_actor"), ("refine.actors=many", "refine.actors"),
+     ("run.transfer_connections=0", "run.transfer_connections"),
+     ("run.transfer_connections=auto", "run.transfer_connections")],
 )  # fmt: skip
 def test_bad_values_are_refused(override: str, message: str):
     with pytest.raises(ConfigError, match=message):
