@@ -40,6 +40,9 @@ from mcs_batch.outputs.catalog import TABLES, Catalog, CommitWindow  # noqa: E40
 from mcs_batch.outputs.index import ArchiveIndex  # noqa: E402
 from mcs_batch.outputs.maintenance import compact, file_counts, maintain, vacuum  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).parent))
+import local_s3  # noqa: E402
+
 PAYLOAD = json.dumps({"header": {"rows": 512, "columns": 512, "position": [1.0, 2.0, 3.0], "note": "x" * 900}})
 QUERIES = {
     "GROUP BY": "SELECT status, error_code, count(*) FROM cases GROUP BY 1, 2",
@@ -158,21 +161,9 @@ def measure(night: int, out: str, storage: StorageOptions | None, storage_json: 
 
 
 def start_moto() -> tuple[subprocess.Popen, StorageOptions]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=2)
-            break
-        except OSError:
-            time.sleep(0.2)
-    storage = StorageOptions(endpoint_url=f"http://127.0.0.1:{port}", key="bench", secret="bench")
+    """moto's server (bench/local_s3.py) with the bench's bucket."""
+    server, endpoint = local_s3.start_moto()
+    storage = StorageOptions(endpoint_url=endpoint, key="bench", secret="bench")
     fs, _ = filesystem_for("s3://bench-catalog", storage)
     fs.mkdir("bench-catalog")
     return server, storage

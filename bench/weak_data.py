@@ -54,13 +54,21 @@ class Case:
 def lobed(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, ry: float, rx: float, angle: float,
           rng: np.random.Generator, wobble: float = 0.12) -> np.ndarray:  # fmt: skip
     """bool [S, S]: an ellipse whose radius varies with 2-4 random harmonics of the angle."""
+    v, u, radius = _wobbled(yy - cy, xx - cx, ry, rx, angle, rng, wobble)
+    return (v / ry) ** 2 + (u / rx) ** 2 <= radius**2
+
+
+def _wobbled(dy: np.ndarray, dx: np.ndarray, ry: float, rx: float, angle: float, rng: np.random.Generator,
+             wobble: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """The offsets rotated by `angle` (v, u) and the outline's radius at each one's angle: 1 plus 2-4
+    random harmonics (lobed, lobed3d)."""
     c, s = np.cos(angle), np.sin(angle)
-    v, u = (yy - cy) * c - (xx - cx) * s, (yy - cy) * s + (xx - cx) * c
+    v, u = dy * c - dx * s, dy * s + dx * c
     theta = np.arctan2(v / ry, u / rx)
     radius = np.ones_like(theta)
     for k in range(2, 5):
         radius += wobble / (k - 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    return (v / ry) ** 2 + (u / rx) ** 2 <= radius**2
+    return v, u, radius
 
 
 def make_case(rng: np.random.Generator, size: int = 96) -> Case:
@@ -186,12 +194,7 @@ def lobed3d(grid: tuple[np.ndarray, np.ndarray, np.ndarray], centre: tuple[float
     (the same outline on every slice, scaled down towards its poles)."""
     yy, xx, zz = grid
     (cy, cx, cz), (ry, rx, rz) = centre, radii
-    c, s = np.cos(angle), np.sin(angle)
-    v, u = (yy - cy) * c - (xx - cx) * s, (yy - cy) * s + (xx - cx) * c
-    theta = np.arctan2(v / ry, u / rx)
-    radius = np.ones_like(theta)
-    for k in range(2, 5):
-        radius += wobble / (k - 1) * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    v, u, radius = _wobbled(yy - cy, xx - cx, ry, rx, angle, rng, wobble)
     return (v / ry) ** 2 + (u / rx) ** 2 + ((zz - cz) / rz) ** 2 <= radius**2
 
 
