@@ -70,17 +70,12 @@ def load_chunk(
 # -- Ray Data wrappers ------------------------------------------------------------------------------
 
 
-def plan_batch(table, *, cfg: JobConfig) -> dict:
-    """Case rows of the archive stream (pyarrow: manifest schema + done_targets, redo) -> case rows +
-    chunk rows (plan_units groups them for the job's graph). Cases whose every target is committed
+def _planned(table, cfg: JobConfig) -> Iterator[tuple[bool, list[dict]]]:
+    """Per case row of the archive stream (manifest schema + done_targets, redo): whether its chunks may
+    be decoded in different tasks (an axial DICOM series read file by file; not a volume decoded whole:
+    each task would decode it again), and its case + chunk rows. Cases whose every target is committed
     never get here (the grouper drops them; it also applied the size limits). A case that cannot be
     planned fails on its own."""
-    return columns([row for _, case in _planned(table, cfg) for row in case])
-
-
-def _planned(table, cfg: JobConfig) -> Iterator[tuple[bool, list[dict]]]:
-    """Per case: whether its chunks may be decoded in different tasks (an axial DICOM series read file
-    by file; not a volume decoded whole: each task would decode it again), and its case + chunk rows."""
     for row in table.to_pylist():
         record = CaseRecord.from_row(row)
         done = [str(t) for t in (row.get("done_targets") or [])]
