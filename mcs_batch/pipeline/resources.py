@@ -10,13 +10,17 @@ With GPUs (ray.cluster_resources()["GPU"] > 0, or resources.gpus set):
     M2IB batch 32, SAM batch 8, 4 torch threads per actor, blocks of 32 slice rows.
 Without GPUs (tests, laptops, smoke runs):
     actors of 0.5 CPU and one torch thread each. The M2IB pool autoscales from 1 to max(1, CPUs // 2)
-    actors (Ray Data grows it while it has a backlog); the SAM pool holds one actor per CPU from the
-    start, at most one per SAM_MEMORY of the cluster's memory (SAM_MEMORY + CLIP_MEMORY when each
-    actor holds both models): SAM's image encoder is the costliest step on a CPU (measured here
-    with tiny models: ~0.5 s per slice against ~0.05 s for M2IB; vit_b ~10 s against
-    BiomedCLIP-size M2IB ~3.6 s), and Ray Data's autoscaler grew the pool too late on a 2-CPU node
-    (a second actor after 45 s of a 100 s job). M2IB batch 8, SAM batch 1 (batching is slower on
-    CPU, see bench/sam_bench.py), blocks of 8 slice rows (with blocks of 32 the 200-image
+    actors (Ray Data grows it while it has a backlog); the SAM pool (on CPU by default the one pool,
+    `together`) starts with one actor and grows to one per CPU, at most one per SAM_MEMORY of the
+    cluster's memory (SAM_MEMORY + CLIP_MEMORY when each actor holds both models). SAM's image
+    encoder is the costliest step on a CPU (measured here with tiny models: ~0.5 s per slice against
+    ~0.05 s for M2IB; vit_b ~10 s against BiomedCLIP-size M2IB ~3.6 s). With two pools, Ray Data's
+    autoscaler grew the SAM pool too late on a 2-CPU node (a second actor after 45 s of a 100 s job),
+    so it was held at full size from the start; with the one pool it grows as soon as the first actor
+    has a backlog (100 images on 2 CPUs: the second actor started at 10.2 s, job 37.0-37.7 s, against
+    37.3 s with both from the start), and a run with nothing to segment starts one model process, not
+    one per CPU (an empty run of the test cohort: 12 -> 8 s). M2IB batch 8, SAM batch 1 (batching is
+    slower on CPU, see bench/sam_bench.py), blocks of 8 slice rows (with blocks of 32 the 200-image
     stream bench committed its first case at 46% of the job, waiting for a whole block through SAM).
 One pool or two (resources.models_together): auto = one pool on CPU, whose actors load both models and
 run M2IB and then SAM on each block (the SAM pool's sizes, at the smaller of the two batch sizes):
@@ -161,7 +165,7 @@ def resolve(res: ResourcesConfig, cluster: dict, shard: tuple[int, int] | None =
     else:
         per_actor = SAM_MEMORY + (CLIP_MEMORY if together else 0)
         sam = max(1, min(int(cluster["cpus"]), int(cluster.get("memory", per_actor) // per_actor)))
-        sizes = {"saliency": (1, max(1, int(cluster["cpus"] // 2))), "sam": (sam, sam)}
+        sizes = {"saliency": (1, max(1, int(cluster["cpus"] // 2))), "sam": (1 if together else sam, sam)}
         pools = {}
         for name in ("saliency", "sam"):
             explicit = getattr(res, f"{name}_actors")

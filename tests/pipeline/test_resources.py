@@ -26,23 +26,24 @@ def test_gpus_still_to_come_make_the_pools_grow():
     assert (some.sam.min_actors, some.sam.max_actors) == (2, 8)
 
 
-def test_cpu_clusters_autoscale_m2ib_and_hold_a_sam_actor_per_cpu():
+def test_cpu_clusters_grow_the_model_pool_from_one_actor_to_one_per_cpu():
     r = resolve(load_config().resources, CPU_NODE)
     assert r.gpus == 0 and (r.saliency.min_actors, r.saliency.max_actors) == (1, 1)
-    assert (r.sam.min_actors, r.sam.max_actors, r.sam.gpus, r.sam.batch, r.sam.torch_threads) == (2, 2, 0.0, 1, 1)
+    # one pool with both models (together): one actor at the start, one per CPU with a backlog
+    assert (r.sam.min_actors, r.sam.max_actors, r.sam.gpus, r.sam.batch, r.sam.torch_threads) == (1, 2, 0.0, 1, 1)
     assert r.block_rows == 8
     big = resolve(load_config().resources, {**CPU_NODE, "cpus": 32.0, "memory": 40e9})
     assert (big.saliency.min_actors, big.saliency.max_actors) == (1, 16)
     assert big.sam.max_actors == 6  # memory-bound: 40 GB / 5.5 GiB per actor with both models
     two_pools = resolve(load_config(overrides=["resources.models_together=false"]).resources,
                         {**CPU_NODE, "cpus": 32.0, "memory": 40e9})  # fmt: skip
-    assert two_pools.sam.max_actors == 9  # 40 GB / 4 GiB per SAM actor
+    assert two_pools.sam.min_actors == two_pools.sam.max_actors == 9  # 40 GB / 4 GiB per SAM actor, from the start
 
 
 def test_one_pool_runs_both_models_on_cpu_two_with_gpus():
     cpu = resolve(load_config().resources, CPU_NODE)
     assert cpu.together and cpu.models == cpu.sam  # the SAM pool's actors; batch min(8, 1) = 1
-    assert cpu.to_dict()["models"] == {"min_actors": 2, "max_actors": 2, "cpus": 0.5, "gpus": 0.0, "batch": 1,
+    assert cpu.to_dict()["models"] == {"min_actors": 1, "max_actors": 2, "cpus": 0.5, "gpus": 0.0, "batch": 1,
                                        "torch_threads": 1}  # fmt: skip
     gpu = resolve(load_config().resources, GPU_CLUSTER)
     assert not gpu.together and gpu.to_dict()["models"] is None
