@@ -40,16 +40,13 @@ def main(argv: list[str]) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from mcs_batch.cluster import IDLE_WORKER_KEEP_MS
     from mcs_batch.config import load_config
     from mcs_batch.pipeline import run_job
 
     inputs, out, cache, tmp = argv[:4]
     remove = "--remove-node" in argv
     common = {"object_store_memory": 128 * 2**20, "include_dashboard": False}
-    keep = {"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS}  # as the job's own local Ray
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": tmp, "_system_config": keep,
-                                                            **common})  # fmt: skip
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": tmp, **common})
     workers = [cluster.add_node(num_cpus=2, num_gpus=2, **common) for _ in range(2)]
     cluster.wait_for_nodes()
     lines: list[str] = []
