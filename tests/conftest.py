@@ -23,8 +23,6 @@ def ray_local():
     """A real local Ray: 2 CPUs, a small object store, no dashboard."""
     import ray
 
-    from mcs_batch.cluster import IDLE_WORKER_KEEP_MS
-
     if not ray.is_initialized():
         ray.init(
             address="local",  # always a fresh head of our own, never another run's cluster on this host
@@ -33,8 +31,6 @@ def ray_local():
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            # as the product's own local instance keeps idle workers (mcs_batch/cluster.py)
-            _system_config={"idle_worker_killing_time_threshold_ms": IDLE_WORKER_KEEP_MS},
         )
     yield ray
     ray.shutdown()
