@@ -42,7 +42,12 @@ class StorageOptions:
     def fsspec_kwargs(self, protocol: str) -> dict:
         """Keyword arguments for `fsspec.filesystem(protocol, ...)`."""
         if protocol in ("s3", "s3a"):
-            kw: dict = {"anon": self.anon}
+            # No listings cache: s3fs keeps every listing for the life of the (cached, shared) filesystem
+            # instance, and a process lives on between jobs (Ray keeps idle workers, shard drivers share
+            # them). With it, an object that arrived after the process last listed its folder was "not
+            # found" when read (its parent's stale listing answers info()), and a new top-level prefix
+            # was never listed: a grown series was missed (tests/archive/test_listing.py).
+            kw: dict = {"anon": self.anon, "use_listings_cache": False}
             if self.key or self.secret:
                 kw.update(key=self.key, secret=self.secret)
             if self.token:

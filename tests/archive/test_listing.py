@@ -60,3 +60,22 @@ def test_listing_reuses_the_index_for_unchanged_objects(tmp_path: Path):
     assert second[0]["cached"] == 2  # 1.txt and 2.txt are known and unchanged
     listed = pq.read_table(second[0]["path"].removeprefix("file://")).to_pylist()
     assert [bool(r["payload"]) for r in listed] == [False, True, True, False, False]
+
+
+def test_a_process_that_listed_the_archive_before_sees_what_arrived_since(s3_bucket, s3_server):
+    """A worker process lives on between jobs (Ray keeps idle workers; sharded drivers share them):
+    objects that arrived after its last listing are listed, read, and a new top-level prefix found."""
+    from mcs_batch.io.storage import StorageOptions, fetch_bytes, filesystem_for
+
+    bucket, other = s3_bucket  # `other`: another client, as the scanner or a PACS export writes
+    storage = StorageOptions(endpoint_url=s3_server["endpoint_url"], key=s3_server["key"], secret=s3_server["secret"])
+    root = f"s3://{bucket}/cohort"
+    other.pipe_file(f"{bucket}/cohort/ct/a.dcm", b"first")
+    fs, _ = filesystem_for(root, storage)
+    assert fs.find(f"{bucket}/cohort/ct") == [f"{bucket}/cohort/ct/a.dcm"]
+    assert [p.path for p in top_prefixes([root], storage=storage)] == [f"{bucket}/cohort/ct"]
+    other.pipe_file(f"{bucket}/cohort/ct/b.dcm", b"late")  # arrives after this process listed
+    other.pipe_file(f"{bucket}/cohort/mr/c.dcm", b"new prefix")
+    assert fetch_bytes(fs, f"s3://{bucket}/cohort/ct/b.dcm") == b"late"
+    assert fs.info(f"{bucket}/cohort/ct/b.dcm")["size"] == 4
+    assert [p.path for p in top_prefixes([root], storage=storage)] == [f"{bucket}/cohort/ct", f"{bucket}/cohort/mr"]
