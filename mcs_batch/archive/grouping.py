@@ -326,9 +326,8 @@ class CaseGrouper:
     def _report(self, delta: dict) -> None:
         """The board has counted `delta` when this returns. Not fire and forget: Ray Data kills this
         actor as soon as its last block is out, and a call still queued in its process would be lost
-        with it. A suspected cause of one failure in a full suite run (a grown series missing from the
-        job's summary, test_growing[s3]); not reproduced alone (12 kills right after a report, 12
-        counted either way). One round trip per block, against a wave of objects grouped."""
+        with it (not reproduced here: 12 groupers killed right after a report, 12 counted either way).
+        One round trip per block, against a wave of objects grouped."""
         if self.board is not None:
             import ray
 
